@@ -1,0 +1,129 @@
+# Gift pipeline: nginx module, dispatcher daemon, tools and tests.
+#
+#   make run     set up and start the whole stack on loopback (Ctrl-C stops it)
+#   make test    set up and run every test (unit: Check, integration: prove)
+#   make bench   benchmarks (not timed tests)
+#   make soak    long fault scenarios
+#
+# Sub-makefiles (*/*.mk) append to BINS and UNIT_TESTS; the module is built by
+# nginx's own build system against Debian's nginx-dev.
+
+SHELL       := /bin/bash
+CC          ?= cc
+BUILD       := build
+GEN         := $(BUILD)/gen
+OBJ         := $(BUILD)/obj
+VERSION     := 0.1.0
+
+SANITIZE    ?= 0
+SAN_FLAGS   :=
+ifeq ($(SANITIZE),1)
+SAN_FLAGS   := -fsanitize=address,undefined -fno-omit-frame-pointer
+endif
+
+CFLAGS      ?= -O2 -g
+CFLAGS      += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror \
+               -DGIFT_VERSION='"$(VERSION)"' \
+               -Icommon -I$(GEN) $(SAN_FLAGS)
+LDFLAGS     += $(SAN_FLAGS)
+LIBS_NATS   := -lnats -lprotobuf-c -ljansson -lcrypto -lpthread
+
+# Debian packages the project needs (build, run and test).
+DEB_PKGS    := build-essential pkg-config nginx nginx-dev libnats-dev nats-server \
+               libprotobuf-c-dev protobuf-c-compiler libmosquitto-dev mosquitto \
+               check libjansson-dev libconfig-dev libmicrohttpd-dev libssl-dev \
+               curl wrk perl
+
+# COMMON_OBJS: what every program links; INPUT_OBJS: the webhook's input
+# layer (also compiled into the module), linked by the tests and fuzzers.
+COMMON_SRCS := common/gift_provision.c common/gift_json.c common/gift_util.c
+INPUT_SRCS  := common/gift_normalize.c common/gift_signature.c
+COMMON_OBJS := $(patsubst common/%.c,$(OBJ)/common/%.o,$(COMMON_SRCS)) \
+               $(OBJ)/gen/gift.pb-c.o
+INPUT_OBJS  := $(patsubst common/%.c,$(OBJ)/common/%.o,$(INPUT_SRCS))
+
+BINS        := $(BUILD)/giftctl
+UNIT_TESTS  := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard \
+               tests/test_proto.c tests/test_normalize.c tests/test_signature.c))
+
+MODULE      := $(BUILD)/ngx_http_gift_module.so
+NGX_SRC     := $(BUILD)/nginx
+MODULE_SRCS := $(wildcard ngx_gift_module/*.c ngx_gift_module/*.h) config \
+               $(INPUT_SRCS) common/gift_json.c $(wildcard common/*.h)
+
+.PHONY: all deps deps-quiet build run test unit itest bench soak fuzz clean install
+.SECONDARY:
+all: build
+
+-include $(wildcard dispatcher/*.mk tools/*.mk)
+
+build: deps-quiet $(MODULE) $(BINS) $(UNIT_TESTS)
+
+# ---------------------------------------------------------------- deps
+# Quick when everything is installed (one dpkg-query); installs the rest.
+deps:
+	@scripts/deps.sh $(DEB_PKGS)
+
+deps-quiet:
+	@scripts/deps.sh $(DEB_PKGS) >/dev/null
+
+# ---------------------------------------------------------------- protobuf
+$(GEN)/gift.pb-c.c $(GEN)/gift.pb-c.h: proto/gift.proto
+	@mkdir -p $(GEN)
+	protoc-c --proto_path=proto --c_out=$(GEN) proto/gift.proto
+
+$(OBJ)/gen/gift.pb-c.o: $(GEN)/gift.pb-c.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Wno-unused-parameter -c -o $@ $<
+
+$(OBJ)/%.o: %.c $(GEN)/gift.pb-c.h $(wildcard common/*.h)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+# ---------------------------------------------------------------- tools
+$(BUILD)/giftctl: $(OBJ)/tools/giftctl.o $(COMMON_OBJS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS_NATS)
+
+# ---------------------------------------------------------------- module
+# Debian's recipe: copy nginx-dev's tree, configure with Debian's own flags
+# plus our module, build modules only.  Reconfigured when `config` changes.
+NGX_CC_OPT  := -fPIC -Wno-error=unused-parameter $(SAN_FLAGS)
+$(NGX_SRC)/objs/Makefile: config $(GEN)/gift.pb-c.c
+	rm -rf $(NGX_SRC) && mkdir -p $(BUILD) && cp -r /usr/share/nginx/src $(NGX_SRC)
+	cd $(NGX_SRC) && . ./conf_flags && \
+	    GIFT_GEN_DIR=$(CURDIR)/$(GEN) ./configure "$${NGX_CONF_FLAGS[@]}" \
+	    --with-cc-opt="$(NGX_CC_OPT)" --with-ld-opt="-fPIC $(SAN_FLAGS)" \
+	    --add-dynamic-module=$(CURDIR) >configure.log 2>&1 || \
+	    { tail -30 configure.log; exit 1; }
+
+$(MODULE): $(NGX_SRC)/objs/Makefile $(MODULE_SRCS) $(GEN)/gift.pb-c.c
+	$(MAKE) -s -C $(NGX_SRC) -f objs/Makefile modules
+	cp $(NGX_SRC)/objs/ngx_http_gift_module.so $@
+
+# ---------------------------------------------------------------- tests
+CHECK_LIBS  := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck)
+
+$(BUILD)/tests/test_%: tests/test_%.c $(INPUT_OBJS) $(COMMON_OBJS)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_NATS) $(CHECK_LIBS)
+
+unit: build
+	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done
+
+itest: build
+	prove -v -Ilib t/
+
+test: build
+	@scripts/test.sh
+
+run: build
+	@scripts/run.sh
+
+bench: build
+	@scripts/bench.sh
+
+soak: build
+	@GIFT_SOAK=1 scripts/test.sh
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,63 @@
+/*
+ * gift_provision: the NATS names and settings of DESIGN.md, and the one
+ * copy of the code that creates them (`giftctl setup` and the dispatcher
+ * at start).
+ *
+ * Rule: create what is missing; when something exists with other settings,
+ * warn and leave it alone.  Never update or scale down a stream (a
+ * 3-replica production stream must survive a dispatcher restart).
+ */
+#ifndef GIFT_PROVISION_H
+#define GIFT_PROVISION_H
+
+#include <nats/nats.h>
+#include <stdint.h>
+
+#define GIFT_STREAM_EVENTS      "GIFTS"
+#define GIFT_STREAM_ACKS        "GIFT_ACKS"
+#define GIFT_STREAM_DLQ         "GIFTS_DLQ"
+#define GIFT_SUBJ_EVENTS        "gift.events.>"
+#define GIFT_SUBJ_EVENTS_PREFIX "gift.events."
+#define GIFT_SUBJ_ACKS          "gift.acks.>"
+#define GIFT_SUBJ_ACKS_PREFIX   "gift.acks."
+#define GIFT_SUBJ_DLQ           "gift.dlq.>"
+#define GIFT_SUBJ_DLQ_PREFIX    "gift.dlq."
+#define GIFT_CONSUMER           "dispatcher"
+#define GIFT_KV_STREAKS         "GIFT_STREAKS"
+#define GIFT_KV_DONE            "GIFT_DONE"
+
+#define GIFT_HDR_DLQ_REASON     "Gift-Dlq-Reason"
+#define GIFT_HDR_DLQ_DELIVERIES "Gift-Deliveries"
+
+#define GIFT_MAX_DELIVER        5
+#define GIFT_DUP_WINDOW_S       600           /* >= signature window (300 s) */
+#define GIFT_EVENTS_MAX_AGE_S   (7 * 86400)
+#define GIFT_ACKS_MAX_AGE_S     86400
+#define GIFT_DLQ_MAX_AGE_S      (30 * 86400)
+#define GIFT_STREAKS_TTL_S      3600
+#define GIFT_DONE_TTL_S         GIFT_DUP_WINDOW_S
+#define GIFT_ACK_WAIT_S         30
+
+typedef struct {
+    int      replicas;           /* 1 by default; 3 on a cluster */
+    int64_t  events_max_msgs;    /* -1: unlimited (tests use a small one) */
+    int64_t  events_max_bytes;   /* -1: unlimited */
+    int64_t  ack_wait_ms;        /* consumer ack wait */
+    int      max_deliver;        /* consumer MaxDeliver */
+    int      max_ack_pending;    /* consumer MaxAckPending; -1 = server default */
+    int      quiet;              /* only warnings and errors */
+} gift_provision_opts_t;
+
+/* Fill `o` with DESIGN.md's defaults. */
+void gift_provision_defaults(gift_provision_opts_t *o);
+
+/*
+ * Create whatever of GIFTS, GIFT_ACKS, GIFTS_DLQ, the consumer `dispatcher`
+ * and the KV buckets GIFT_STREAKS and GIFT_DONE is missing.  Logs what it
+ * created, what it found, and a warning per setting that differs, through
+ * gift_log().  Returns 0 on success, -1 when something could not be created
+ * or looked up (the cause is logged).
+ */
+int gift_provision(natsConnection *nc, jsCtx *js, const gift_provision_opts_t *o);
+
+#endif /* GIFT_PROVISION_H */

@@ -1,0 +1,365 @@
+/*
+ * ngx_http_gift_module: directives, configuration and init hooks.
+ *
+ * The handlers live in their own files (see ngx_http_gift_module.h).  NATS
+ * is set up per worker in init_process, never in the master: cnats starts
+ * threads on first use, and threads do not survive fork().
+ */
+
+#include "ngx_http_gift_module.h"
+
+
+static ngx_int_t ngx_http_gift_init_process(ngx_cycle_t *cycle);
+static void ngx_http_gift_exit_process(ngx_cycle_t *cycle);
+static void *ngx_http_gift_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_gift_init_main_conf(ngx_conf_t *cf, void *conf);
+static void *ngx_http_gift_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+static char *ngx_http_gift_nats_url(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_gift_webhook(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
+
+static ngx_conf_num_bounds_t  ngx_http_gift_queue_bounds = {
+    ngx_conf_check_num_bounds, 16, 1048576
+};
+
+
+static ngx_command_t  ngx_http_gift_commands[] = {
+
+    { ngx_string("gift_nats_url"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_gift_nats_url,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gift_nats_queue_size"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, queue_size),
+      &ngx_http_gift_queue_bounds },
+
+    { ngx_string("gift_nats_reconnect_wait"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, reconnect_wait),
+      NULL },
+
+    { ngx_string("gift_webhook"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_gift_webhook,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gift_publish_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_gift_loc_conf_t, publish_timeout),
+      NULL },
+
+    { ngx_string("gift_webhook_max_body"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_gift_loc_conf_t, max_body),
+      NULL },
+
+    { ngx_string("gift_webhook_secret"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_gift_secret,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gift_webhook_signature_window"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_gift_loc_conf_t, signature_window),
+      NULL },
+
+    { ngx_string("gift_retry_after"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_gift_loc_conf_t, retry_after),
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_gift_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    NULL,                                  /* postconfiguration */
+
+    ngx_http_gift_create_main_conf,        /* create main configuration */
+    ngx_http_gift_init_main_conf,          /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_gift_create_loc_conf,         /* create location configuration */
+    ngx_http_gift_merge_loc_conf           /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_gift_module = {
+    NGX_MODULE_V1,
+    &ngx_http_gift_module_ctx,             /* module context */
+    ngx_http_gift_commands,                /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    ngx_http_gift_init_process,            /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    ngx_http_gift_exit_process,            /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static ngx_int_t
+ngx_http_gift_init_process(ngx_cycle_t *cycle)
+{
+    ngx_http_gift_main_conf_t  *gmcf;
+
+    if (ngx_process != NGX_PROCESS_WORKER
+        && ngx_process != NGX_PROCESS_SINGLE)
+    {
+        return NGX_OK;
+    }
+
+    gmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_gift_module);
+    if (gmcf == NULL || !gmcf->used) {
+        return NGX_OK;
+    }
+
+    return ngx_http_gift_nats_init_process(cycle, gmcf);
+}
+
+
+static void
+ngx_http_gift_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_gift_nats_exit_process(cycle);
+}
+
+
+static void *
+ngx_http_gift_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_gift_main_conf_t  *gmcf;
+
+    gmcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_gift_main_conf_t));
+    if (gmcf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     gmcf->nats_urls = NULL;
+     *     gmcf->used = 0;
+     */
+
+    gmcf->queue_size = NGX_CONF_UNSET_UINT;
+    gmcf->reconnect_wait = NGX_CONF_UNSET_MSEC;
+
+    return gmcf;
+}
+
+
+static char *
+ngx_http_gift_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+    ngx_http_gift_main_conf_t *gmcf = conf;
+
+    ngx_conf_init_uint_value(gmcf->queue_size, 65536);
+    ngx_conf_init_msec_value(gmcf->reconnect_wait, 250);
+
+    if (gmcf->used && gmcf->nats_urls == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "gift_webhook needs \"gift_nats_url\" in the "
+                           "http block");
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static void *
+ngx_http_gift_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_gift_loc_conf_t  *glcf;
+
+    glcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_gift_loc_conf_t));
+    if (glcf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     glcf->secrets = NULL;
+     */
+
+    glcf->webhook = NGX_CONF_UNSET;
+    glcf->publish_timeout = NGX_CONF_UNSET_MSEC;
+    glcf->max_body = NGX_CONF_UNSET_SIZE;
+    glcf->signature_window = NGX_CONF_UNSET;
+    glcf->retry_after = NGX_CONF_UNSET;
+
+    return glcf;
+}
+
+
+static char *
+ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    ngx_http_gift_loc_conf_t *prev = parent;
+    ngx_http_gift_loc_conf_t *conf = child;
+
+    ngx_conf_merge_value(conf->webhook, prev->webhook, 0);
+    ngx_conf_merge_msec_value(conf->publish_timeout, prev->publish_timeout,
+                              2000);
+    ngx_conf_merge_size_value(conf->max_body, prev->max_body, 64 * 1024);
+    ngx_conf_merge_value(conf->signature_window, prev->signature_window, 300);
+    ngx_conf_merge_value(conf->retry_after, prev->retry_after, 1);
+
+    if (conf->secrets == NULL) {
+        conf->secrets = prev->secrets;
+    }
+
+    /*
+     * A replayed request must fall inside GIFTS' duplicate window (10
+     * minutes), or a captured webhook could turn a motor twice.
+     */
+    if (conf->signature_window > 600) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "gift_webhook_signature_window %T is longer than "
+                           "the GIFTS duplicate window (600s)",
+                           conf->signature_window);
+        return NGX_CONF_ERROR;
+    }
+
+    if (conf->webhook && conf->secrets == NULL) {
+        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                           "gift_webhook without gift_webhook_secret: "
+                           "unsigned webhooks are accepted");
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_gift_nats_url(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_gift_main_conf_t *gmcf = conf;
+
+    ngx_str_t   *value, *url;
+    ngx_uint_t   i;
+
+    if (gmcf->nats_urls == NULL) {
+        gmcf->nats_urls = ngx_array_create(cf->pool, 4, sizeof(ngx_str_t));
+        if (gmcf->nats_urls == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    value = cf->args->elts;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+        if (ngx_strncmp(value[i].data, "nats://", 7) != 0
+            && ngx_strncmp(value[i].data, "tls://", 6) != 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid NATS URL \"%V\": expected "
+                               "nats://host:port or tls://host:port",
+                               &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        url = ngx_array_push(gmcf->nats_urls);
+        if (url == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        /* cnats wants NUL-terminated strings; conf values are */
+        *url = value[i];
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_gift_webhook(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_gift_loc_conf_t *glcf = conf;
+
+    ngx_http_core_loc_conf_t   *clcf;
+    ngx_http_gift_main_conf_t  *gmcf;
+
+    if (glcf->webhook != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    glcf->webhook = 1;
+
+    gmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_gift_module);
+    gmcf->used = 1;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_gift_webhook_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_gift_loc_conf_t *glcf = conf;
+
+    ngx_str_t      *value;
+    gift_secret_t  *s;
+
+    value = cf->args->elts;
+
+    if (value[1].len < 16) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "gift_webhook_secret is too short (%uz bytes; "
+                           "use at least 16)", value[1].len);
+        return NGX_CONF_ERROR;
+    }
+
+    if (glcf->secrets == NULL) {
+        glcf->secrets = ngx_array_create(cf->pool, 2, sizeof(gift_secret_t));
+        if (glcf->secrets == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    s = ngx_array_push(glcf->secrets);
+    if (s == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    s->data = value[1].data;
+    s->len = value[1].len;
+
+    return NGX_CONF_OK;
+}

@@ -1,0 +1,775 @@
+/*
+ * The bridge between a worker's event loop and NATS.
+ *
+ * cnats keeps threads of its own, and its reconnect thread holds the
+ * connection lock while it dials: any cnats call that takes that lock can
+ * wait for seconds.  So no cnats call that touches the connection is made on
+ * the event loop.  Layout, per worker:
+ *
+ *   event loop --(jobs: natsMsg*, mutex + condvar)--> bridge thread
+ *                                                      natsConnection_PublishMsg
+ *   cnats reply thread --(results, mutex + eventfd)--> event loop
+ *
+ * The loop builds each message itself (natsMsg_Create and header calls only
+ * allocate; they take no connection lock), and the bridge thread publishes it
+ * as a JetStream request whose reply subject is "<inbox>.<id>".  The PubAck
+ * comes back on this worker's one wildcard subscription "<inbox>.*", which
+ * maps it to its request by id: no per-request subscription, no lookup on a
+ * cnats thread.  Results are handed to the loop through an eventfd that is an
+ * nginx read event (not ngx_notify(), whose one slot belongs to thread pools).
+ * Both queues are vectors swapped whole under a mutex that is held only for
+ * an append or a swap.
+ *
+ * No cnats thread ever touches an nginx structure, and log lines from cnats
+ * callbacks travel through the result queue (id 0) to be written by the loop.
+ */
+
+#include "ngx_http_gift_module.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/eventfd.h>
+
+#include <nats/nats.h>
+#include <jansson.h>
+
+
+typedef struct {
+    void                  **items;
+    size_t                  n;
+    size_t                  cap;
+} ngx_http_gift_vec_t;
+
+
+typedef struct {
+    ngx_http_gift_pub_result_t *items;
+    size_t                      n;
+    size_t                      cap;
+} ngx_http_gift_results_t;
+
+
+typedef struct {
+    ngx_cycle_t                *cycle;
+    ngx_log_t                  *log;
+
+    /* loop -> bridge */
+    pthread_mutex_t             jobs_lock;
+    pthread_cond_t              jobs_cond;
+    ngx_http_gift_vec_t         jobs;
+    ngx_uint_t                  jobs_max;
+    unsigned                    bridge_waiting:1;
+    unsigned                    stop:1;
+
+    /* cnats threads -> loop */
+    pthread_mutex_t             res_lock;
+    ngx_http_gift_results_t     results;
+    ngx_http_gift_results_t     spare;          /* loop only */
+    int                         efd;
+    ngx_connection_t           *efd_conn;
+
+    pthread_t                   thread;
+    unsigned                    thread_started:1;
+
+    atomic_int                  connected;
+
+    /* bridge thread only (set before it starts) */
+    const char                **urls;
+    int                         nurls;
+    ngx_msec_t                  reconnect_wait;
+    natsConnection             *nc;
+    natsSubscription           *sub;
+
+    /* loop only */
+    char                        inbox[64];
+    size_t                      inbox_len;
+    uint64_t                    next_id;
+    ngx_rbtree_t                pending;
+    ngx_rbtree_node_t           sentinel;
+} ngx_http_gift_bridge_t;
+
+
+static void *ngx_http_gift_bridge_thread(void *arg);
+static void ngx_http_gift_nats_results_handler(ngx_event_t *ev);
+static void ngx_http_gift_on_reply(natsConnection *nc, natsSubscription *sub,
+    natsMsg *msg, void *closure);
+static void ngx_http_gift_post_result(ngx_http_gift_bridge_t *b,
+    ngx_http_gift_pub_result_t *res);
+static void ngx_http_gift_post_log(ngx_http_gift_bridge_t *b,
+    ngx_http_gift_pub_status_e level, const char *fmt, ...);
+
+
+static ngx_http_gift_bridge_t  *ngx_http_gift_bridge;
+
+
+ngx_int_t
+ngx_http_gift_nats_init_process(ngx_cycle_t *cycle,
+    ngx_http_gift_main_conf_t *gmcf)
+{
+    int                      err;
+    ngx_str_t               *url;
+    ngx_uint_t               i;
+    natsInbox               *inbox;
+    natsStatus               s;
+    ngx_event_t             *rev;
+    ngx_connection_t        *c;
+    ngx_http_gift_bridge_t  *b;
+
+    b = ngx_pcalloc(cycle->pool, sizeof(ngx_http_gift_bridge_t));
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    b->cycle = cycle;
+    b->log = cycle->log;
+    b->efd = -1;
+    b->jobs_max = gmcf->queue_size;
+    b->reconnect_wait = gmcf->reconnect_wait;
+    b->next_id = 1;
+    ngx_rbtree_init(&b->pending, &b->sentinel, ngx_rbtree_insert_value);
+
+    url = gmcf->nats_urls->elts;
+    b->nurls = (int) gmcf->nats_urls->nelts;
+    b->urls = ngx_palloc(cycle->pool, b->nurls * sizeof(char *));
+    if (b->urls == NULL) {
+        return NGX_ERROR;
+    }
+    for (i = 0; i < gmcf->nats_urls->nelts; i++) {
+        b->urls[i] = (const char *) url[i].data;
+    }
+
+    s = nats_Open(-1);
+    if (s != NATS_OK) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "gift: cannot initialize the NATS library: %s",
+                      natsStatus_GetText(s));
+        return NGX_ERROR;
+    }
+
+    /* pure allocation: no connection involved */
+    if (natsInbox_Create(&inbox) != NATS_OK) {
+        return NGX_ERROR;
+    }
+    b->inbox_len = ngx_cpystrn((u_char *) b->inbox, (u_char *) inbox,
+                               sizeof(b->inbox) - 24)
+                   - (u_char *) b->inbox;
+    natsInbox_Destroy(inbox);
+
+    pthread_mutex_init(&b->jobs_lock, NULL);
+    pthread_cond_init(&b->jobs_cond, NULL);
+    pthread_mutex_init(&b->res_lock, NULL);
+
+    b->efd = eventfd(0, EFD_NONBLOCK|EFD_CLOEXEC);
+    if (b->efd == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "gift: eventfd() failed");
+        return NGX_ERROR;
+    }
+
+    c = ngx_get_connection(b->efd, cycle->log);
+    if (c == NULL) {
+        close(b->efd);
+        b->efd = -1;
+        return NGX_ERROR;
+    }
+
+    c->data = b;
+    rev = c->read;
+    rev->handler = ngx_http_gift_nats_results_handler;
+    rev->log = cycle->log;
+    b->efd_conn = c;
+
+    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    ngx_http_gift_bridge = b;
+
+    err = pthread_create(&b->thread, NULL, ngx_http_gift_bridge_thread, b);
+    if (err != 0) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, err,
+                      "gift: pthread_create() failed");
+        ngx_http_gift_bridge = NULL;
+        return NGX_ERROR;
+    }
+    b->thread_started = 1;
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_gift_nats_exit_process(ngx_cycle_t *cycle)
+{
+    size_t                   i;
+    ngx_http_gift_bridge_t  *b;
+
+    b = ngx_http_gift_bridge;
+    if (b == NULL) {
+        return;
+    }
+
+    ngx_http_gift_bridge = NULL;
+
+    if (b->thread_started) {
+        pthread_mutex_lock(&b->jobs_lock);
+        b->stop = 1;
+        pthread_cond_signal(&b->jobs_cond);
+        pthread_mutex_unlock(&b->jobs_lock);
+
+        pthread_join(b->thread, NULL);
+    }
+
+    for (i = 0; i < b->jobs.n; i++) {
+        natsMsg_Destroy(b->jobs.items[i]);
+    }
+    free(b->jobs.items);
+    b->jobs.items = NULL;
+    b->jobs.n = 0;
+
+    /*
+     * Wait for cnats's own threads: a callback still running could post a
+     * result, so the queue and the eventfd go only after they are gone.
+     */
+    if (nats_CloseAndWait(2000) != NATS_OK) {
+        ngx_log_error(NGX_LOG_WARN, cycle->log, 0,
+                      "gift: NATS library threads did not stop in time");
+
+        /* leave the eventfd to the exiting process; free the slot only */
+        if (b->efd_conn) {
+            if (b->efd_conn->read->active) {
+                ngx_del_event(b->efd_conn->read, NGX_READ_EVENT,
+                              NGX_CLOSE_EVENT);
+            }
+            b->efd_conn->fd = (ngx_socket_t) -1;
+            ngx_free_connection(b->efd_conn);
+        }
+        return;
+    }
+
+    free(b->results.items);
+    free(b->spare.items);
+
+    if (b->efd_conn) {
+        ngx_close_connection(b->efd_conn);   /* closes b->efd */
+        b->efd_conn = NULL;
+
+    } else if (b->efd != -1) {
+        close(b->efd);
+    }
+
+    pthread_mutex_destroy(&b->jobs_lock);
+    pthread_cond_destroy(&b->jobs_cond);
+    pthread_mutex_destroy(&b->res_lock);
+}
+
+
+ngx_uint_t
+ngx_http_gift_nats_connected(void)
+{
+    return ngx_http_gift_bridge != NULL
+           && atomic_load_explicit(&ngx_http_gift_bridge->connected,
+                                   memory_order_relaxed);
+}
+
+
+ngx_int_t
+ngx_http_gift_nats_publish(ngx_http_gift_pending_t *p, const char *subject,
+    const char *msg_id, const u_char *data, size_t len, ngx_log_t *log)
+{
+    void                   **items;
+    char                     reply[96];
+    size_t                   cap;
+    natsMsg                 *msg;
+    natsStatus               s;
+    ngx_uint_t               wake;
+    ngx_http_gift_bridge_t  *b;
+
+    b = ngx_http_gift_bridge;
+
+    if (b == NULL || !atomic_load_explicit(&b->connected, memory_order_relaxed))
+    {
+        return NGX_DECLINED;
+    }
+
+    ngx_sprintf((u_char *) reply, "%s.%uL%Z", b->inbox, b->next_id);
+
+    msg = NULL;
+    s = natsMsg_Create(&msg, subject, reply, (const char *) data, (int) len);
+    if (s == NATS_OK && msg_id != NULL) {
+        s = natsMsgHeader_Set(msg, "Nats-Msg-Id", msg_id);
+    }
+    if (s != NATS_OK) {
+        ngx_log_error(NGX_LOG_ERR, log, 0, "gift: cannot build message: %s",
+                      natsStatus_GetText(s));
+        natsMsg_Destroy(msg);
+        return NGX_ERROR;
+    }
+
+    pthread_mutex_lock(&b->jobs_lock);
+
+    if (b->jobs.n >= b->jobs_max) {
+        pthread_mutex_unlock(&b->jobs_lock);
+        natsMsg_Destroy(msg);
+        return NGX_BUSY;
+    }
+
+    if (b->jobs.n == b->jobs.cap) {
+        cap = b->jobs.cap ? b->jobs.cap * 2 : 256;
+        items = realloc(b->jobs.items, cap * sizeof(void *));
+        if (items == NULL) {
+            pthread_mutex_unlock(&b->jobs_lock);
+            natsMsg_Destroy(msg);
+            return NGX_ERROR;
+        }
+        b->jobs.items = items;
+        b->jobs.cap = cap;
+    }
+
+    b->jobs.items[b->jobs.n++] = msg;
+    wake = b->bridge_waiting;
+    b->bridge_waiting = 0;
+
+    pthread_mutex_unlock(&b->jobs_lock);
+
+    if (wake) {
+        pthread_cond_signal(&b->jobs_cond);
+    }
+
+    p->node.key = b->next_id++;
+    p->queued = 1;
+    ngx_rbtree_insert(&b->pending, &p->node);
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_gift_nats_cancel(ngx_http_gift_pending_t *p)
+{
+    if (p->queued && ngx_http_gift_bridge != NULL) {
+        ngx_rbtree_delete(&ngx_http_gift_bridge->pending, &p->node);
+    }
+
+    p->queued = 0;
+}
+
+
+static ngx_http_gift_pending_t *
+ngx_http_gift_pending_find(ngx_http_gift_bridge_t *b, uint64_t id)
+{
+    ngx_rbtree_node_t  *node, *sentinel;
+
+    node = b->pending.root;
+    sentinel = b->pending.sentinel;
+
+    while (node != sentinel) {
+        if (id < node->key) {
+            node = node->left;
+            continue;
+        }
+        if (id > node->key) {
+            node = node->right;
+            continue;
+        }
+        return (ngx_http_gift_pending_t *) node;
+    }
+
+    return NULL;
+}
+
+
+/* The eventfd's read event: results from cnats threads, on the loop. */
+static void
+ngx_http_gift_nats_results_handler(ngx_event_t *ev)
+{
+    size_t                       i;
+    uint64_t                     count;
+    ngx_uint_t                   level;
+    ngx_connection_t            *c;
+    ngx_http_gift_bridge_t      *b;
+    ngx_http_gift_results_t      batch;
+    ngx_http_gift_pub_result_t  *res;
+    ngx_http_gift_pending_t     *p;
+
+    c = ev->data;
+    b = c->data;
+
+    while (read(b->efd, &count, sizeof(count)) == sizeof(count)) {
+        /* drained: eventfd resets to zero on read */
+    }
+
+    pthread_mutex_lock(&b->res_lock);
+    batch = b->results;
+    b->results = b->spare;
+    pthread_mutex_unlock(&b->res_lock);
+
+    for (i = 0; i < batch.n; i++) {
+        res = &batch.items[i];
+
+        if (res->id == 0) {
+            /* a log line from a cnats callback */
+            level = (res->status == NGX_HTTP_GIFT_PUB_OK) ? NGX_LOG_NOTICE
+                                                           : NGX_LOG_WARN;
+            ngx_log_error(level, b->log, 0, "gift: %s", res->error);
+            continue;
+        }
+
+        p = ngx_http_gift_pending_find(b, res->id);
+        if (p == NULL) {
+            /* the request timed out or went away; its PubAck is late */
+            continue;
+        }
+
+        ngx_rbtree_delete(&b->pending, &p->node);
+        p->queued = 0;
+        p->handler(p, res);
+    }
+
+    batch.n = 0;
+    b->spare = batch;
+
+    if (ngx_handle_read_event(ev, 0) != NGX_OK) {
+        ngx_log_error(NGX_LOG_ALERT, b->log, 0,
+                      "gift: cannot re-arm the NATS result event");
+    }
+}
+
+
+/* ---------------------------------------------------------- cnats threads */
+
+
+static void
+ngx_http_gift_post_result(ngx_http_gift_bridge_t *b,
+    ngx_http_gift_pub_result_t *res)
+{
+    size_t                       cap;
+    uint64_t                     one = 1;
+    ngx_uint_t                   was_empty;
+    ngx_http_gift_pub_result_t  *items;
+
+    pthread_mutex_lock(&b->res_lock);
+
+    if (b->results.n == b->results.cap) {
+        cap = b->results.cap ? b->results.cap * 2 : 256;
+        items = realloc(b->results.items, cap * sizeof(*items));
+        if (items == NULL) {
+            /* the request will time out with 503 publish_timeout */
+            pthread_mutex_unlock(&b->res_lock);
+            return;
+        }
+        b->results.items = items;
+        b->results.cap = cap;
+    }
+
+    b->results.items[b->results.n++] = *res;
+    was_empty = (b->results.n == 1);
+
+    pthread_mutex_unlock(&b->res_lock);
+
+    if (was_empty) {
+        /* EAGAIN means the counter is already non-zero: a wakeup is due */
+        (void) !write(b->efd, &one, sizeof(one));
+    }
+}
+
+
+static void
+ngx_http_gift_post_log(ngx_http_gift_bridge_t *b,
+    ngx_http_gift_pub_status_e level, const char *fmt, ...)
+{
+    va_list                     args;
+    ngx_http_gift_pub_result_t  res;
+
+    ngx_memzero(&res, sizeof(res));
+    res.status = level;
+
+    va_start(args, fmt);
+    vsnprintf(res.error, sizeof(res.error), fmt, args);
+    va_end(args);
+
+    ngx_http_gift_post_result(b, &res);
+}
+
+
+/*
+ * A reply on "<inbox>.<id>": JetStream's PubAck, a JetStream error, or the
+ * server's "no responders" status when no stream holds the subject.
+ *
+ *   {"stream":"GIFTS","seq":5,"duplicate":true}
+ *   {"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}
+ */
+static void
+ngx_http_gift_on_reply(natsConnection *nc, natsSubscription *sub,
+    natsMsg *msg, void *closure)
+{
+    ngx_http_gift_bridge_t *b = closure;
+
+    const char                  *subj, *dot, *desc;
+    json_t                      *root, *err, *v;
+    json_error_t                 jerr;
+    ngx_http_gift_pub_result_t   res;
+
+    ngx_memzero(&res, sizeof(res));
+
+    subj = natsMsg_GetSubject(msg);
+    dot = strrchr(subj, '.');
+    if (dot == NULL) {
+        goto done;
+    }
+    res.id = strtoull(dot + 1, NULL, 10);
+    if (res.id == 0) {
+        goto done;
+    }
+
+    if (natsMsg_IsNoResponders(msg)) {
+        res.status = NGX_HTTP_GIFT_PUB_UNAVAILABLE;
+        ngx_cpystrn((u_char *) res.error,
+                    (u_char *) "no stream for the subject (no responders)",
+                    sizeof(res.error));
+        ngx_http_gift_post_result(b, &res);
+        goto done;
+    }
+
+    root = json_loadb(natsMsg_GetData(msg), natsMsg_GetDataLength(msg), 0,
+                      &jerr);
+    if (root == NULL) {
+        res.status = NGX_HTTP_GIFT_PUB_ERROR;
+        ngx_cpystrn((u_char *) res.error, (u_char *) "unreadable PubAck",
+                    sizeof(res.error));
+        ngx_http_gift_post_result(b, &res);
+        goto done;
+    }
+
+    err = json_object_get(root, "error");
+    if (err != NULL) {
+        v = json_object_get(err, "description");
+        desc = json_is_string(v) ? json_string_value(v) : "JetStream error";
+        ngx_cpystrn((u_char *) res.error, (u_char *) desc,
+                    sizeof(res.error));
+
+        /* discard new: "maximum messages exceeded", "... bytes ..." */
+        res.status = (ngx_strstr(desc, "maximum") != NULL
+                      && ngx_strstr(desc, "exceeded") != NULL)
+                     ? NGX_HTTP_GIFT_PUB_STREAM_FULL
+                     : NGX_HTTP_GIFT_PUB_ERROR;
+
+        v = json_object_get(err, "code");
+        if (res.status == NGX_HTTP_GIFT_PUB_ERROR
+            && json_is_integer(v) && json_integer_value(v) == 503)
+        {
+            res.status = NGX_HTTP_GIFT_PUB_UNAVAILABLE;
+        }
+
+    } else {
+        v = json_object_get(root, "seq");
+        res.seq = json_is_integer(v) ? (uint64_t) json_integer_value(v) : 0;
+        res.duplicate = json_is_true(json_object_get(root, "duplicate"));
+        res.status = res.seq ? NGX_HTTP_GIFT_PUB_OK : NGX_HTTP_GIFT_PUB_ERROR;
+    }
+
+    json_decref(root);
+    ngx_http_gift_post_result(b, &res);
+
+done:
+
+    natsMsg_Destroy(msg);
+}
+
+
+static void
+ngx_http_gift_on_connected(natsConnection *nc, void *closure)
+{
+    ngx_http_gift_bridge_t *b = closure;
+
+    char  url[256];
+
+    atomic_store(&b->connected, 1);
+
+    if (natsConnection_GetConnectedUrl(nc, url, sizeof(url)) != NATS_OK) {
+        url[0] = '\0';
+    }
+    ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_OK, "connected to NATS %s",
+                           url);
+}
+
+
+static void
+ngx_http_gift_on_disconnected(natsConnection *nc, void *closure)
+{
+    ngx_http_gift_bridge_t *b = closure;
+
+    atomic_store(&b->connected, 0);
+    ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_ERROR,
+                           "disconnected from NATS; reconnecting");
+}
+
+
+static void
+ngx_http_gift_on_error(natsConnection *nc, natsSubscription *sub,
+    natsStatus err, void *closure)
+{
+    ngx_http_gift_post_log(closure, NGX_HTTP_GIFT_PUB_ERROR,
+                           "NATS asynchronous error: %s",
+                           natsStatus_GetText(err));
+}
+
+
+static natsStatus
+ngx_http_gift_bridge_connect(ngx_http_gift_bridge_t *b)
+{
+    char          name[64], subject[96];
+    natsStatus    s;
+    natsOptions  *opts;
+
+    opts = NULL;
+    snprintf(name, sizeof(name), "nginx-gift worker %d", (int) getpid());
+
+    s = natsOptions_Create(&opts);
+    if (s == NATS_OK) {
+        s = natsOptions_SetServers(opts, b->urls, b->nurls);
+    }
+    if (s == NATS_OK) {
+        s = natsOptions_SetName(opts, name);
+    }
+    if (s == NATS_OK) {
+        s = natsOptions_SetMaxReconnect(opts, -1);
+    }
+    if (s == NATS_OK) {
+        s = natsOptions_SetReconnectWait(opts, (int64_t) b->reconnect_wait);
+    }
+    if (s == NATS_OK) {
+        s = natsOptions_SetReconnectJitter(opts, 100, 1000);
+    }
+    if (s == NATS_OK) {
+        /* a publish is written at once: latency matters more than batching */
+        s = natsOptions_SetSendAsap(opts, true);
+    }
+    if (s == NATS_OK) {
+        s = natsOptions_SetPingInterval(opts, 5000);
+    }
+    if (s == NATS_OK) {
+        s = natsOptions_SetMaxPingsOut(opts, 2);
+    }
+    if (s == NATS_OK) {
+        s = natsOptions_SetTimeout(opts, 2000);
+    }
+    if (s == NATS_OK) {
+        s = natsOptions_SetRetryOnFailedConnect(opts, true,
+                                                ngx_http_gift_on_connected, b);
+    }
+    if (s == NATS_OK) {
+        s = natsOptions_SetDisconnectedCB(opts, ngx_http_gift_on_disconnected,
+                                          b);
+    }
+    if (s == NATS_OK) {
+        s = natsOptions_SetReconnectedCB(opts, ngx_http_gift_on_connected, b);
+    }
+    if (s == NATS_OK) {
+        s = natsOptions_SetErrorHandler(opts, ngx_http_gift_on_error, b);
+    }
+    if (s == NATS_OK) {
+        s = natsConnection_Connect(&b->nc, opts);
+        if (s == NATS_OK) {
+            ngx_http_gift_on_connected(b->nc, b);
+
+        } else if (s == NATS_NOT_YET_CONNECTED) {
+            ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_ERROR,
+                                   "NATS not reachable yet at %s; retrying",
+                                   b->urls[0]);
+            s = NATS_OK;
+        }
+    }
+
+    natsOptions_Destroy(opts);
+
+    if (s != NATS_OK) {
+        return s;
+    }
+
+    snprintf(subject, sizeof(subject), "%s.*", b->inbox);
+
+    return natsConnection_Subscribe(&b->sub, b->nc, subject,
+                                    ngx_http_gift_on_reply, b);
+}
+
+
+static void *
+ngx_http_gift_bridge_thread(void *arg)
+{
+    ngx_http_gift_bridge_t *b = arg;
+
+    size_t                      i;
+    natsMsg                    *msg;
+    natsStatus                  s;
+    ngx_http_gift_vec_t         batch, spare;
+    ngx_http_gift_pub_result_t  res;
+
+    ngx_memzero(&spare, sizeof(spare));
+
+    s = ngx_http_gift_bridge_connect(b);
+    if (s != NATS_OK) {
+        ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_ERROR,
+                               "cannot set up the NATS connection: %s (%s)",
+                               natsStatus_GetText(s), nats_GetLastError(NULL));
+    }
+
+    for ( ;; ) {
+        pthread_mutex_lock(&b->jobs_lock);
+
+        while (b->jobs.n == 0 && !b->stop) {
+            b->bridge_waiting = 1;
+            pthread_cond_wait(&b->jobs_cond, &b->jobs_lock);
+        }
+
+        if (b->stop) {
+            pthread_mutex_unlock(&b->jobs_lock);
+            break;
+        }
+
+        batch = b->jobs;
+        b->jobs = spare;
+
+        pthread_mutex_unlock(&b->jobs_lock);
+
+        for (i = 0; i < batch.n; i++) {
+            msg = batch.items[i];
+
+            if (b->nc != NULL && atomic_load(&b->connected)) {
+                s = natsConnection_PublishMsg(b->nc, msg);
+            } else {
+                s = NATS_CONNECTION_DISCONNECTED;
+            }
+
+            if (s != NATS_OK) {
+                ngx_memzero(&res, sizeof(res));
+                res.id = strtoull(strrchr(natsMsg_GetReply(msg), '.') + 1,
+                                  NULL, 10);
+                res.status = NGX_HTTP_GIFT_PUB_UNAVAILABLE;
+                ngx_cpystrn((u_char *) res.error,
+                            (u_char *) natsStatus_GetText(s),
+                            sizeof(res.error));
+                ngx_http_gift_post_result(b, &res);
+            }
+
+            natsMsg_Destroy(msg);
+        }
+
+        batch.n = 0;
+        spare = batch;
+    }
+
+    free(spare.items);
+
+    if (b->sub != NULL) {
+        natsSubscription_Destroy(b->sub);
+        b->sub = NULL;
+    }
+
+    if (b->nc != NULL) {
+        natsConnection_Close(b->nc);
+        natsConnection_Destroy(b->nc);
+        b->nc = NULL;
+    }
+
+    return NULL;
+}

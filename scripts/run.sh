@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# make run: the whole stack on loopback, in the foreground; Ctrl-C stops it.
+# Ports (each overridable): GIFT_HTTP_PORT 8080, GIFT_NATS_PORT 14222,
+# GIFT_NATS_HTTP_PORT 18222, GIFT_MQTT_PORT 11883, GIFT_METRICS_PORT 19464.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RUN=$ROOT/build/run
+HTTP_PORT=${GIFT_HTTP_PORT:-8080}
+NATS_PORT=${GIFT_NATS_PORT:-14222}
+NATS_HTTP_PORT=${GIFT_NATS_HTTP_PORT:-18222}
+MQTT_PORT=${GIFT_MQTT_PORT:-11883}
+METRICS_PORT=${GIFT_METRICS_PORT:-19464}
+
+taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for spec in "nginx:$HTTP_PORT:GIFT_HTTP_PORT" "NATS:$NATS_PORT:GIFT_NATS_PORT" \
+            "NATS monitoring:$NATS_HTTP_PORT:GIFT_NATS_HTTP_PORT" \
+            "MQTT:$MQTT_PORT:GIFT_MQTT_PORT" \
+            "dispatcher metrics:$METRICS_PORT:GIFT_METRICS_PORT"; do
+    IFS=: read -r what port var <<<"$spec"
+    if taken "$port"; then
+        echo "make run: port $port ($what) is taken by another program;" \
+             "stop it or choose another port with $var=..." >&2
+        exit 1
+    fi
+done
+
+mkdir -p "$RUN"/{nats,logs,tmp}
+pids=()
+cleanup() {
+    trap - INT TERM EXIT
+    echo; echo "make run: stopping"
+    for ((i=${#pids[@]}-1; i>=0; i--)); do
+        kill -TERM "${pids[i]}" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+}
+trap cleanup INT TERM EXIT
+
+wait_port() {  # port, name, pid
+    for _ in $(seq 100); do
+        taken "$1" && return 0
+        kill -0 "$3" 2>/dev/null || { echo "make run: $2 exited; see $RUN/logs" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "make run: $2 did not open port $1; see $RUN/logs" >&2; exit 1
+}
+
+nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_HTTP_PORT" \
+    -sd "$RUN/nats" >"$RUN/logs/nats.log" 2>&1 &
+pids+=($!)
+wait_port "$NATS_PORT" nats-server $!
+NATS_URL=nats://127.0.0.1:$NATS_PORT
+build/giftctl -s "$NATS_URL" setup
+
+if [[ -x build/tbsim && -x build/gift-dispatcher ]]; then
+    cat >"$RUN/mosquitto.conf" <<MQ
+listener $MQTT_PORT 127.0.0.1
+allow_anonymous true
+set_tcp_nodelay true
+persistence false
+log_dest stderr
+MQ
+    /usr/sbin/mosquitto -c "$RUN/mosquitto.conf" >"$RUN/logs/mosquitto.log" 2>&1 &
+    pids+=($!)
+    wait_port "$MQTT_PORT" mosquitto $!
+    build/tbsim --host 127.0.0.1 --port "$MQTT_PORT" --out "$RUN/tbsim.json" \
+        >"$RUN/logs/tbsim.log" 2>&1 &
+    pids+=($!)
+    sed -e "s#127.0.0.1:14222#127.0.0.1:$NATS_PORT#g" \
+        -e "s#11883#$MQTT_PORT#g" -e "s#19464#$METRICS_PORT#g" \
+        dispatcher/gift-dispatcher.conf.example >"$RUN/gift-dispatcher.conf"
+    build/gift-dispatcher -c "$RUN/gift-dispatcher.conf" \
+        >"$RUN/logs/dispatcher.log" 2>&1 &
+    pids+=($!)
+fi
+
+# nginx.conf.example itself, with the build tree's paths and the ports above
+sed -e "s#/usr/lib/nginx/modules/ngx_http_gift_module.so#$ROOT/build/ngx_http_gift_module.so#" \
+    -e "s#/var/log/nginx/gift-error.log#$RUN/logs/nginx-error.log#" \
+    -e "s#/run/nginx-gift.pid#$RUN/nginx.pid#" \
+    -e "s#/usr/share/gift/web#$ROOT/web#" \
+    -e "s#127.0.0.1:8080#127.0.0.1:$HTTP_PORT#" \
+    -e "s#nats://127.0.0.1:14222#$NATS_URL#" \
+    -e "s#^http {#http {\n    client_body_temp_path $RUN/tmp/body;\n    proxy_temp_path $RUN/tmp/proxy;\n    fastcgi_temp_path $RUN/tmp/fastcgi;\n    uwsgi_temp_path $RUN/tmp/uwsgi;\n    scgi_temp_path $RUN/tmp/scgi;#" \
+    nginx.conf.example >"$RUN/nginx.conf"
+nginx -p "$RUN/" -c "$RUN/nginx.conf" -e "$RUN/logs/nginx-error.log" -g 'daemon off;' &
+pids+=($!)
+wait_port "$HTTP_PORT" nginx $!
+
+cat <<MSG
+
+  The gift pipeline is running (logs in $RUN/logs). Try:
+
+    curl -i -H 'Content-Type: application/json' \\
+      -d '{"event":"gift","platform":"tiktok","userId":"user_123","giftName":"Motor","diamond":10,"quantity":1,"timestamp":1700000000000}' \\
+      http://127.0.0.1:$HTTP_PORT/gift
+    build/giftctl -s $NATS_URL get GIFTS 1
+    build/giftctl -s $NATS_URL info
+
+  Ctrl-C stops everything.
+MSG
+wait -n "${pids[@]}" || true
+echo "make run: a component exited; see $RUN/logs" >&2
