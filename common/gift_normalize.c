@@ -63,6 +63,8 @@ static int
 gn_vfail(gift_norm_error_t *err, int status, const char *prefix,
     const char *name, const char *fmt, va_list ap)
 {
+    int  n;
+
     err->status = status;
     err->code = (status == 400) ? "invalid_json" : "invalid_field";
 
@@ -74,7 +76,15 @@ gn_vfail(gift_norm_error_t *err, int status, const char *prefix,
         snprintf(err->field, sizeof(err->field), "%s", name);
     }
 
-    vsnprintf(err->message, sizeof(err->message), fmt, ap);
+    /* "diamond must be ...": the message reads on its own */
+    n = 0;
+    if (err->field[0] != '\0') {
+        n = snprintf(err->message, sizeof(err->message), "%s ", err->field);
+        if (n < 0 || (size_t) n >= sizeof(err->message)) {
+            n = 0;
+        }
+    }
+    vsnprintf(err->message + n, sizeof(err->message) - n, fmt, ap);
     gn_ascii(err->field);
     gn_ascii(err->message);
 
@@ -239,17 +249,20 @@ gn_parse_error(const char *body, size_t len, const json_error_t *je,
 
     switch (json_error_code(je)) {
     case json_error_duplicate_key:
-        what = "duplicate key";
+        what = "is a duplicate key";
         in_string = 0;
         break;
     case json_error_numeric_overflow:
-        what = "number out of range";
+        what = "holds a number out of range";
         in_string = 0;
         break;
     case json_error_invalid_utf8:
-        what = "invalid UTF-8";
+        what = "holds invalid UTF-8";
         in_string = 1;
         break;
+    case json_error_null_character:
+        return gn_bad_json(err, "malformed JSON at byte %d: \\u0000 is not "
+                           "allowed in a string", je->position);
     default:
         return gn_bad_json(err, "malformed JSON at byte %d: %s",
                            je->position, je->text);
@@ -263,8 +276,9 @@ gn_parse_error(const char *body, size_t len, const json_error_t *je,
 
     err->status = 422;
     err->code = "invalid_field";
-    snprintf(err->message, sizeof(err->message), "%s", what);
+    snprintf(err->message, sizeof(err->message), "%s %s", err->field, what);
     gn_ascii(err->field);
+    gn_ascii(err->message);
 
     return GN_ERR;
 }
@@ -817,23 +831,24 @@ gn_canonical(const json_t *root, gift_event_t *ev, gift_norm_error_t *err)
 }
 
 /*
- * Both TikTok-Live-Connector forms.  Field by field (docs/input.md):
+ * Both TikTok-Live-Connector forms, field by field (docs/input.md); "a|b"
+ * takes the first one present:
  *
- *                flat (1.x, 2.x legacy)        2.x
- *   user id      userId                        user.userId|idStr|id
- *   user name    nickname|uniqueId             user.nickname|uniqueId|displayId
- *   gift id      giftId                        giftId|gift.id
- *   gift name    giftName|ext.name|giftId      gift.name|giftName|ext.name|giftId
- *   diamond      diamondCount|ext.diamond_count   gift.diamondCount|ext...
- *   quantity     repeatCount (default 1)       repeatCount (default 1)
- *   streakable   giftType|ext.type == 1        gift.type|giftType|ext.type == 1
- *   streak end   repeatEnd                     repeatEnd
- *   group        groupId                       groupId
- *   room         roomId                        common.roomId
- *   event id     eventId|"tt:"+msgId           eventId|"tt:"+common.msgId
- *   time         createTime|timestamp          common.createTime
+ *              flat (1.x, 2.x legacy)      2.x
+ *   user id    userId                      user.userId|idStr|id
+ *   user name  nickname|uniqueId           user.nickname|uniqueId|displayId
+ *   gift id    giftId                      giftId|gift.id
+ *   gift name  giftName|x.name|giftId      gift.name|giftName|x.name|giftId
+ *   diamond    diamondCount|x.diamond_count  gift.diamondCount|x.diamond_count
+ *   quantity   repeatCount (default 1)     repeatCount (default 1)
+ *   streakable giftType|x.type == 1        gift.type|giftType|x.type == 1
+ *   streak end repeatEnd                   repeatEnd
+ *   group      groupId                     groupId
+ *   room       roomId                      common.roomId
+ *   event id   eventId|"tt:"+msgId         eventId|"tt:"+common.msgId
+ *   time       createTime|timestamp        common.createTime
  *
- * where "gift" is giftDetails in 2.0-2.2, "common" is event in 2.0, and ext
+ * where "gift" is giftDetails in 2.0-2.2, "common" is event in 2.0, and x
  * is extendedGiftInfo (the room's gift list entry, when the connector was
  * asked for it).
  */
@@ -1015,7 +1030,7 @@ gn_tiktok(const json_t *root, gn_shape_t shape, gift_event_t *ev,
     }
 
     rc = gn_time(meta, mp, "createTime", 1, &ev->occurred_at_ms, err);
-    if (rc == GN_ABSENT && !v2) {
+    if (rc != GN_ERR && ev->occurred_at_ms == 0 && !v2) {
         rc = gn_time(root, NULL, "timestamp", 1, &ev->occurred_at_ms, err);
     }
     if (rc == GN_ERR) {

@@ -22,10 +22,20 @@ static char *ngx_http_gift_webhook(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_gift_sse(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 
 
 static ngx_conf_num_bounds_t  ngx_http_gift_queue_bounds = {
     ngx_conf_check_num_bounds, 16, 1048576
+};
+
+static ngx_conf_num_bounds_t  ngx_http_gift_replay_bounds = {
+    ngx_conf_check_num_bounds, 1, 1000000
+};
+
+static ngx_conf_num_bounds_t  ngx_http_gift_backlog_bounds = {
+    ngx_conf_check_num_bounds, 8, 1000000
 };
 
 
@@ -94,6 +104,55 @@ static ngx_command_t  ngx_http_gift_commands[] = {
       offsetof(ngx_http_gift_loc_conf_t, retry_after),
       NULL },
 
+    { ngx_string("gift_sse"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_gift_sse,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gift_sse_allow_origin"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_gift_loc_conf_t, allow_origin),
+      NULL },
+
+    { ngx_string("gift_sse_retry"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_gift_loc_conf_t, sse_retry),
+      NULL },
+
+    { ngx_string("gift_sse_heartbeat"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, heartbeat),
+      NULL },
+
+    { ngx_string("gift_sse_replay_max"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, replay_max),
+      &ngx_http_gift_replay_bounds },
+
+    { ngx_string("gift_sse_max_clients"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, max_clients),
+      NULL },
+
+    { ngx_string("gift_sse_max_backlog"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, max_backlog),
+      &ngx_http_gift_backlog_bounds },
+
       ngx_null_command
 };
 
@@ -145,6 +204,12 @@ ngx_http_gift_init_process(ngx_cycle_t *cycle)
         return NGX_OK;
     }
 
+    if (gmcf->follow_acks
+        && ngx_http_gift_fanout_init_process(cycle, gmcf) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     return ngx_http_gift_nats_init_process(cycle, gmcf);
 }
 
@@ -153,6 +218,7 @@ static void
 ngx_http_gift_exit_process(ngx_cycle_t *cycle)
 {
     ngx_http_gift_nats_exit_process(cycle);
+    ngx_http_gift_fanout_exit_process(cycle);
 }
 
 
@@ -171,10 +237,15 @@ ngx_http_gift_create_main_conf(ngx_conf_t *cf)
      *
      *     gmcf->nats_urls = NULL;
      *     gmcf->used = 0;
+     *     gmcf->follow_acks = 0;
      */
 
     gmcf->queue_size = NGX_CONF_UNSET_UINT;
     gmcf->reconnect_wait = NGX_CONF_UNSET_MSEC;
+    gmcf->replay_max = NGX_CONF_UNSET_UINT;
+    gmcf->heartbeat = NGX_CONF_UNSET_MSEC;
+    gmcf->max_clients = NGX_CONF_UNSET_UINT;
+    gmcf->max_backlog = NGX_CONF_UNSET_UINT;
 
     return gmcf;
 }
@@ -187,11 +258,15 @@ ngx_http_gift_init_main_conf(ngx_conf_t *cf, void *conf)
 
     ngx_conf_init_uint_value(gmcf->queue_size, 65536);
     ngx_conf_init_msec_value(gmcf->reconnect_wait, 250);
+    ngx_conf_init_uint_value(gmcf->replay_max, 1000);
+    ngx_conf_init_msec_value(gmcf->heartbeat, 15000);
+    ngx_conf_init_uint_value(gmcf->max_clients, 10000);
+    ngx_conf_init_uint_value(gmcf->max_backlog, 1024);
 
     if (gmcf->used && gmcf->nats_urls == NULL) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "gift_webhook needs \"gift_nats_url\" in the "
-                           "http block");
+                           "gift_webhook and gift_sse need \"gift_nats_url\""
+                           " in the http block");
         return NGX_CONF_ERROR;
     }
 
@@ -213,9 +288,12 @@ ngx_http_gift_create_loc_conf(ngx_conf_t *cf)
      * set by ngx_pcalloc():
      *
      *     glcf->secrets = NULL;
+     *     glcf->allow_origin = { 0, NULL };
      */
 
     glcf->webhook = NGX_CONF_UNSET;
+    glcf->sse = NGX_CONF_UNSET;
+    glcf->sse_retry = NGX_CONF_UNSET_MSEC;
     glcf->publish_timeout = NGX_CONF_UNSET_MSEC;
     glcf->max_body = NGX_CONF_UNSET_SIZE;
     glcf->signature_window = NGX_CONF_UNSET;
@@ -237,6 +315,9 @@ ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_size_value(conf->max_body, prev->max_body, 64 * 1024);
     ngx_conf_merge_value(conf->signature_window, prev->signature_window, 300);
     ngx_conf_merge_value(conf->retry_after, prev->retry_after, 1);
+    ngx_conf_merge_value(conf->sse, prev->sse, 0);
+    ngx_conf_merge_str_value(conf->allow_origin, prev->allow_origin, "");
+    ngx_conf_merge_msec_value(conf->sse_retry, prev->sse_retry, 2000);
 
     if (conf->secrets == NULL) {
         conf->secrets = prev->secrets;
@@ -360,6 +441,31 @@ ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     s->data = value[1].data;
     s->len = value[1].len;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_gift_sse(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_gift_loc_conf_t *glcf = conf;
+
+    ngx_http_core_loc_conf_t   *clcf;
+    ngx_http_gift_main_conf_t  *gmcf;
+
+    if (glcf->sse != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    glcf->sse = 1;
+
+    gmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_gift_module);
+    gmcf->used = 1;
+    gmcf->follow_acks = 1;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_gift_sse_handler;
 
     return NGX_CONF_OK;
 }

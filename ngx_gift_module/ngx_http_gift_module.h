@@ -6,6 +6,9 @@
  *   ngx_http_gift_module.c   directives, configuration, init hooks
  *   ngx_http_gift_nats.c     the per-worker bridge to NATS (its own thread)
  *   ngx_http_gift_webhook.c  POST handler: read, check, publish, answer
+ *   ngx_http_gift_fanout.c   acknowledgements to clients: ring, filters,
+ *                            shared frames, backlog, heartbeats
+ *   ngx_http_gift_sse.c      GET handler: Server-Sent Events
  */
 
 #ifndef _NGX_HTTP_GIFT_MODULE_H_INCLUDED_
@@ -28,6 +31,11 @@ typedef struct {
     ngx_uint_t                 queue_size;
     ngx_msec_t                 reconnect_wait;
     ngx_flag_t                 used;            /* a location needs NATS */
+    ngx_flag_t                 follow_acks;     /* a location streams acks */
+    ngx_uint_t                 replay_max;
+    ngx_msec_t                 heartbeat;
+    ngx_uint_t                 max_clients;
+    ngx_uint_t                 max_backlog;
 } ngx_http_gift_main_conf_t;
 
 
@@ -38,7 +46,31 @@ typedef struct {
     ngx_array_t               *secrets;         /* of gift_secret_t */
     time_t                     signature_window;
     time_t                     retry_after;
+    ngx_flag_t                 sse;
+    ngx_str_t                  allow_origin;
+    ngx_msec_t                 sse_retry;
 } ngx_http_gift_loc_conf_t;
+
+
+/*
+ * One acknowledgement from GIFT_ACKS, decoded and framed once per worker
+ * (by the cnats thread that received it) and shared by every client that
+ * gets it.  Counted references, touched by the event loop only: the replay
+ * ring holds one, and every client buffer not yet written holds one.
+ */
+typedef struct {
+    ngx_uint_t                 refs;
+    uint64_t                   seq;
+    const char                *device;
+    const char                *room;
+    const char                *status;          /* "ok", "dead_letter" */
+    u_char                    *json;
+    size_t                     json_len;
+    u_char                    *sse;             /* id:, event:, data: */
+    size_t                     sse_len;
+    u_char                    *ws;              /* a WebSocket text frame */
+    size_t                     ws_len;
+} ngx_http_gift_frame_t;
 
 
 /* How a publish ended, as the bridge reports it to the event loop. */
@@ -99,6 +131,80 @@ ngx_int_t ngx_http_gift_nats_publish(ngx_http_gift_pending_t *p,
     const char *subject, const char *msg_id, const u_char *data, size_t len,
     ngx_log_t *log);
 void ngx_http_gift_nats_cancel(ngx_http_gift_pending_t *p);
+
+/*
+ * The GIFT_ACKS sequence this worker's ordered consumer started after: acks
+ * up to it are history (they fill the replay ring), newer ones are live.
+ * 0 until the consumer exists.
+ */
+uint64_t ngx_http_gift_nats_acks_origin(void);
+
+/* A client's output not yet written: one buffer over a shared frame. */
+typedef struct ngx_http_gift_out_s  ngx_http_gift_out_t;
+
+struct ngx_http_gift_out_s {
+    ngx_buf_t                  buf;
+    ngx_chain_t                cl;
+    ngx_http_gift_frame_t     *frame;           /* NULL: not counted */
+    ngx_http_gift_out_t       *next;
+};
+
+
+typedef enum {
+    NGX_HTTP_GIFT_CLIENT_SSE = 0,
+    NGX_HTTP_GIFT_CLIENT_WS
+} ngx_http_gift_client_kind_e;
+
+
+/* One streaming client (SSE or WebSocket), in its request's pool. */
+typedef struct {
+    ngx_queue_t                queue;           /* the worker's clients */
+    ngx_http_request_t        *request;
+    ngx_http_gift_client_kind_e kind;
+    uint64_t                   last_seq;        /* sent or skipped */
+    ngx_array_t               *devices;         /* filters, of ngx_str_t; */
+    ngx_array_t               *rooms;           /* NULL: any */
+    ngx_array_t               *statuses;
+    ngx_http_gift_out_t       *out_head;        /* written in this order */
+    ngx_http_gift_out_t      **out_tail;
+    ngx_http_gift_out_t       *out_free;
+    ngx_uint_t                 out_n;
+    unsigned                   from_now:1;      /* no history: live only */
+    unsigned                   attached:1;
+} ngx_http_gift_client_t;
+
+
+/* ngx_http_gift_fanout.c */
+ngx_int_t ngx_http_gift_fanout_init_process(ngx_cycle_t *cycle,
+    ngx_http_gift_main_conf_t *gmcf);
+void ngx_http_gift_fanout_exit_process(ngx_cycle_t *cycle);
+/* A batch of new frames, in sequence order (takes one reference each). */
+void ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n);
+void ngx_http_gift_frame_release(ngx_http_gift_frame_t *f);
+
+/*
+ * Start streaming to a client whose response header is sent: first the
+ * `preamble` bytes (request pool memory), then, with `resume`, first the acknowledgements after `last_seq` (from the worker's
+ * replay ring, after an `event: gap` if more than gift_sse_replay_max were
+ * missed), then live ones, with no gap and no duplicate at the seam.
+ * Returns NGX_OK, NGX_DECLINED (gift_sse_max_clients reached) or NGX_ERROR.
+ * The request's cleanup must call ngx_http_gift_fanout_detach().
+ */
+ngx_int_t ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c,
+    ngx_uint_t resume, uint64_t last_seq, u_char *preamble, size_t plen);
+/* Whether this worker has gift_sse_max_clients streams already. */
+ngx_uint_t ngx_http_gift_fanout_full(void);
+void ngx_http_gift_fanout_detach(ngx_http_gift_client_t *c);
+/* Queue bytes (request pool memory, not a frame) and write. */
+ngx_int_t ngx_http_gift_fanout_send_raw(ngx_http_gift_client_t *c,
+    u_char *data, size_t len);
+/* ?device=a,b&room=..&status=.. (repeatable) into the client's filters. */
+ngx_int_t ngx_http_gift_fanout_parse_filters(ngx_http_request_t *r,
+    ngx_http_gift_client_t *c);
+ngx_uint_t ngx_http_gift_fanout_clients(void);
+
+/* ngx_http_gift_sse.c */
+ngx_int_t ngx_http_gift_sse_handler(ngx_http_request_t *r);
 
 /* ngx_http_gift_webhook.c */
 ngx_int_t ngx_http_gift_webhook_handler(ngx_http_request_t *r);

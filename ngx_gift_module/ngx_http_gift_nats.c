@@ -20,6 +20,11 @@
  * Both queues are vectors swapped whole under a mutex that is held only for
  * an append or a swap.
  *
+ * When a location streams acknowledgements, the bridge thread also follows
+ * GIFT_ACKS with an ordered consumer (js_Subscribe, Ordered): its delivery
+ * thread decodes each GiftAck and frames it once (JSON, SSE, WebSocket) into
+ * one allocation, which travels to the loop through the same eventfd.
+ *
  * No cnats thread ever touches an nginx structure, and log lines from cnats
  * callbacks travel through the result queue (id 0) to be written by the loop.
  */
@@ -32,6 +37,9 @@
 
 #include <nats/nats.h>
 #include <jansson.h>
+
+#include "gift.pb-c.h"
+#include "gift_json.h"
 
 
 typedef struct {
@@ -64,6 +72,8 @@ typedef struct {
     pthread_mutex_t             res_lock;
     ngx_http_gift_results_t     results;
     ngx_http_gift_results_t     spare;          /* loop only */
+    ngx_http_gift_vec_t         acks;           /* of ngx_http_gift_frame_t* */
+    ngx_http_gift_vec_t         acks_spare;     /* loop only */
     int                         efd;
     ngx_connection_t           *efd_conn;
 
@@ -71,6 +81,7 @@ typedef struct {
     unsigned                    thread_started:1;
 
     atomic_int                  connected;
+    _Atomic uint64_t            acks_origin;
 
     /* bridge thread only (set before it starts) */
     const char                **urls;
@@ -78,6 +89,11 @@ typedef struct {
     ngx_msec_t                  reconnect_wait;
     natsConnection             *nc;
     natsSubscription           *sub;
+    ngx_uint_t                  follow_acks;
+    ngx_uint_t                  replay_max;
+    jsCtx                      *js;
+    natsSubscription           *acks_sub;
+    ngx_uint_t                  acks_warned;
 
     /* loop only */
     char                        inbox[64];
@@ -124,6 +140,8 @@ ngx_http_gift_nats_init_process(ngx_cycle_t *cycle,
     b->efd = -1;
     b->jobs_max = gmcf->queue_size;
     b->reconnect_wait = gmcf->reconnect_wait;
+    b->follow_acks = gmcf->follow_acks;
+    b->replay_max = gmcf->replay_max;
     b->next_id = 1;
     ngx_rbtree_init(&b->pending, &b->sentinel, ngx_rbtree_insert_value);
 
@@ -249,6 +267,12 @@ ngx_http_gift_nats_exit_process(ngx_cycle_t *cycle)
     free(b->results.items);
     free(b->spare.items);
 
+    for (i = 0; i < b->acks.n; i++) {
+        ngx_free(b->acks.items[i]);
+    }
+    free(b->acks.items);
+    free(b->acks_spare.items);
+
     if (b->efd_conn) {
         ngx_close_connection(b->efd_conn);   /* closes b->efd */
         b->efd_conn = NULL;
@@ -269,6 +293,14 @@ ngx_http_gift_nats_connected(void)
     return ngx_http_gift_bridge != NULL
            && atomic_load_explicit(&ngx_http_gift_bridge->connected,
                                    memory_order_relaxed);
+}
+
+
+uint64_t
+ngx_http_gift_nats_acks_origin(void)
+{
+    return ngx_http_gift_bridge == NULL
+           ? 0 : atomic_load(&ngx_http_gift_bridge->acks_origin);
 }
 
 
@@ -387,6 +419,7 @@ ngx_http_gift_nats_results_handler(ngx_event_t *ev)
     ngx_uint_t                   level;
     ngx_connection_t            *c;
     ngx_http_gift_bridge_t      *b;
+    ngx_http_gift_vec_t          acks;
     ngx_http_gift_results_t      batch;
     ngx_http_gift_pub_result_t  *res;
     ngx_http_gift_pending_t     *p;
@@ -401,6 +434,8 @@ ngx_http_gift_nats_results_handler(ngx_event_t *ev)
     pthread_mutex_lock(&b->res_lock);
     batch = b->results;
     b->results = b->spare;
+    acks = b->acks;
+    b->acks = b->acks_spare;
     pthread_mutex_unlock(&b->res_lock);
 
     for (i = 0; i < batch.n; i++) {
@@ -427,6 +462,14 @@ ngx_http_gift_nats_results_handler(ngx_event_t *ev)
 
     batch.n = 0;
     b->spare = batch;
+
+    if (acks.n) {
+        ngx_http_gift_fanout_deliver((ngx_http_gift_frame_t **) acks.items,
+                                     acks.n);
+    }
+
+    acks.n = 0;
+    b->acks_spare = acks;
 
     if (ngx_handle_read_event(ev, 0) != NGX_OK) {
         ngx_log_error(NGX_LOG_ALERT, b->log, 0,
@@ -462,7 +505,7 @@ ngx_http_gift_post_result(ngx_http_gift_bridge_t *b,
     }
 
     b->results.items[b->results.n++] = *res;
-    was_empty = (b->results.n == 1);
+    was_empty = (b->results.n + b->acks.n == 1);
 
     pthread_mutex_unlock(&b->res_lock);
 
@@ -573,6 +616,213 @@ ngx_http_gift_on_reply(natsConnection *nc, natsSubscription *sub,
 done:
 
     natsMsg_Destroy(msg);
+}
+
+
+/*
+ * One message of GIFT_ACKS from the ordered consumer: decode it, frame it
+ * once for every protocol, and hand the frame to the loop.  Runs on the
+ * subscription's cnats thread; the frame is one malloc'ed block.
+ */
+static void
+ngx_http_gift_on_ack(natsConnection *nc, natsSubscription *sub, natsMsg *msg,
+    void *closure)
+{
+    ngx_http_gift_bridge_t *b = closure;
+
+    u_char                 *p;
+    char                    json[GIFT_JSON_MAX];
+    size_t                  jlen, dlen, rlen, slen, wlen, hlen, cap;
+    void                  **items;
+    uint64_t                seq, one = 1;
+    ngx_uint_t              was_empty;
+    jsMsgMetaData          *meta;
+    Gift__V1__GiftAck      *ack;
+    ngx_http_gift_frame_t  *f;
+
+    meta = NULL;
+    if (natsMsg_GetMetaData(&meta, msg) != NATS_OK) {
+        natsMsg_Destroy(msg);
+        return;
+    }
+    seq = meta->Sequence.Stream;
+    jsMsgMetaData_Destroy(meta);
+
+    ack = gift__v1__gift_ack__unpack(NULL, natsMsg_GetDataLength(msg),
+                                     (const uint8_t *) natsMsg_GetData(msg));
+    natsMsg_Destroy(msg);
+
+    if (ack == NULL) {
+        ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_ERROR,
+                               "GIFT_ACKS #%llu is not a GiftAck; skipped",
+                               (unsigned long long) seq);
+        return;
+    }
+
+    jlen = gift_ack_json(ack, seq, json, sizeof(json));
+    if (jlen == 0) {
+        gift__v1__gift_ack__free_unpacked(ack, NULL);
+        return;
+    }
+
+    dlen = strlen(ack->device_id);
+    rlen = strlen(ack->room_id);
+    slen = sizeof("id: \nevent: ack\ndata: \n\n") - 1 + NGX_INT64_LEN + jlen;
+    hlen = jlen < 126 ? 2 : (jlen < 65536 ? 4 : 10);
+    wlen = hlen + jlen;
+
+    f = malloc(sizeof(ngx_http_gift_frame_t) + jlen + slen + wlen + dlen
+               + rlen + 2);
+    if (f == NULL) {
+        gift__v1__gift_ack__free_unpacked(ack, NULL);
+        return;
+    }
+
+    f->refs = 1;
+    f->seq = seq;
+    f->status = gift_ack_status_name(ack->status);
+
+    p = (u_char *) (f + 1);
+
+    f->json = p;
+    f->json_len = jlen;
+    p = ngx_cpymem(p, json, jlen);
+
+    f->sse = p;
+    p = ngx_sprintf(p, "id: %uL\nevent: ack\ndata: ", seq);
+    p = ngx_cpymem(p, json, jlen);
+    *p++ = '\n';
+    *p++ = '\n';
+    f->sse_len = p - f->sse;
+
+    /* RFC 6455: FIN + text, unmasked, 7/16/64-bit payload length */
+    f->ws = p;
+    *p++ = 0x81;
+    if (jlen < 126) {
+        *p++ = (u_char) jlen;
+    } else if (jlen < 65536) {
+        *p++ = 126;
+        *p++ = (u_char) (jlen >> 8);
+        *p++ = (u_char) jlen;
+    } else {
+        *p++ = 127;
+        *p++ = 0; *p++ = 0; *p++ = 0; *p++ = 0;
+        *p++ = (u_char) (jlen >> 24);
+        *p++ = (u_char) (jlen >> 16);
+        *p++ = (u_char) (jlen >> 8);
+        *p++ = (u_char) jlen;
+    }
+    p = ngx_cpymem(p, json, jlen);
+    f->ws_len = p - f->ws;
+
+    f->device = (const char *) p;
+    p = ngx_cpymem(p, ack->device_id, dlen + 1);
+    f->room = (const char *) p;
+    ngx_memcpy(p, ack->room_id, rlen + 1);
+
+    gift__v1__gift_ack__free_unpacked(ack, NULL);
+
+    pthread_mutex_lock(&b->res_lock);
+
+    if (b->acks.n == b->acks.cap) {
+        cap = b->acks.cap ? b->acks.cap * 2 : 256;
+        items = realloc(b->acks.items, cap * sizeof(void *));
+        if (items == NULL) {
+            pthread_mutex_unlock(&b->res_lock);
+            free(f);
+            return;
+        }
+        b->acks.items = items;
+        b->acks.cap = cap;
+    }
+
+    b->acks.items[b->acks.n++] = f;
+    was_empty = (b->results.n + b->acks.n == 1);
+
+    pthread_mutex_unlock(&b->res_lock);
+
+    if (was_empty) {
+        (void) !write(b->efd, &one, sizeof(one));
+    }
+}
+
+
+/*
+ * Follow GIFT_ACKS with an ordered consumer that starts gift_sse_replay_max
+ * messages back, so that the replay ring is full from the start.  Bridge
+ * thread; NATS_OK once subscribed.
+ */
+static natsStatus
+ngx_http_gift_follow_acks(ngx_http_gift_bridge_t *b)
+{
+    uint64_t       last, first, start;
+    jsErrCode      jerr;
+    natsStatus     s;
+    jsSubOptions   so;
+    jsStreamInfo  *si;
+
+    if (b->js == NULL) {
+        s = natsConnection_JetStream(&b->js, b->nc, NULL);
+        if (s != NATS_OK) {
+            return s;
+        }
+    }
+
+    si = NULL;
+    jerr = 0;
+    s = js_GetStreamInfo(&si, b->js, "GIFT_ACKS", NULL, &jerr);
+    if (s != NATS_OK) {
+        if (!b->acks_warned) {
+            ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_ERROR,
+                                   "cannot follow GIFT_ACKS (%s%s); retrying",
+                                   natsStatus_GetText(s),
+                                   s == NATS_NOT_FOUND
+                                   ? ": run giftctl setup" : "");
+            b->acks_warned = 1;
+        }
+        return s;
+    }
+
+    last = si->State.LastSeq;
+    first = si->State.FirstSeq;
+    jsStreamInfo_Destroy(si);
+
+    start = last >= b->replay_max ? last - b->replay_max + 1 : 1;
+    if (start < first) {
+        start = first;
+    }
+
+    jsSubOptions_Init(&so);
+    so.Stream = "GIFT_ACKS";
+    so.Ordered = true;
+
+    if (last > 0) {
+        so.Config.DeliverPolicy = js_DeliverByStartSequence;
+        so.Config.OptStartSeq = start;
+    } else {
+        so.Config.DeliverPolicy = js_DeliverAll;
+    }
+
+    s = js_Subscribe(&b->acks_sub, b->js, "gift.acks.>", ngx_http_gift_on_ack,
+                     b, NULL, &so, &jerr);
+    if (s != NATS_OK) {
+        b->acks_sub = NULL;
+        if (!b->acks_warned) {
+            ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_ERROR,
+                                   "cannot follow GIFT_ACKS: %s; retrying",
+                                   natsStatus_GetText(s));
+            b->acks_warned = 1;
+        }
+        return s;
+    }
+
+    atomic_store(&b->acks_origin, last);
+    b->acks_warned = 0;
+    ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_OK,
+                           "following GIFT_ACKS after #%llu",
+                           (unsigned long long) last);
+
+    return NATS_OK;
 }
 
 
@@ -701,6 +951,7 @@ ngx_http_gift_bridge_thread(void *arg)
     size_t                      i;
     natsMsg                    *msg;
     natsStatus                  s;
+    struct timespec             ts;
     ngx_http_gift_vec_t         batch, spare;
     ngx_http_gift_pub_result_t  res;
 
@@ -714,10 +965,30 @@ ngx_http_gift_bridge_thread(void *arg)
     }
 
     for ( ;; ) {
+        if (b->follow_acks && b->acks_sub == NULL && b->nc != NULL
+            && atomic_load(&b->connected))
+        {
+            (void) ngx_http_gift_follow_acks(b);
+        }
+
         pthread_mutex_lock(&b->jobs_lock);
 
         while (b->jobs.n == 0 && !b->stop) {
             b->bridge_waiting = 1;
+
+            if (b->follow_acks && b->acks_sub == NULL) {
+                /* retry the ack consumer once a second */
+                clock_gettime(CLOCK_REALTIME, &ts);
+                ts.tv_sec += 1;
+                if (pthread_cond_timedwait(&b->jobs_cond, &b->jobs_lock, &ts)
+                    == ETIMEDOUT)
+                {
+                    b->bridge_waiting = 0;
+                    break;
+                }
+                continue;
+            }
+
             pthread_cond_wait(&b->jobs_cond, &b->jobs_lock);
         }
 
@@ -759,6 +1030,16 @@ ngx_http_gift_bridge_thread(void *arg)
     }
 
     free(spare.items);
+
+    if (b->acks_sub != NULL) {
+        natsSubscription_Destroy(b->acks_sub);
+        b->acks_sub = NULL;
+    }
+
+    if (b->js != NULL) {
+        jsCtx_Destroy(b->js);
+        b->js = NULL;
+    }
 
     if (b->sub != NULL) {
         natsSubscription_Destroy(b->sub);

@@ -34,6 +34,7 @@ cleanup() {
         kill -TERM "${pids[i]}" 2>/dev/null || true
     done
     wait 2>/dev/null || true
+    exit 0
 }
 trap cleanup INT TERM EXIT
 

@@ -1,0 +1,747 @@
+/*
+ * Fan-out of acknowledgements to the worker's streaming clients.
+ *
+ * Every acknowledgement reaches the worker once (its ordered consumer on
+ * GIFT_ACKS), already framed for SSE and WebSocket.  Here it is kept in a
+ * replay ring of the last gift_sse_replay_max frames and written to every
+ * matching client from that one copy: each client gets a small buffer that
+ * points into the shared frame, and holds a reference until the buffer is
+ * written.  A batch of frames goes to a client as one chain (one writev).
+ *
+ * The ring is filled at worker start with the stream's newest
+ * gift_sse_replay_max acknowledgements (the ordered consumer starts that far
+ * back), so a client that resumes after a reload is served from memory too.
+ *
+ * A client that does not read is cut off once gift_sse_max_backlog frames
+ * wait for it; it may resume.  One heartbeat timer per worker.
+ */
+
+#include "ngx_http_gift_module.h"
+
+
+typedef struct {
+    ngx_http_gift_frame_t    **ring;
+    ngx_uint_t                 size;
+    ngx_uint_t                 head;            /* oldest */
+    ngx_uint_t                 n;
+    uint64_t                   last_seq;        /* newest seen */
+    ngx_queue_t                clients;
+    ngx_uint_t                 nclients;
+    ngx_uint_t                 max_clients;
+    ngx_uint_t                 max_backlog;
+    ngx_msec_t                 heartbeat;
+    ngx_event_t                heartbeat_ev;
+    ngx_log_t                 *log;
+} ngx_http_gift_fanout_t;
+
+
+static ngx_int_t ngx_http_gift_client_push(ngx_http_gift_client_t *c,
+    ngx_http_gift_frame_t *f, u_char *data, size_t len, ngx_chain_t ***last);
+static ngx_int_t ngx_http_gift_client_write(ngx_http_gift_client_t *c,
+    ngx_chain_t *out);
+static void ngx_http_gift_client_reclaim(ngx_http_gift_client_t *c);
+static void ngx_http_gift_client_close(ngx_http_gift_client_t *c,
+    const char *why);
+static ngx_uint_t ngx_http_gift_client_matches(ngx_http_gift_client_t *c,
+    ngx_http_gift_frame_t *f);
+static void ngx_http_gift_client_write_handler(ngx_http_request_t *r);
+static void ngx_http_gift_heartbeat_handler(ngx_event_t *ev);
+
+
+static ngx_http_gift_fanout_t  *ngx_http_gift_fanout;
+
+static u_char  ngx_http_gift_sse_heartbeat[] = ":\n\n";
+/* a WebSocket ping with no payload */
+static u_char  ngx_http_gift_ws_ping[] = { 0x89, 0x00 };
+
+
+ngx_int_t
+ngx_http_gift_fanout_init_process(ngx_cycle_t *cycle,
+    ngx_http_gift_main_conf_t *gmcf)
+{
+    ngx_http_gift_fanout_t  *fo;
+
+    fo = ngx_pcalloc(cycle->pool, sizeof(ngx_http_gift_fanout_t));
+    if (fo == NULL) {
+        return NGX_ERROR;
+    }
+
+    fo->size = gmcf->replay_max;
+    fo->ring = ngx_pcalloc(cycle->pool,
+                           fo->size * sizeof(ngx_http_gift_frame_t *));
+    if (fo->ring == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_queue_init(&fo->clients);
+    fo->max_clients = gmcf->max_clients;
+    fo->max_backlog = gmcf->max_backlog;
+    fo->heartbeat = gmcf->heartbeat;
+    fo->log = cycle->log;
+
+    /* cancelable: an exiting worker does not wait for it */
+    fo->heartbeat_ev.handler = ngx_http_gift_heartbeat_handler;
+    fo->heartbeat_ev.data = fo;
+    fo->heartbeat_ev.log = cycle->log;
+    fo->heartbeat_ev.cancelable = 1;
+    ngx_add_timer(&fo->heartbeat_ev, fo->heartbeat);
+
+    ngx_http_gift_fanout = fo;
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_gift_fanout_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t               i;
+    ngx_http_gift_fanout_t  *fo;
+
+    fo = ngx_http_gift_fanout;
+    if (fo == NULL) {
+        return;
+    }
+
+    if (fo->heartbeat_ev.timer_set) {
+        ngx_del_timer(&fo->heartbeat_ev);
+    }
+
+    for (i = 0; i < fo->n; i++) {
+        ngx_http_gift_frame_release(fo->ring[(fo->head + i) % fo->size]);
+    }
+
+    fo->n = 0;
+    ngx_http_gift_fanout = NULL;
+}
+
+
+void
+ngx_http_gift_frame_release(ngx_http_gift_frame_t *f)
+{
+    if (--f->refs == 0) {
+        ngx_free(f);
+    }
+}
+
+
+ngx_uint_t
+ngx_http_gift_fanout_clients(void)
+{
+    return ngx_http_gift_fanout ? ngx_http_gift_fanout->nclients : 0;
+}
+
+
+void
+ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
+{
+    size_t                   i, first;
+    ngx_int_t                rc;
+    ngx_chain_t             *out, **last;
+    ngx_queue_t             *q, *next;
+    ngx_connection_t        *conn;
+    ngx_http_gift_frame_t   *f;
+    ngx_http_gift_client_t  *c;
+    ngx_http_gift_fanout_t  *fo;
+
+    fo = ngx_http_gift_fanout;
+
+    if (fo == NULL) {
+        for (i = 0; i < n; i++) {
+            ngx_http_gift_frame_release(frames[i]);
+        }
+        return;
+    }
+
+    /* the ring takes over the batch's references */
+    first = n;
+
+    for (i = 0; i < n; i++) {
+        f = frames[i];
+
+        if (f->seq <= fo->last_seq) {
+            /* an ordered consumer restarted: already seen */
+            ngx_http_gift_frame_release(f);
+            frames[i] = NULL;
+            continue;
+        }
+
+        if (first == n) {
+            first = i;
+        }
+
+        fo->last_seq = f->seq;
+
+        if (fo->n == fo->size) {
+            ngx_http_gift_frame_release(fo->ring[fo->head]);
+            fo->head = (fo->head + 1) % fo->size;
+            fo->n--;
+        }
+
+        fo->ring[(fo->head + fo->n) % fo->size] = f;
+        fo->n++;
+    }
+
+    for (q = ngx_queue_head(&fo->clients);
+         q != ngx_queue_sentinel(&fo->clients);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        c = ngx_queue_data(q, ngx_http_gift_client_t, queue);
+
+        out = NULL;
+        last = &out;
+        rc = NGX_OK;
+
+        for (i = first; i < n && rc == NGX_OK; i++) {
+            f = frames[i];
+
+            if (f == NULL || !ngx_http_gift_client_matches(c, f)) {
+                continue;
+            }
+
+            rc = ngx_http_gift_client_push(c, f, NULL, 0, &last);
+        }
+
+        if (rc == NGX_OK && out != NULL) {
+            rc = ngx_http_gift_client_write(c, out);
+        }
+
+        if (rc != NGX_OK) {
+            conn = c->request->connection;
+            ngx_http_gift_client_close(c, rc == NGX_DECLINED
+                                          ? "backlog full" : "write error");
+            ngx_http_run_posted_requests(conn);
+        }
+    }
+}
+
+
+/* Whether frame f is due to client c, and mark it seen. */
+static ngx_uint_t
+ngx_http_gift_client_matches(ngx_http_gift_client_t *c,
+    ngx_http_gift_frame_t *f)
+{
+    size_t       len;
+    ngx_str_t   *v;
+    ngx_uint_t   i, found;
+
+    if (f->seq <= c->last_seq) {
+        return 0;
+    }
+
+    if (c->from_now && f->seq <= ngx_http_gift_nats_acks_origin()) {
+        return 0;
+    }
+
+    c->last_seq = f->seq;
+
+#define ngx_http_gift_filter(arr, value)                                     \
+    if (arr != NULL) {                                                        \
+        len = ngx_strlen(value);                                              \
+        v = arr->elts;                                                        \
+        found = 0;                                                            \
+        for (i = 0; i < arr->nelts; i++) {                                    \
+            if (v[i].len == len                                               \
+                && ngx_strncmp(v[i].data, value, len) == 0)                   \
+            {                                                                 \
+                found = 1;                                                    \
+                break;                                                        \
+            }                                                                 \
+        }                                                                     \
+        if (!found) {                                                         \
+            return 0;                                                         \
+        }                                                                     \
+    }
+
+    ngx_http_gift_filter(c->devices, f->device);
+    ngx_http_gift_filter(c->rooms, f->room);
+    ngx_http_gift_filter(c->statuses, f->status);
+
+#undef ngx_http_gift_filter
+
+    return 1;
+}
+
+
+ngx_uint_t
+ngx_http_gift_fanout_full(void)
+{
+    ngx_http_gift_fanout_t  *fo = ngx_http_gift_fanout;
+
+    return fo == NULL || fo->nclients >= fo->max_clients;
+}
+
+
+ngx_int_t
+ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
+    uint64_t last_seq, u_char *preamble, size_t plen)
+{
+    u_char                  *p;
+    size_t                   len;
+    uint64_t                 oldest;
+    ngx_int_t                rc;
+    ngx_uint_t               i;
+    ngx_chain_t             *out, **last;
+    ngx_http_gift_frame_t   *f;
+    ngx_http_gift_fanout_t  *fo;
+
+    fo = ngx_http_gift_fanout;
+
+    if (fo == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (fo->nclients >= fo->max_clients) {
+        return NGX_DECLINED;
+    }
+
+    c->out_tail = &c->out_head;
+
+    ngx_queue_insert_tail(&fo->clients, &c->queue);
+    fo->nclients++;
+    c->attached = 1;
+
+    /* graceful shutdown and reload close streaming connections */
+    c->request->connection->idle = 1;
+
+    out = NULL;
+    last = &out;
+
+    if (plen && ngx_http_gift_client_push(c, NULL, preamble, plen, &last)
+                != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    if (!resume || last_seq >= fo->last_seq) {
+        c->from_now = !resume;
+        c->last_seq = resume ? last_seq : fo->last_seq;
+        return out ? ngx_http_gift_client_write(c, out) : NGX_OK;
+    }
+
+    c->last_seq = last_seq;
+
+    /*
+     * Missed more than the ring holds (or older than the stream keeps):
+     * say which sequences are skipped, then replay the newest ones.
+     */
+    oldest = fo->n ? fo->ring[fo->head]->seq : fo->last_seq + 1;
+
+    if (last_seq + 1 < oldest) {
+        len = sizeof("event: gap\ndata: {\"from\":,\"to\":}\n\n") - 1
+              + 2 * NGX_INT64_LEN + sizeof("{\"event\":\"gap\",}") - 1;
+        p = ngx_pnalloc(c->request->pool, len + 14);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        if (c->kind == NGX_HTTP_GIFT_CLIENT_SSE) {
+            len = ngx_sprintf(p, "event: gap\ndata: {\"from\":%uL,\"to\":%uL}"
+                              "\n\n", last_seq + 1, oldest - 1) - p;
+        } else {
+            len = ngx_sprintf(p + 2, "{\"event\":\"gap\",\"from\":%uL,"
+                              "\"to\":%uL}", last_seq + 1, oldest - 1)
+                  - (p + 2);
+            p[0] = 0x81;
+            p[1] = (u_char) len;            /* < 126 bytes */
+            len += 2;
+        }
+
+        rc = ngx_http_gift_client_push(c, NULL, p, len, &last);
+        if (rc != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    for (i = 0; i < fo->n; i++) {
+        f = fo->ring[(fo->head + i) % fo->size];
+
+        if (!ngx_http_gift_client_matches(c, f)) {
+            continue;
+        }
+
+        rc = ngx_http_gift_client_push(c, f, NULL, 0, &last);
+        if (rc != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    c->last_seq = ngx_max(last_seq, fo->last_seq);
+
+    if (out == NULL) {
+        return NGX_OK;
+    }
+
+    return ngx_http_gift_client_write(c, out);
+}
+
+
+void
+ngx_http_gift_fanout_detach(ngx_http_gift_client_t *c)
+{
+    ngx_http_gift_out_t  *o;
+
+    if (!c->attached) {
+        return;
+    }
+
+    c->attached = 0;
+    ngx_queue_remove(&c->queue);
+
+    if (ngx_http_gift_fanout) {
+        ngx_http_gift_fanout->nclients--;
+    }
+
+    for (o = c->out_head; o; o = o->next) {
+        if (o->frame) {
+            ngx_http_gift_frame_release(o->frame);
+            o->frame = NULL;
+        }
+    }
+
+    c->out_head = NULL;
+    c->out_tail = &c->out_head;
+    c->out_n = 0;
+}
+
+
+ngx_int_t
+ngx_http_gift_fanout_send_raw(ngx_http_gift_client_t *c, u_char *data,
+    size_t len)
+{
+    ngx_chain_t  *out, **last;
+
+    out = NULL;
+    last = &out;
+
+    if (ngx_http_gift_client_push(c, NULL, data, len, &last) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_gift_client_write(c, out);
+}
+
+
+/*
+ * Append one buffer to the client's pending output and to the chain being
+ * built at **last.  With a frame, the buffer points into it and holds a
+ * reference.  NGX_DECLINED when the backlog is full.
+ */
+static ngx_int_t
+ngx_http_gift_client_push(ngx_http_gift_client_t *c, ngx_http_gift_frame_t *f,
+    u_char *data, size_t len, ngx_chain_t ***last)
+{
+    ngx_http_gift_out_t  *o;
+
+    if (c->out_n >= ngx_http_gift_fanout->max_backlog) {
+        return NGX_DECLINED;
+    }
+
+    o = c->out_free;
+
+    if (o != NULL) {
+        c->out_free = o->next;
+
+    } else {
+        o = ngx_palloc(c->request->pool, sizeof(ngx_http_gift_out_t));
+        if (o == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    ngx_memzero(&o->buf, sizeof(ngx_buf_t));
+
+    if (f != NULL) {
+        if (c->kind == NGX_HTTP_GIFT_CLIENT_SSE) {
+            data = f->sse;
+            len = f->sse_len;
+        } else {
+            data = f->ws;
+            len = f->ws_len;
+        }
+        f->refs++;
+    }
+
+    o->frame = f;
+    o->next = NULL;
+    o->buf.pos = data;
+    o->buf.last = data + len;
+    o->buf.start = data;
+    o->buf.end = data + len;
+    o->buf.memory = 1;
+    o->buf.flush = 1;
+    o->buf.tag = (ngx_buf_tag_t) &ngx_http_gift_module;
+
+    o->cl.buf = &o->buf;
+    o->cl.next = NULL;
+
+    *c->out_tail = o;
+    c->out_tail = &o->next;
+    c->out_n++;
+
+    **last = &o->cl;
+    *last = &o->cl.next;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_gift_client_write(ngx_http_gift_client_t *c, ngx_chain_t *out)
+{
+    ngx_int_t                  rc;
+    ngx_event_t               *wev;
+    ngx_http_request_t        *r;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    r = c->request;
+
+    rc = ngx_http_output_filter(r, out);
+
+    ngx_http_gift_client_reclaim(c);
+
+    if (rc == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
+    wev = r->connection->write;
+
+    if (c->out_head != NULL) {
+        /* the socket is full: wait for it, within send_timeout */
+        r->write_event_handler = ngx_http_gift_client_write_handler;
+
+        clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+
+        if (!wev->timer_set) {
+            ngx_add_timer(wev, clcf->send_timeout);
+        }
+
+        if (ngx_handle_write_event(wev, clcf->send_lowat) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+    } else if (wev->timer_set) {
+        ngx_del_timer(wev);
+    }
+
+    return NGX_OK;
+}
+
+
+/* Give back the buffers the socket has taken, in order. */
+static void
+ngx_http_gift_client_reclaim(ngx_http_gift_client_t *c)
+{
+    ngx_http_gift_out_t  *o;
+
+    while (c->out_head != NULL && ngx_buf_size(&c->out_head->buf) == 0) {
+        o = c->out_head;
+        c->out_head = o->next;
+        c->out_n--;
+
+        if (o->frame) {
+            ngx_http_gift_frame_release(o->frame);
+            o->frame = NULL;
+        }
+
+        o->next = c->out_free;
+        c->out_free = o;
+    }
+
+    if (c->out_head == NULL) {
+        c->out_tail = &c->out_head;
+    }
+}
+
+
+static void
+ngx_http_gift_client_write_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                rc;
+    ngx_event_t             *wev;
+    ngx_connection_t        *conn;
+    ngx_http_gift_client_t  *c;
+
+    c = ngx_http_get_module_ctx(r, ngx_http_gift_module);
+    conn = r->connection;
+    wev = conn->write;
+
+    if (c == NULL || !c->attached) {
+        return;
+    }
+
+    if (wev->timedout) {
+        wev->timedout = 0;
+        conn->timedout = 1;
+        ngx_http_gift_client_close(c, "send timed out");
+        return;
+    }
+
+    rc = ngx_http_gift_client_write(c, NULL);
+
+    if (rc != NGX_OK) {
+        ngx_http_gift_client_close(c, "write error");
+    }
+}
+
+
+static void
+ngx_http_gift_client_close(ngx_http_gift_client_t *c, const char *why)
+{
+    ngx_http_request_t  *r;
+
+    r = c->request;
+
+    ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                  "gift: closing stream: %s", why);
+
+    ngx_http_gift_fanout_detach(c);
+    ngx_http_finalize_request(r, NGX_ERROR);
+}
+
+
+static void
+ngx_http_gift_heartbeat_handler(ngx_event_t *ev)
+{
+    ngx_http_gift_fanout_t *fo = ev->data;
+
+    ngx_int_t                rc;
+    ngx_queue_t             *q, *next;
+    ngx_connection_t        *conn;
+    ngx_http_gift_client_t  *c;
+
+    if (ngx_exiting || ngx_terminate || ngx_quit) {
+        return;
+    }
+
+    for (q = ngx_queue_head(&fo->clients);
+         q != ngx_queue_sentinel(&fo->clients);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        c = ngx_queue_data(q, ngx_http_gift_client_t, queue);
+
+        if (c->out_head != NULL) {
+            continue;       /* output is pending: the stream is not idle */
+        }
+
+        if (c->kind == NGX_HTTP_GIFT_CLIENT_SSE) {
+            rc = ngx_http_gift_fanout_send_raw(c, ngx_http_gift_sse_heartbeat,
+                                          sizeof(ngx_http_gift_sse_heartbeat)
+                                          - 1);
+        } else {
+            rc = ngx_http_gift_fanout_send_raw(c, ngx_http_gift_ws_ping,
+                                          sizeof(ngx_http_gift_ws_ping));
+        }
+
+        if (rc != NGX_OK) {
+            conn = c->request->connection;
+            ngx_http_gift_client_close(c, "write error");
+            ngx_http_run_posted_requests(conn);
+        }
+    }
+
+    ngx_add_timer(ev, fo->heartbeat);
+}
+
+
+/* Add the comma-separated, URL-escaped values in v to *arr. */
+static ngx_int_t
+ngx_http_gift_filter_add(ngx_http_request_t *r, ngx_array_t **arr,
+    ngx_str_t *v)
+{
+    u_char     *p, *end, *comma, *dst, *src;
+    ngx_str_t  *s;
+
+    if (*arr == NULL) {
+        *arr = ngx_array_create(r->pool, 2, sizeof(ngx_str_t));
+        if (*arr == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    p = v->data;
+    end = v->data + v->len;
+
+    while (p < end) {
+        comma = ngx_strlchr(p, end, ',');
+        if (comma == NULL) {
+            comma = end;
+        }
+
+        if (comma > p) {
+            s = ngx_array_push(*arr);
+            if (s == NULL) {
+                return NGX_ERROR;
+            }
+
+            dst = ngx_pnalloc(r->pool, comma - p);
+            if (dst == NULL) {
+                return NGX_ERROR;
+            }
+
+            s->data = dst;
+            src = p;
+            ngx_unescape_uri(&dst, &src, comma - p, NGX_UNESCAPE_URI);
+            s->len = dst - s->data;
+        }
+
+        p = comma + 1;
+    }
+
+    return NGX_OK;
+}
+
+
+ngx_int_t
+ngx_http_gift_fanout_parse_filters(ngx_http_request_t *r,
+    ngx_http_gift_client_t *c)
+{
+    u_char       *p, *end, *amp, *eq;
+    ngx_str_t     key, value;
+    ngx_array_t **arr;
+
+    p = r->args.data;
+    end = r->args.data + r->args.len;
+
+    while (p < end) {
+        amp = ngx_strlchr(p, end, '&');
+        if (amp == NULL) {
+            amp = end;
+        }
+
+        eq = ngx_strlchr(p, amp, '=');
+
+        if (eq != NULL) {
+            key.data = p;
+            key.len = eq - p;
+            value.data = eq + 1;
+            value.len = amp - eq - 1;
+
+            arr = NULL;
+
+            if (key.len == 6 && ngx_strncmp(key.data, "device", 6) == 0) {
+                arr = &c->devices;
+
+            } else if (key.len == 4 && ngx_strncmp(key.data, "room", 4) == 0)
+            {
+                arr = &c->rooms;
+
+            } else if (key.len == 6 && ngx_strncmp(key.data, "status", 6) == 0)
+            {
+                arr = &c->statuses;
+            }
+
+            if (arr != NULL
+                && ngx_http_gift_filter_add(r, arr, &value) != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+        }
+
+        p = amp + 1;
+    }
+
+    return NGX_OK;
+}
