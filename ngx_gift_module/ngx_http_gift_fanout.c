@@ -40,10 +40,12 @@ static ngx_int_t ngx_http_gift_client_push(ngx_http_gift_client_t *c,
 static ngx_int_t ngx_http_gift_client_write(ngx_http_gift_client_t *c,
     ngx_chain_t *out);
 static void ngx_http_gift_client_reclaim(ngx_http_gift_client_t *c);
-static void ngx_http_gift_client_close(ngx_http_gift_client_t *c,
-    const char *why);
+static ngx_uint_t ngx_http_gift_client_due(ngx_http_gift_client_t *c,
+    ngx_http_gift_frame_t *f);
 static ngx_uint_t ngx_http_gift_client_matches(ngx_http_gift_client_t *c,
     ngx_http_gift_frame_t *f);
+static ngx_int_t ngx_http_gift_fanout_replay(ngx_http_gift_client_t *c,
+    uint64_t after, uint64_t upto, ngx_chain_t ***last);
 static void ngx_http_gift_client_write_handler(ngx_http_request_t *r);
 static void ngx_http_gift_heartbeat_handler(ngx_event_t *ev);
 
@@ -189,6 +191,10 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
         next = ngx_queue_next(q);
         c = ngx_queue_data(q, ngx_http_gift_client_t, queue);
 
+        if (c->closing) {
+            continue;
+        }
+
         out = NULL;
         last = &out;
         rc = NGX_OK;
@@ -196,7 +202,7 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
         for (i = first; i < n && rc == NGX_OK; i++) {
             f = frames[i];
 
-            if (f == NULL || !ngx_http_gift_client_matches(c, f)) {
+            if (f == NULL || !ngx_http_gift_client_due(c, f)) {
                 continue;
             }
 
@@ -209,23 +215,19 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
 
         if (rc != NGX_OK) {
             conn = c->request->connection;
-            ngx_http_gift_client_close(c, rc == NGX_DECLINED
-                                          ? "backlog full" : "write error");
+            ngx_http_gift_client_close(c, rc == NGX_DECLINED ? "backlog full"
+                                          : rc == NGX_DONE ? "closed"
+                                          : "write error");
             ngx_http_run_posted_requests(conn);
         }
     }
 }
 
 
-/* Whether frame f is due to client c, and mark it seen. */
+/* Whether live frame f is new to client c (and mark it seen), and wanted. */
 static ngx_uint_t
-ngx_http_gift_client_matches(ngx_http_gift_client_t *c,
-    ngx_http_gift_frame_t *f)
+ngx_http_gift_client_due(ngx_http_gift_client_t *c, ngx_http_gift_frame_t *f)
 {
-    size_t       len;
-    ngx_str_t   *v;
-    ngx_uint_t   i, found;
-
     if (f->seq <= c->last_seq) {
         return 0;
     }
@@ -235,6 +237,19 @@ ngx_http_gift_client_matches(ngx_http_gift_client_t *c,
     }
 
     c->last_seq = f->seq;
+
+    return ngx_http_gift_client_matches(c, f);
+}
+
+
+/* Whether frame f passes client c's filters. */
+static ngx_uint_t
+ngx_http_gift_client_matches(ngx_http_gift_client_t *c,
+    ngx_http_gift_frame_t *f)
+{
+    size_t       len;
+    ngx_str_t   *v;
+    ngx_uint_t   i, found;
 
 #define ngx_http_gift_filter(arr, value)                                     \
     if (arr != NULL) {                                                        \
@@ -277,13 +292,7 @@ ngx_int_t
 ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
     uint64_t last_seq, u_char *preamble, size_t plen)
 {
-    u_char                  *p;
-    size_t                   len;
-    uint64_t                 oldest;
-    ngx_int_t                rc;
-    ngx_uint_t               i;
     ngx_chain_t             *out, **last;
-    ngx_http_gift_frame_t   *f;
     ngx_http_gift_fanout_t  *fo;
 
     fo = ngx_http_gift_fanout;
@@ -314,42 +323,89 @@ ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
         return NGX_ERROR;
     }
 
+    c->connect_seq = fo->last_seq;
+
     if (!resume || last_seq >= fo->last_seq) {
         c->from_now = !resume;
         c->last_seq = resume ? last_seq : fo->last_seq;
         return out ? ngx_http_gift_client_write(c, out) : NGX_OK;
     }
 
-    c->last_seq = last_seq;
+    if (ngx_http_gift_fanout_replay(c, last_seq, fo->last_seq, &last)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
 
-    /*
-     * Missed more than the ring holds (or older than the stream keeps):
-     * say which sequences are skipped, then replay the newest ones.
-     */
+    c->last_seq = fo->last_seq;
+
+    return out ? ngx_http_gift_client_write(c, out) : NGX_OK;
+}
+
+
+ngx_int_t
+ngx_http_gift_fanout_resume(ngx_http_gift_client_t *c, uint64_t last_seq)
+{
+    ngx_chain_t  *out, **last;
+
+    out = NULL;
+    last = &out;
+
+    /* live frames after connect_seq went out already */
+    if (last_seq < c->connect_seq
+        && ngx_http_gift_fanout_replay(c, last_seq, c->connect_seq, &last)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    c->from_now = 0;
+
+    return out ? ngx_http_gift_client_write(c, out) : NGX_OK;
+}
+
+
+/*
+ * Queue the frames with after < seq <= upto that pass the client's
+ * filters, from the replay ring; first an `event: gap` naming what the ring
+ * no longer holds, if anything.
+ */
+static ngx_int_t
+ngx_http_gift_fanout_replay(ngx_http_gift_client_t *c, uint64_t after,
+    uint64_t upto, ngx_chain_t ***last)
+{
+    u_char                  *p;
+    size_t                   len;
+    uint64_t                 oldest;
+    ngx_uint_t               i;
+    ngx_http_gift_frame_t   *f;
+    ngx_http_gift_fanout_t  *fo;
+
+    fo = ngx_http_gift_fanout;
+
     oldest = fo->n ? fo->ring[fo->head]->seq : fo->last_seq + 1;
 
-    if (last_seq + 1 < oldest) {
-        len = sizeof("event: gap\ndata: {\"from\":,\"to\":}\n\n") - 1
-              + 2 * NGX_INT64_LEN + sizeof("{\"event\":\"gap\",}") - 1;
-        p = ngx_pnalloc(c->request->pool, len + 14);
+    if (after + 1 < oldest) {
+        len = sizeof("{\"event\":\"gap\",\"from\":,\"to\":}") - 1
+              + 2 * NGX_INT64_LEN + sizeof("event: gap\ndata: \n\n");
+        p = ngx_pnalloc(c->request->pool, len);
         if (p == NULL) {
             return NGX_ERROR;
         }
 
         if (c->kind == NGX_HTTP_GIFT_CLIENT_SSE) {
             len = ngx_sprintf(p, "event: gap\ndata: {\"from\":%uL,\"to\":%uL}"
-                              "\n\n", last_seq + 1, oldest - 1) - p;
+                              "\n\n", after + 1, oldest - 1) - p;
         } else {
             len = ngx_sprintf(p + 2, "{\"event\":\"gap\",\"from\":%uL,"
-                              "\"to\":%uL}", last_seq + 1, oldest - 1)
+                              "\"to\":%uL}", after + 1, oldest - 1)
                   - (p + 2);
             p[0] = 0x81;
             p[1] = (u_char) len;            /* < 126 bytes */
             len += 2;
         }
 
-        rc = ngx_http_gift_client_push(c, NULL, p, len, &last);
-        if (rc != NGX_OK) {
+        if (ngx_http_gift_client_push(c, NULL, p, len, last) != NGX_OK) {
             return NGX_ERROR;
         }
     }
@@ -357,23 +413,18 @@ ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
     for (i = 0; i < fo->n; i++) {
         f = fo->ring[(fo->head + i) % fo->size];
 
-        if (!ngx_http_gift_client_matches(c, f)) {
+        if (f->seq <= after || f->seq > upto
+            || !ngx_http_gift_client_matches(c, f))
+        {
             continue;
         }
 
-        rc = ngx_http_gift_client_push(c, f, NULL, 0, &last);
-        if (rc != NGX_OK) {
+        if (ngx_http_gift_client_push(c, f, NULL, 0, last) != NGX_OK) {
             return NGX_ERROR;
         }
     }
 
-    c->last_seq = ngx_max(last_seq, fo->last_seq);
-
-    if (out == NULL) {
-        return NGX_OK;
-    }
-
-    return ngx_http_gift_client_write(c, out);
+    return NGX_OK;
 }
 
 
@@ -505,6 +556,11 @@ ngx_http_gift_client_write(ngx_http_gift_client_t *c, ngx_chain_t *out)
         return NGX_ERROR;
     }
 
+    if (c->closing && c->out_head == NULL) {
+        /* the last frame (a WebSocket close) is written */
+        return NGX_DONE;
+    }
+
     wev = r->connection->write;
 
     if (c->out_head != NULL) {
@@ -581,12 +637,13 @@ ngx_http_gift_client_write_handler(ngx_http_request_t *r)
     rc = ngx_http_gift_client_write(c, NULL);
 
     if (rc != NGX_OK) {
-        ngx_http_gift_client_close(c, "write error");
+        ngx_http_gift_client_close(c, rc == NGX_DONE ? "closed"
+                                                     : "write error");
     }
 }
 
 
-static void
+void
 ngx_http_gift_client_close(ngx_http_gift_client_t *c, const char *why)
 {
     ngx_http_request_t  *r;
@@ -622,7 +679,7 @@ ngx_http_gift_heartbeat_handler(ngx_event_t *ev)
         next = ngx_queue_next(q);
         c = ngx_queue_data(q, ngx_http_gift_client_t, queue);
 
-        if (c->out_head != NULL) {
+        if (c->out_head != NULL || c->closing) {
             continue;       /* output is pending: the stream is not idle */
         }
 

@@ -24,6 +24,10 @@ static char *ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_gift_sse(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_gift_websocket(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_gift_ws_origin(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 
 
 static ngx_conf_num_bounds_t  ngx_http_gift_queue_bounds = {
@@ -123,6 +127,20 @@ static ngx_command_t  ngx_http_gift_commands[] = {
       ngx_conf_set_msec_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_gift_loc_conf_t, sse_retry),
+      NULL },
+
+    { ngx_string("gift_websocket"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_gift_websocket,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gift_websocket_allow_origin"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_gift_ws_origin,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
       NULL },
 
     { ngx_string("gift_sse_heartbeat"),
@@ -289,10 +307,12 @@ ngx_http_gift_create_loc_conf(ngx_conf_t *cf)
      *
      *     glcf->secrets = NULL;
      *     glcf->allow_origin = { 0, NULL };
+     *     glcf->ws_origins = NULL;
      */
 
     glcf->webhook = NGX_CONF_UNSET;
     glcf->sse = NGX_CONF_UNSET;
+    glcf->websocket = NGX_CONF_UNSET;
     glcf->sse_retry = NGX_CONF_UNSET_MSEC;
     glcf->publish_timeout = NGX_CONF_UNSET_MSEC;
     glcf->max_body = NGX_CONF_UNSET_SIZE;
@@ -316,6 +336,11 @@ ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_value(conf->signature_window, prev->signature_window, 300);
     ngx_conf_merge_value(conf->retry_after, prev->retry_after, 1);
     ngx_conf_merge_value(conf->sse, prev->sse, 0);
+    ngx_conf_merge_value(conf->websocket, prev->websocket, 0);
+
+    if (conf->ws_origins == NULL) {
+        conf->ws_origins = prev->ws_origins;
+    }
     ngx_conf_merge_str_value(conf->allow_origin, prev->allow_origin, "");
     ngx_conf_merge_msec_value(conf->sse_retry, prev->sse_retry, 2000);
 
@@ -466,6 +491,60 @@ ngx_http_gift_sse(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
     clcf->handler = ngx_http_gift_sse_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_gift_websocket(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_gift_loc_conf_t *glcf = conf;
+
+    ngx_http_core_loc_conf_t   *clcf;
+    ngx_http_gift_main_conf_t  *gmcf;
+
+    if (glcf->websocket != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    glcf->websocket = 1;
+
+    gmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_gift_module);
+    gmcf->used = 1;
+    gmcf->follow_acks = 1;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_gift_websocket_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_gift_ws_origin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_gift_loc_conf_t *glcf = conf;
+
+    ngx_str_t   *value, *o;
+    ngx_uint_t   i;
+
+    if (glcf->ws_origins == NULL) {
+        glcf->ws_origins = ngx_array_create(cf->pool, 2, sizeof(ngx_str_t));
+        if (glcf->ws_origins == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    value = cf->args->elts;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+        o = ngx_array_push(glcf->ws_origins);
+        if (o == NULL) {
+            return NGX_CONF_ERROR;
+        }
+        *o = value[i];
+    }
 
     return NGX_CONF_OK;
 }

@@ -9,6 +9,7 @@
  *   ngx_http_gift_fanout.c   acknowledgements to clients: ring, filters,
  *                            shared frames, backlog, heartbeats
  *   ngx_http_gift_sse.c      GET handler: Server-Sent Events
+ *   ngx_http_gift_websocket.c  GET handler: WebSocket (RFC 6455)
  */
 
 #ifndef _NGX_HTTP_GIFT_MODULE_H_INCLUDED_
@@ -49,6 +50,8 @@ typedef struct {
     ngx_flag_t                 sse;
     ngx_str_t                  allow_origin;
     ngx_msec_t                 sse_retry;
+    ngx_flag_t                 websocket;
+    ngx_array_t               *ws_origins;      /* of ngx_str_t */
 } ngx_http_gift_loc_conf_t;
 
 
@@ -169,8 +172,10 @@ typedef struct {
     ngx_http_gift_out_t      **out_tail;
     ngx_http_gift_out_t       *out_free;
     ngx_uint_t                 out_n;
+    uint64_t                   connect_seq;     /* live position at attach */
     unsigned                   from_now:1;      /* no history: live only */
     unsigned                   attached:1;
+    unsigned                   closing:1;       /* close once written */
 } ngx_http_gift_client_t;
 
 
@@ -195,6 +200,14 @@ ngx_int_t ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c,
 /* Whether this worker has gift_sse_max_clients streams already. */
 ngx_uint_t ngx_http_gift_fanout_full(void);
 void ngx_http_gift_fanout_detach(ngx_http_gift_client_t *c);
+/*
+ * Replay, to an attached client, what it missed after `last_seq` up to
+ * its connection (what came later went to it live already).
+ */
+ngx_int_t ngx_http_gift_fanout_resume(ngx_http_gift_client_t *c,
+    uint64_t last_seq);
+/* Detach and end the request (logged at info with `why`). */
+void ngx_http_gift_client_close(ngx_http_gift_client_t *c, const char *why);
 /* Queue bytes (request pool memory, not a frame) and write. */
 ngx_int_t ngx_http_gift_fanout_send_raw(ngx_http_gift_client_t *c,
     u_char *data, size_t len);
@@ -205,6 +218,14 @@ ngx_uint_t ngx_http_gift_fanout_clients(void);
 
 /* ngx_http_gift_sse.c */
 ngx_int_t ngx_http_gift_sse_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_gift_last_event_id(ngx_http_request_t *r, uint64_t *seq);
+ngx_int_t ngx_http_gift_add_header(ngx_http_request_t *r, const char *key,
+    size_t klen, u_char *value, size_t vlen);
+ngx_table_elt_t *ngx_http_gift_find_header(ngx_http_request_t *r,
+    const char *name, size_t len);
+
+/* ngx_http_gift_websocket.c */
+ngx_int_t ngx_http_gift_websocket_handler(ngx_http_request_t *r);
 
 /* ngx_http_gift_webhook.c */
 ngx_int_t ngx_http_gift_webhook_handler(ngx_http_request_t *r);

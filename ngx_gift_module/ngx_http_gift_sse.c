@@ -13,11 +13,7 @@
 #include "ngx_http_gift_module.h"
 
 
-static ngx_int_t ngx_http_gift_sse_last_event_id(ngx_http_request_t *r,
-    uint64_t *seq);
 static void ngx_http_gift_sse_cleanup(void *data);
-static ngx_int_t ngx_http_gift_add_header(ngx_http_request_t *r,
-    const char *key, size_t klen, u_char *value, size_t vlen);
 
 
 ngx_int_t
@@ -54,7 +50,7 @@ ngx_http_gift_sse_handler(ngx_http_request_t *r)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    resume = ngx_http_gift_sse_last_event_id(r, &last);
+    resume = ngx_http_gift_last_event_id(r, &last);
     if (resume == NGX_ERROR) {
         return ngx_http_gift_send_error(r, NGX_HTTP_BAD_REQUEST,
                                         "invalid_field",
@@ -132,21 +128,13 @@ ngx_http_gift_sse_handler(ngx_http_request_t *r)
 }
 
 
-/*
- * The Last-Event-ID header, else ?last_event_id=.  NGX_OK with *seq,
- * NGX_DECLINED when absent, NGX_ERROR when it is not a number.
- */
-static ngx_int_t
-ngx_http_gift_sse_last_event_id(ngx_http_request_t *r, uint64_t *seq)
+ngx_table_elt_t *
+ngx_http_gift_find_header(ngx_http_request_t *r, const char *name,
+    size_t len)
 {
-    u_char           *p, *end;
-    uint64_t          v;
-    ngx_str_t         value;
     ngx_uint_t        i;
     ngx_list_part_t  *part;
     ngx_table_elt_t  *h;
-
-    ngx_str_null(&value);
 
     part = &r->headers_in.headers.part;
     h = part->elts;
@@ -155,20 +143,40 @@ ngx_http_gift_sse_last_event_id(ngx_http_request_t *r, uint64_t *seq)
 
         if (i >= part->nelts) {
             if (part->next == NULL) {
-                break;
+                return NULL;
             }
             part = part->next;
             h = part->elts;
             i = 0;
         }
 
-        if (h[i].key.len == sizeof("Last-Event-ID") - 1
-            && ngx_strncasecmp(h[i].key.data, (u_char *) "Last-Event-ID",
-                               sizeof("Last-Event-ID") - 1) == 0)
+        if (h[i].key.len == len
+            && ngx_strncasecmp(h[i].key.data, (u_char *) name, len) == 0)
         {
-            value = h[i].value;
-            break;
+            return &h[i];
         }
+    }
+}
+
+
+/*
+ * The Last-Event-ID header, else ?last_event_id=.  NGX_OK with *seq,
+ * NGX_DECLINED when absent, NGX_ERROR when it is not a number.
+ */
+ngx_int_t
+ngx_http_gift_last_event_id(ngx_http_request_t *r, uint64_t *seq)
+{
+    u_char           *p, *end;
+    uint64_t          v;
+    ngx_str_t         value;
+    ngx_table_elt_t  *h;
+
+    ngx_str_null(&value);
+
+    h = ngx_http_gift_find_header(r, "Last-Event-ID",
+                                  sizeof("Last-Event-ID") - 1);
+    if (h != NULL) {
+        value = h->value;
     }
 
     if (value.len == 0
@@ -210,7 +218,7 @@ ngx_http_gift_sse_cleanup(void *data)
 }
 
 
-static ngx_int_t
+ngx_int_t
 ngx_http_gift_add_header(ngx_http_request_t *r, const char *key, size_t klen,
     u_char *value, size_t vlen)
 {

@@ -301,4 +301,178 @@ sub retry { $_[0]{retry} }
 sub comment_lines { @{$_[0]{comment_lines} // []} }
 sub close { close $_[0]{sock} }
 
+# ------------------------------------------------------------ WebSocket
+
+package GiftStream::WS;
+
+use Digest::SHA qw(sha1_base64);
+use IO::Select;
+use MIME::Base64 qw(encode_base64);
+use Time::HiRes qw(time);
+
+# GiftStream::WS->new(port => P, path => '/gift/ws', headers => {...})
+# Performs the handshake; ->status is 101 on success.
+sub new {
+    my ($class, %a) = @_;
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+        PeerPort => $a{port}, Proto => 'tcp', Timeout => 5)
+        or die "ws connect: $!";
+    $s->autoflush(1);
+    my $key = encode_base64(join('', map { chr(int(rand(256))) } 1 .. 16), '');
+    my %h = ('Upgrade' => 'websocket', 'Connection' => 'Upgrade',
+        'Sec-WebSocket-Key' => $key, 'Sec-WebSocket-Version' => 13,
+        %{$a{headers} // {}});
+    delete $h{$_} for grep { !defined $h{$_} } keys %h;
+    print $s "GET " . ($a{path} // '/gift/ws') . " HTTP/1.1\r\n"
+        . "Host: 127.0.0.1\r\n"
+        . join('', map { "$_: $h{$_}\r\n" } sort keys %h) . "\r\n";
+    my $self = bless { sock => $s, raw => '', key => $key }, $class;
+    my $end = time + 5;
+    while ($self->{raw} !~ /\r\n\r\n/) {
+        die "ws: no response" if time > $end;
+        $self->_fill(0.5) or ($self->{eof} and die "ws: closed");
+    }
+    $self->{raw} =~ s/^(.*?)\r\n\r\n//s;
+    my @lines = split /\r\n/, $1;
+    ($self->{status}) = shift(@lines) =~ /^HTTP\/1\.\d (\d+)/;
+    for (@lines) {
+        my ($k, $v) = /^([^:]+):\s*(.*)$/ or next;
+        $self->{headers}{lc $k} = $v;
+    }
+    if ($self->{status} != 101 && $self->{headers}{'content-length'}) {
+        $self->_fill(1) while length($self->{raw})
+            < $self->{headers}{'content-length'} && !$self->{eof};
+        $self->{body} = $self->{raw};
+    }
+    return $self;
+}
+
+sub status { $_[0]{status} }
+sub header { $_[0]{headers}{lc $_[1]} }
+sub body { $_[0]{body} }
+sub eof { $_[0]{eof} }
+
+sub expected_accept {
+    my ($self) = @_;
+    my $a = sha1_base64($self->{key} . '258EAFA5-E914-47DA-95CA-C5AB0DC85B11');
+    return $a . '=';
+}
+
+sub _fill {
+    my ($self, $timeout) = @_;
+    my $sel = IO::Select->new($self->{sock});
+    return 0 unless $sel->can_read($timeout);
+    my $n = sysread($self->{sock}, my $chunk, 65536);
+    if (!$n) {
+        $self->{eof} = 1;
+        return 0;
+    }
+    $self->{raw} .= $chunk;
+    return 1;
+}
+
+# A client frame; masked unless $opt{unmasked}; $opt{rsv}, $opt{fin}.
+sub send_frame {
+    my ($self, $opcode, $payload, %opt) = @_;
+    $payload //= '';
+    my $fin = exists $opt{fin} ? $opt{fin} : 1;
+    my $b0 = ($fin ? 0x80 : 0) | ($opt{rsv} ? 0x40 : 0) | $opcode;
+    my $len = length $payload;
+    my $mbit = $opt{unmasked} ? 0 : 0x80;
+    my $hdr = chr($b0);
+    if ($len < 126) {
+        $hdr .= chr($mbit | $len);
+    } elsif ($len < 65536) {
+        $hdr .= chr($mbit | 126) . pack('n', $len);
+    } else {
+        $hdr .= chr($mbit | 127) . pack('NN', 0, $len);
+    }
+    if (!$opt{unmasked}) {
+        my $mask = join '', map { chr(int(rand(256))) } 1 .. 4;
+        my $m = $payload ^ substr($mask x (int($len / 4) + 1), 0, $len);
+        $payload = $m;
+        $hdr .= $mask;
+    }
+    local $SIG{PIPE} = 'IGNORE';
+    syswrite($self->{sock}, $hdr . $payload);
+}
+
+sub send_text { $_[0]->send_frame(1, $_[1], @_[2 .. $#_]) }
+
+# The next server frame: { op, fin, payload, masked }, or undef on timeout.
+sub next_frame {
+    my ($self, $timeout) = @_;
+    my $end = time + ($timeout // 5);
+    while (1) {
+        my $r = $self->{raw};
+        if (length $r >= 2) {
+            my ($b0, $b1) = map { ord } split //, substr($r, 0, 2);
+            my $len = $b1 & 0x7f;
+            my $h = 2;
+            if ($len == 126 && length $r >= 4) {
+                $len = unpack('n', substr($r, 2, 2));
+                $h = 4;
+            } elsif ($len == 127 && length $r >= 10) {
+                my ($hi, $lo) = unpack('NN', substr($r, 2, 8));
+                $len = $hi * 4294967296 + $lo;
+                $h = 10;
+            }
+            if ($len < 126 || $h > 2) {
+                if (length $r >= $h + $len) {
+                    substr($self->{raw}, 0, $h + $len) = '';
+                    return { op => $b0 & 0x0f, fin => $b0 & 0x80,
+                        masked => $b1 & 0x80,
+                        payload => substr($r, $h, $len) };
+                }
+            }
+        }
+        my $left = $end - time;
+        return undef if $left <= 0 || $self->{eof};
+        $self->_fill($left > 0.2 ? 0.2 : $left);
+    }
+}
+
+# The next $n text messages (acknowledgements and notices), decoded;
+# pings are counted and skipped.
+sub take {
+    my ($self, $n, $timeout) = @_;
+    my $end = time + ($timeout // 5);
+    my @m;
+    while (@m < $n) {
+        my $left = $end - time;
+        last if $left <= 0;
+        my $f = $self->next_frame($left) or last;
+        if ($f->{op} == 9) {
+            $self->{pings}++;
+            next;
+        }
+        if ($f->{op} == 8) {
+            $self->{close} = $f;
+            last;
+        }
+        push @m, $JSON->decode($f->{payload}) if $f->{op} == 1;
+    }
+    return @m;
+}
+
+sub pings { $_[0]{pings} // 0 }
+sub close_frame { $_[0]{close} }
+
+# Wait for the server's close frame; returns its status code.
+sub wait_close {
+    my ($self, $timeout) = @_;
+    my $end = time + ($timeout // 5);
+    while (time < $end) {
+        my $f = $self->next_frame($end - time) or last;
+        if ($f->{op} == 8) {
+            $self->{close} = $f;
+            return unpack('n', $f->{payload});
+        }
+    }
+    return undef;
+}
+
+sub close { close $_[0]{sock} }
+
+
 1;
