@@ -98,7 +98,7 @@ $(NGX_SRC)/objs/Makefile: config $(GEN)/gift.pb-c.c
 
 $(MODULE): $(NGX_SRC)/objs/Makefile $(MODULE_SRCS) $(GEN)/gift.pb-c.c
 	$(MAKE) -s -C $(NGX_SRC) -f objs/Makefile modules
-	cp $(NGX_SRC)/objs/ngx_http_gift_module.so $@
+	cp $(NGX_SRC)/objs/ngx_http_gift_module.so $@.tmp && mv -f $@.tmp $@
 
 # ---------------------------------------------------------------- tests
 CHECK_LIBS  := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck)
