@@ -32,7 +32,7 @@ LIBS_NATS   := -lnats -lprotobuf-c -ljansson -lcrypto -lpthread
 DEB_PKGS    := build-essential pkg-config nginx nginx-dev libnats-dev nats-server \
                libprotobuf-c-dev protobuf-c-compiler libmosquitto-dev mosquitto \
                check libjansson-dev libconfig-dev libmicrohttpd-dev libssl-dev \
-               curl wrk perl
+               curl wrk perl chromium
 
 # COMMON_OBJS: what every program links; INPUT_OBJS: the webhook's input
 # layer (also compiled into the module), linked by the tests and fuzzers.
@@ -61,10 +61,17 @@ build: deps-quiet $(MODULE) $(BINS) $(UNIT_TESTS)
 
 # ---------------------------------------------------------------- deps
 # Quick when everything is installed (one dpkg-query); installs the rest.
-deps:
+# npm packages for the browser and WebSocket tests (node and npm come with
+# the machine; never apt-get install npm)
+NODE_DEPS   := node_modules/.package-lock.json
+$(NODE_DEPS): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found (node and npm come with this machine)" >&2; exit 1; }
+	npm ci --no-audit --no-fund
+
+deps: $(NODE_DEPS)
 	@scripts/deps.sh $(DEB_PKGS)
 
-deps-quiet:
+deps-quiet: $(NODE_DEPS)
 	@scripts/deps.sh $(DEB_PKGS) >/dev/null
 
 # ---------------------------------------------------------------- protobuf

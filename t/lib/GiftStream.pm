@@ -290,6 +290,15 @@ sub take {
     return splice(@{$self->{events}}, 0);
 }
 
+# Events that have arrived by now, without waiting.
+sub poll {
+    my ($self) = @_;
+    1 while $self->_fill(0);
+    $self->_dechunk;
+    $self->_parse;
+    return splice(@{$self->{events}}, 0);
+}
+
 # Read whatever arrives within $timeout seconds.
 sub drain {
     my ($self, $timeout) = @_;

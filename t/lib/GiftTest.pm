@@ -291,7 +291,7 @@ http {
     $nats
     $self->{http}
     server {
-        listen 127.0.0.1:$self->{port};
+        listen 127.0.0.1:$self->{port} $self->{listen};
         location = /gift {
             gift_webhook;
             $self->{webhook}
@@ -309,7 +309,7 @@ EOF
 sub start {
     my ($self) = @_;
     $self->{log_level} //= 'info';
-    $_ //= '' for @$self{qw(main http server webhook)};
+    $_ //= '' for @$self{qw(main http server webhook listen)};
     $self->write_conf;
     my $d = $self->{dir};
     my @pre = $ENV{GIFT_NGINX_PRELOAD}

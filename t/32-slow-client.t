@@ -1,0 +1,107 @@
+#!/usr/bin/perl
+# A client that never reads is cut off at gift_sse_max_backlog, while a
+# normal client keeps receiving on time; the worker's memory stays bounded.
+
+use strict;
+use warnings;
+use Test::More;
+use Socket qw(SOL_SOCKET SO_RCVBUF);
+use Time::HiRes qw(time sleep);
+use lib 't/lib';
+use GiftTest;
+use GiftStream;
+
+my $nats = GiftTest::start_nats();
+GiftTest::giftctl($nats->url, 'setup');
+
+my $port = GiftTest::free_port();
+my $ngx = GiftTest::start_nginx(
+    nats_url => $nats->url, workers => 1, port => $port,
+    listen => 'sndbuf=8k',
+    http => 'gift_sse_max_backlog 64; gift_sse_heartbeat 60s;',
+    server => "location = /gift/events { gift_sse; } "
+        . "location = /gift/ws { gift_websocket; }",
+);
+ok(GiftTest::wait_until(10, sub {
+    GiftTest::slurp($ngx->error_log) =~ /following GIFT_ACKS/
+}), 'worker follows GIFT_ACKS');
+
+# a stalled reader: tiny receive buffer, never reads
+sub stalled {
+    my ($path, $extra) = @_;
+    my $s = IO::Socket::INET->new(Proto => 'tcp') or die $!;
+    setsockopt($s, SOL_SOCKET, SO_RCVBUF, 2048);
+    my $addr = Socket::sockaddr_in($port, Socket::inet_aton('127.0.0.1'));
+    connect($s, $addr) or die "connect: $!";
+    print $s "GET $path HTTP/1.1\r\nHost: x\r\n$extra\r\n";
+    return $s;
+}
+my $slow = stalled('/gift/events');
+my $slow_ws = stalled('/gift/ws', "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    . "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    . "Sec-WebSocket-Version: 13\r\n");
+my $good = GiftStream::SSE->new(port => $port);
+sleep 0.3;
+
+my ($worker) = $ngx->workers;
+my $rss = sub {
+    (GiftTest::slurp("/proc/$worker/status") =~ /VmRSS:\s+(\d+)/)[0]
+};
+my $rss0 = $rss->();
+
+my $nc = GiftStream::nats_connect($nats->port);
+my $name = 'x' x 250;
+my (%sent, @lat);
+my $N = 1500;
+for my $i (1 .. $N) {
+    my $t = time;
+    my $seq = $nc->publish_ack(eventId => "s$i", deviceId => 'motor_01',
+        rounds => 1, userName => $name, giftName => $name)->{seq};
+    $sent{$seq} = $t;
+    # read the good client as a browser would, as things arrive
+    for my $e ($good->poll) {
+        push @lat, time - $sent{$e->{id}} if $sent{$e->{id}};
+    }
+}
+for my $e ($good->take($N - @lat, 10)) {
+    push @lat, time - $sent{$e->{id}} if $sent{$e->{id}};
+}
+is(scalar(@lat), $N, 'the reading client got every acknowledgement');
+@lat = sort { $a <=> $b } @lat;
+my $p99 = $lat[int(0.99 * $#lat)];
+diag(sprintf('reading client latency p50 %.2f ms, p99 %.2f ms',
+    1000 * $lat[$#lat / 2], 1000 * $p99));
+cmp_ok($p99, '<', 0.25, 'and on time while the stalled ones were cut off');
+
+ok(GiftTest::wait_until(5, sub {
+    my @n = GiftTest::slurp($ngx->error_log) =~ /closing stream: backlog full/g;
+    @n >= 2;
+}), 'both stalled clients (SSE and WebSocket) cut off at their backlog');
+
+# the stalled sockets see the end once they read
+for my $s ($slow, $slow_ws) {
+    $s->blocking(0);
+    my $end = time + 5;
+    my $eof = 0;
+    while (time < $end) {
+        my $n = sysread($s, my $buf, 65536);
+        if (defined $n && $n == 0) { $eof = 1; last }
+        if (!defined $n && !$!{EAGAIN}) { $eof = 1; last }
+        sleep 0.01 unless defined $n;
+    }
+    ok($eof, 'stalled connection closed by the server');
+}
+
+my $grow = $rss->() - $rss0;
+diag("worker RSS grew by $grow KiB");
+cmp_ok($grow, '<', 20 * 1024, 'worker memory bounded');
+
+# a resumed client gets what it missed
+my $back = GiftStream::SSE->new(port => $port,
+    headers => { 'Last-Event-ID' => $N - 10 });
+my @back = $back->take(10, 5);
+is(scalar(@back), 10, 'a cut-off client can resume');
+
+is($ngx->stop, 0, 'nginx exits cleanly');
+is_deeply([$ngx->bad_log_lines], [], 'no [alert] or [emerg]');
+done_testing();
