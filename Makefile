@@ -37,7 +37,8 @@ DEB_PKGS    := build-essential pkg-config nginx nginx-dev libnats-dev nats-serve
 # COMMON_OBJS: what every program links; INPUT_OBJS: the webhook's input
 # layer (also compiled into the module), linked by the tests and fuzzers.
 COMMON_SRCS := common/gift_provision.c common/gift_json.c common/gift_util.c
-INPUT_SRCS  := common/gift_normalize.c common/gift_signature.c
+INPUT_SRCS  := common/gift_normalize.c common/gift_signature.c \
+               common/gift_wsframe.c
 COMMON_OBJS := $(patsubst common/%.c,$(OBJ)/common/%.o,$(COMMON_SRCS)) \
                $(OBJ)/gen/gift.pb-c.o
 INPUT_OBJS  := $(patsubst common/%.c,$(OBJ)/common/%.o,$(INPUT_SRCS))

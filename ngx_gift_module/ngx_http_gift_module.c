@@ -329,6 +329,8 @@ ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_gift_loc_conf_t *prev = parent;
     ngx_http_gift_loc_conf_t *conf = child;
 
+    ngx_http_core_loc_conf_t  *clcf;
+
     ngx_conf_merge_value(conf->webhook, prev->webhook, 0);
     ngx_conf_merge_msec_value(conf->publish_timeout, prev->publish_timeout,
                               2000);
@@ -361,9 +363,12 @@ ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     }
 
     if (conf->webhook && conf->secrets == NULL) {
-        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
-                           "gift_webhook without gift_webhook_secret: "
-                           "unsigned webhooks are accepted");
+        /* cf->ctx is this location's while merging */
+        clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+        ngx_log_error(NGX_LOG_WARN, cf->log, 0,
+                      "gift_webhook without gift_webhook_secret in "
+                      "location \"%V\": unsigned webhooks are accepted",
+                      &clcf->name);
     }
 
     return NGX_CONF_OK;

@@ -21,6 +21,8 @@
 #include <ngx_sha1.h>
 #include <jansson.h>
 
+#include "gift_wsframe.h"
+
 
 #define NGX_HTTP_GIFT_WS_MAX_MESSAGE   4096
 #define NGX_HTTP_GIFT_WS_MAX_CONTROL   64     /* messages per connection */
@@ -326,73 +328,40 @@ ngx_http_gift_ws_read(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_gift_ws_frames(ngx_http_gift_ws_t *ws)
 {
-    u_char      *p, *payload, *mask;
-    size_t       hlen, i;
-    uint64_t     plen;
-    ngx_int_t    rc;
-    ngx_uint_t   fin, opcode, code;
+    u_char           *payload;
+    size_t            hlen;
+    uint64_t          plen;
+    ngx_int_t         rc;
+    ngx_uint_t        fin, opcode, code;
+    gift_ws_frame_t   frame;
 
     while (ws->len >= 2 && !ws->client.closing) {
-        p = ws->buf;
-        fin = p[0] & 0x80;
-        opcode = p[0] & 0x0f;
-        plen = p[1] & 0x7f;
-        hlen = 2;
 
-        if (p[0] & 0x70) {
-            return ngx_http_gift_ws_close(ws, 1002, "reserved bits set");
+        rc = gift_ws_parse(ws->buf, ws->len, NGX_HTTP_GIFT_WS_MAX_MESSAGE,
+                           &frame);
+
+        if (rc == GIFT_WS_MORE) {
+            return NGX_OK;
         }
 
-        if (!(p[1] & 0x80)) {
-            return ngx_http_gift_ws_close(ws, 1002, "client frames must be "
-                                          "masked");
+        if (rc != GIFT_WS_OK) {
+            return ngx_http_gift_ws_close(ws, rc, rc == 1009
+                                          ? "message too large"
+                                          : "protocol error");
         }
 
-        if (opcode != 0x0 && opcode != 0x1 && opcode != 0x2
-            && opcode != 0x8 && opcode != 0x9 && opcode != 0xa)
-        {
-            return ngx_http_gift_ws_close(ws, 1002, "unknown opcode");
-        }
+        fin = frame.fin;
+        opcode = frame.opcode;
+        plen = frame.payload_len;
+        payload = ws->buf + (frame.payload - ws->buf);
 
-        if (plen == 126) {
-            if (ws->len < 4) {
-                return NGX_OK;
-            }
-            plen = ((uint64_t) p[2] << 8) | p[3];
-            hlen = 4;
-
-        } else if (plen == 127) {
-            if (ws->len < 10) {
-                return NGX_OK;
-            }
-            plen = 0;
-            for (i = 2; i < 10; i++) {
-                plen = (plen << 8) | p[i];
-            }
-            hlen = 10;
-        }
-
-        if (opcode >= 0x8 && (!fin || plen > 125)) {
-            return ngx_http_gift_ws_close(ws, 1002, "bad control frame");
-        }
-
-        if (plen > NGX_HTTP_GIFT_WS_MAX_MESSAGE
-            || (opcode == 0x0 && ws->msg_len + plen
-                                 > NGX_HTTP_GIFT_WS_MAX_MESSAGE))
+        if (opcode == 0x0
+            && ws->msg_len + plen > NGX_HTTP_GIFT_WS_MAX_MESSAGE)
         {
             return ngx_http_gift_ws_close(ws, 1009, "message too large");
         }
 
-        if (ws->len < hlen + 4 + plen) {
-            return NGX_OK;
-        }
-
-        mask = p + hlen;
-        payload = mask + 4;
-
-        for (i = 0; i < plen; i++) {
-            payload[i] ^= mask[i % 4];
-        }
+        gift_ws_unmask(payload, plen, frame.mask);
 
         rc = NGX_OK;
 
@@ -460,7 +429,7 @@ ngx_http_gift_ws_frames(ngx_http_gift_ws_t *ws)
         }
 
         /* drop the frame from the buffer */
-        hlen += 4 + plen;
+        hlen = frame.header_len + plen;
         ws->len -= hlen;
         if (ws->len) {
             ngx_memmove(ws->buf, ws->buf + hlen, ws->len);

@@ -246,8 +246,11 @@ sub _dechunk {
 # Parse complete events out of body; comments are counted, not returned.
 sub _parse {
     my ($self) = @_;
-    while ($self->{body} =~ s/^(.*?)\n\n//s) {
-        my $block = $1;
+    my $end = rindex($self->{body}, "\n\n");
+    return if $end < 0;
+    my $complete = substr($self->{body}, 0, $end);
+    substr($self->{body}, 0, $end + 2) = '';
+    for my $block (split /\n\n/, $complete) {
         my %ev;
         my $comment = 1;
         for my $line (split /\n/, $block) {

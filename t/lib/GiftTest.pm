@@ -253,6 +253,9 @@ sub new {
     my ($class, %a) = @_;
     my $self = bless { %a }, $class;
     $self->{dir} //= GiftTest::tempdir();
+    # workers run as nobody when the tests run as root: they must reach
+    # client_body_temp_path inside this directory
+    chmod 0711, $self->{dir};
     $self->{port} //= GiftTest::free_port();
     $self->{workers} //= 2;
     GiftTest::make_path("$self->{dir}/tmp", "$self->{dir}/logs");
@@ -373,7 +376,10 @@ sub start_nginx {
 
 # ------------------------------------------------------------------ HTTP
 
-my $http = HTTP::Tiny->new(timeout => 10, keep_alive => 1);
+# A new connection per request: HTTP::Tiny writes headers and body
+# separately, and on a kept-alive connection Nagle's algorithm and the
+# peer's delayed ACK would add tens of milliseconds to each request.
+my $http = HTTP::Tiny->new(timeout => 10, keep_alive => 0);
 
 # post_gift($port_or_url, $body, %headers) -> ($status, $decoded_or_raw, $res)
 sub post_gift {
