@@ -32,7 +32,7 @@ LIBS_NATS   := -lnats -lprotobuf-c -ljansson -lcrypto -lpthread
 DEB_PKGS    := build-essential pkg-config nginx nginx-dev libnats-dev nats-server \
                libprotobuf-c-dev protobuf-c-compiler libmosquitto-dev mosquitto \
                check libjansson-dev libconfig-dev libmicrohttpd-dev libssl-dev \
-               curl wrk perl chromium
+               curl wrk perl chromium prometheus
 
 # COMMON_OBJS: what every program links; INPUT_OBJS: the webhook's input
 # layer (also compiled into the module), linked by the tests and fuzzers.

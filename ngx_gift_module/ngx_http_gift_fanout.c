@@ -155,6 +155,8 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
         return;
     }
 
+    ngx_http_gift_stat_add(NGX_HTTP_GIFT_STAT_ACKS_IN, n);
+
     /* the ring takes over the batch's references */
     first = n;
 
@@ -211,6 +213,10 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
 
         if (rc == NGX_OK && out != NULL) {
             rc = ngx_http_gift_client_write(c, out);
+        }
+
+        if (rc == NGX_DECLINED) {
+            ngx_http_gift_stat_add(NGX_HTTP_GIFT_STAT_SLOW_DROPS, 1);
         }
 
         if (rc != NGX_OK) {
@@ -310,6 +316,9 @@ ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
     ngx_queue_insert_tail(&fo->clients, &c->queue);
     fo->nclients++;
     c->attached = 1;
+    ngx_http_gift_stat_add(c->kind == NGX_HTTP_GIFT_CLIENT_SSE
+                           ? NGX_HTTP_GIFT_STAT_SSE_CLIENTS
+                           : NGX_HTTP_GIFT_STAT_WS_CLIENTS, 1);
 
     /* graceful shutdown and reload close streaming connections */
     c->request->connection->idle = 1;
@@ -331,6 +340,8 @@ ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
         return out ? ngx_http_gift_client_write(c, out) : NGX_OK;
     }
 
+    ngx_http_gift_stat_add(NGX_HTTP_GIFT_STAT_RESUMES, 1);
+
     if (ngx_http_gift_fanout_replay(c, last_seq, fo->last_seq, &last)
         != NGX_OK)
     {
@@ -350,6 +361,8 @@ ngx_http_gift_fanout_resume(ngx_http_gift_client_t *c, uint64_t last_seq)
 
     out = NULL;
     last = &out;
+
+    ngx_http_gift_stat_add(NGX_HTTP_GIFT_STAT_RESUMES, 1);
 
     /* live frames after connect_seq went out already */
     if (last_seq < c->connect_seq
@@ -386,6 +399,8 @@ ngx_http_gift_fanout_replay(ngx_http_gift_client_t *c, uint64_t after,
     oldest = fo->n ? fo->ring[fo->head]->seq : fo->last_seq + 1;
 
     if (after + 1 < oldest) {
+        ngx_http_gift_stat_add(NGX_HTTP_GIFT_STAT_GAPS, 1);
+
         len = sizeof("{\"event\":\"gap\",\"from\":,\"to\":}") - 1
               + 2 * NGX_INT64_LEN + sizeof("event: gap\ndata: \n\n");
         p = ngx_pnalloc(c->request->pool, len);
@@ -439,6 +454,9 @@ ngx_http_gift_fanout_detach(ngx_http_gift_client_t *c)
 
     c->attached = 0;
     ngx_queue_remove(&c->queue);
+    ngx_http_gift_stat_add(c->kind == NGX_HTTP_GIFT_CLIENT_SSE
+                           ? NGX_HTTP_GIFT_STAT_SSE_CLIENTS
+                           : NGX_HTTP_GIFT_STAT_WS_CLIENTS, -1);
 
     if (ngx_http_gift_fanout) {
         ngx_http_gift_fanout->nclients--;
@@ -504,6 +522,8 @@ ngx_http_gift_client_push(ngx_http_gift_client_t *c, ngx_http_gift_frame_t *f,
     ngx_memzero(&o->buf, sizeof(ngx_buf_t));
 
     if (f != NULL) {
+        ngx_http_gift_stat_add(NGX_HTTP_GIFT_STAT_DELIVERIES, 1);
+
         if (c->kind == NGX_HTTP_GIFT_CLIENT_SSE) {
             data = f->sse;
             len = f->sse_len;

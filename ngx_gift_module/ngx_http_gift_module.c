@@ -28,6 +28,21 @@ static char *ngx_http_gift_websocket(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_gift_ws_origin(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_gift_status(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_http_gift_add_variables(ngx_conf_t *cf);
+
+
+static ngx_http_variable_t  ngx_http_gift_vars[] = {
+
+    { ngx_string("gift_event_id"), NULL, ngx_http_gift_webhook_variable,
+      0, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("gift_publish_ms"), NULL, ngx_http_gift_webhook_variable,
+      1, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+      ngx_http_null_variable
+};
 
 
 static ngx_conf_num_bounds_t  ngx_http_gift_queue_bounds = {
@@ -143,6 +158,13 @@ static ngx_command_t  ngx_http_gift_commands[] = {
       0,
       NULL },
 
+    { ngx_string("gift_status"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_gift_status,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("gift_sse_heartbeat"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_msec_slot,
@@ -176,7 +198,7 @@ static ngx_command_t  ngx_http_gift_commands[] = {
 
 
 static ngx_http_module_t  ngx_http_gift_module_ctx = {
-    NULL,                                  /* preconfiguration */
+    ngx_http_gift_add_variables,           /* preconfiguration */
     NULL,                                  /* postconfiguration */
 
     ngx_http_gift_create_main_conf,        /* create main configuration */
@@ -280,6 +302,10 @@ ngx_http_gift_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(gmcf->heartbeat, 15000);
     ngx_conf_init_uint_value(gmcf->max_clients, 10000);
     ngx_conf_init_uint_value(gmcf->max_backlog, 1024);
+
+    if (ngx_http_gift_status_add_zone(cf) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
 
     if (gmcf->used && gmcf->nats_urls == NULL) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -552,4 +578,35 @@ ngx_http_gift_ws_origin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_gift_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_gift_status_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_gift_add_variables(ngx_conf_t *cf)
+{
+    ngx_http_variable_t  *var, *v;
+
+    for (v = ngx_http_gift_vars; v->name.len; v++) {
+        var = ngx_http_add_variable(cf, &v->name, v->flags);
+        if (var == NULL) {
+            return NGX_ERROR;
+        }
+
+        var->get_handler = v->get_handler;
+        var->data = v->data;
+    }
+
+    return NGX_OK;
 }

@@ -10,6 +10,7 @@
  *                            shared frames, backlog, heartbeats
  *   ngx_http_gift_sse.c      GET handler: Server-Sent Events
  *   ngx_http_gift_websocket.c  GET handler: WebSocket (RFC 6455)
+ *   ngx_http_gift_status.c   counters in shared memory, Prometheus text
  */
 
 #ifndef _NGX_HTTP_GIFT_MODULE_H_INCLUDED_
@@ -111,6 +112,39 @@ struct ngx_http_gift_pending_s {
     void                          *data;
     unsigned                       queued:1;
 };
+
+
+/* Webhook answers, as counted by gift_status. */
+typedef enum {
+    NGX_HTTP_GIFT_OUT_ACCEPTED = 0,
+    NGX_HTTP_GIFT_OUT_DUPLICATE,
+    NGX_HTTP_GIFT_OUT_INVALID_JSON,
+    NGX_HTTP_GIFT_OUT_SIG_MISSING,
+    NGX_HTTP_GIFT_OUT_SIG_INVALID,
+    NGX_HTTP_GIFT_OUT_SIG_EXPIRED,
+    NGX_HTTP_GIFT_OUT_METHOD,
+    NGX_HTTP_GIFT_OUT_TOO_LARGE,
+    NGX_HTTP_GIFT_OUT_MEDIA_TYPE,
+    NGX_HTTP_GIFT_OUT_INVALID_FIELD,
+    NGX_HTTP_GIFT_OUT_UNAVAILABLE,
+    NGX_HTTP_GIFT_OUT_PUBLISH_TIMEOUT,
+    NGX_HTTP_GIFT_OUT_STREAM_FULL,
+    NGX_HTTP_GIFT_OUT_INTERNAL,
+    NGX_HTTP_GIFT_OUTCOME_N
+} ngx_http_gift_outcome_e;
+
+
+/* Other counters and gauges of gift_status. */
+typedef enum {
+    NGX_HTTP_GIFT_STAT_SSE_CLIENTS = 0,
+    NGX_HTTP_GIFT_STAT_WS_CLIENTS,
+    NGX_HTTP_GIFT_STAT_DELIVERIES,
+    NGX_HTTP_GIFT_STAT_RESUMES,
+    NGX_HTTP_GIFT_STAT_GAPS,
+    NGX_HTTP_GIFT_STAT_SLOW_DROPS,
+    NGX_HTTP_GIFT_STAT_ACKS_IN,
+    NGX_HTTP_GIFT_STAT_N
+} ngx_http_gift_stat_e;
 
 
 extern ngx_module_t  ngx_http_gift_module;
@@ -224,6 +258,16 @@ ngx_int_t ngx_http_gift_add_header(ngx_http_request_t *r, const char *key,
 ngx_table_elt_t *ngx_http_gift_find_header(ngx_http_request_t *r,
     const char *name, size_t len);
 
+/* ngx_http_gift_status.c */
+ngx_int_t ngx_http_gift_status_add_zone(ngx_conf_t *cf);
+ngx_int_t ngx_http_gift_status_handler(ngx_http_request_t *r);
+void ngx_http_gift_stat_webhook(ngx_http_gift_outcome_e outcome);
+void ngx_http_gift_stat_publish(uint64_t us);
+void ngx_http_gift_stat_add(ngx_http_gift_stat_e which,
+    ngx_atomic_int_t delta);
+/* Safe from cnats threads: atomic stores into shared memory only. */
+void ngx_http_gift_stat_nats(ngx_uint_t connected, ngx_uint_t reconnected);
+
 /* ngx_http_gift_websocket.c */
 ngx_int_t ngx_http_gift_websocket_handler(ngx_http_request_t *r);
 
@@ -231,6 +275,9 @@ ngx_int_t ngx_http_gift_websocket_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_gift_webhook_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_gift_send_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *code, const char *message, const char *field);
+/* data 0: $gift_event_id, 1: $gift_publish_ms */
+ngx_int_t ngx_http_gift_webhook_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
 
 
 #endif /* _NGX_HTTP_GIFT_MODULE_H_INCLUDED_ */

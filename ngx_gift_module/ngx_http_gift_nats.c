@@ -82,6 +82,7 @@ typedef struct {
 
     atomic_int                  connected;
     _Atomic uint64_t            acks_origin;
+    ngx_uint_t                  was_connected;  /* cnats threads only */
 
     /* bridge thread only (set before it starts) */
     const char                **urls;
@@ -833,7 +834,9 @@ ngx_http_gift_on_connected(natsConnection *nc, void *closure)
 
     char  url[256];
 
-    atomic_store(&b->connected, 1);
+    ngx_http_gift_stat_nats(1, atomic_exchange(&b->connected, 1) == 0
+                               && b->was_connected);
+    b->was_connected = 1;
 
     if (natsConnection_GetConnectedUrl(nc, url, sizeof(url)) != NATS_OK) {
         url[0] = '\0';
@@ -849,6 +852,7 @@ ngx_http_gift_on_disconnected(natsConnection *nc, void *closure)
     ngx_http_gift_bridge_t *b = closure;
 
     atomic_store(&b->connected, 0);
+    ngx_http_gift_stat_nats(0, 0);
     ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_ERROR,
                            "disconnected from NATS; reconnecting");
 }

@@ -17,8 +17,20 @@ typedef struct {
     ngx_http_gift_pending_t    pending;
     ngx_event_t                timer;
     ngx_http_request_t        *request;
+    uint64_t                   start_us;        /* monotonic, at publish */
+    int64_t                    publish_us;      /* -1 until the PubAck */
     u_char                     event_id[GIFT_ID_MAX + 1];
 } ngx_http_gift_webhook_ctx_t;
+
+
+static uint64_t
+ngx_http_gift_mono_us(void)
+{
+    struct timespec  ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
 
 
 static void ngx_http_gift_webhook_body_handler(ngx_http_request_t *r);
@@ -33,6 +45,47 @@ static void ngx_http_gift_webhook_cleanup(void *data);
 static ngx_int_t ngx_http_gift_send_json(ngx_http_request_t *r,
     ngx_uint_t status, u_char *body, size_t len);
 static ngx_uint_t ngx_http_gift_is_json(ngx_table_elt_t *ct);
+
+
+/* $gift_event_id, $gift_publish_ms: for log_format */
+ngx_int_t
+ngx_http_gift_webhook_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char                       *p;
+    ngx_http_gift_loc_conf_t     *glcf;
+    ngx_http_gift_webhook_ctx_t  *ctx;
+
+    glcf = ngx_http_get_module_loc_conf(r, ngx_http_gift_module);
+    ctx = ngx_http_get_module_ctx(r, ngx_http_gift_module);
+
+    if (!glcf->webhook || ctx == NULL
+        || (data == 1 && ctx->publish_us < 0))
+    {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    if (data == 0) {
+        v->data = ctx->event_id;
+        v->len = ngx_strlen(ctx->event_id);
+
+    } else {
+        p = ngx_pnalloc(r->pool, NGX_INT64_LEN + 4);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+        v->data = p;
+        v->len = ngx_sprintf(p, "%uL.%03uL", (uint64_t) ctx->publish_us / 1000,
+                             (uint64_t) ctx->publish_us % 1000) - p;
+    }
+
+    v->valid = 1;
+    v->no_cacheable = 0;
+    v->not_found = 0;
+
+    return NGX_OK;
+}
 
 
 ngx_int_t
@@ -172,6 +225,7 @@ ngx_http_gift_webhook_body_handler(ngx_http_request_t *r)
         ngx_log_error(NGX_LOG_ALERT, r->connection->log, 0,
                       "gift: event \"%s\" does not fit its packing bound",
                       ev.event_id);
+        ngx_http_gift_stat_webhook(NGX_HTTP_GIFT_OUT_INTERNAL);
         ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
         return;
     }
@@ -183,6 +237,7 @@ ngx_http_gift_webhook_body_handler(ngx_http_request_t *r)
     }
 
     ctx->request = r;
+    ctx->publish_us = -1;
     ngx_cpystrn(ctx->event_id, (u_char *) ev.event_id, sizeof(ctx->event_id));
     ngx_http_set_ctx(r, ctx, ngx_http_gift_module);
 
@@ -200,6 +255,7 @@ ngx_http_gift_webhook_body_handler(ngx_http_request_t *r)
 
     ctx->pending.handler = ngx_http_gift_webhook_published;
     ctx->pending.data = ctx;
+    ctx->start_us = ngx_http_gift_mono_us();
 
     rc = ngx_http_gift_nats_publish(&ctx->pending, subject, ev.event_id,
                                     packed, plen, r->connection->log);
@@ -381,9 +437,16 @@ ngx_http_gift_webhook_published(ngx_http_gift_pending_t *p,
         ngx_del_timer(&ctx->timer);
     }
 
+    ctx->publish_us = ngx_http_gift_mono_us() - ctx->start_us;
+
     switch (res->status) {
 
     case NGX_HTTP_GIFT_PUB_OK:
+        ngx_http_gift_stat_publish(ctx->publish_us);
+        ngx_http_gift_stat_webhook(res->duplicate
+                                   ? NGX_HTTP_GIFT_OUT_DUPLICATE
+                                   : NGX_HTTP_GIFT_OUT_ACCEPTED);
+
         body = ngx_pnalloc(r->pool, GIFT_ID_MAX + 80);
         if (body == NULL) {
             rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -467,8 +530,24 @@ ngx_http_gift_send_error(ngx_http_request_t *r, ngx_uint_t status,
     char                      *out;
     size_t                     len, cap;
     u_char                    *p;
+    ngx_uint_t                 i;
     ngx_table_elt_t           *h;
     ngx_http_gift_loc_conf_t  *glcf;
+
+    /* in ngx_http_gift_outcome_e order */
+    static const char  *ngx_http_gift_codes[NGX_HTTP_GIFT_OUTCOME_N] = {
+        "", "", "invalid_json", "signature_missing", "signature_invalid",
+        "signature_expired", "method_not_allowed", "body_too_large",
+        "unsupported_media_type", "invalid_field", "unavailable",
+        "publish_timeout", "stream_full", "internal_error"
+    };
+
+    for (i = 0; i < NGX_HTTP_GIFT_OUTCOME_N; i++) {
+        if (ngx_strcmp(code, ngx_http_gift_codes[i]) == 0) {
+            ngx_http_gift_stat_webhook(i);
+            break;
+        }
+    }
 
     cap = 1024;
     out = ngx_pnalloc(r->pool, cap);

@@ -11,7 +11,14 @@ done
 echo "deps: installing ${missing[*]}" >&2
 SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive
+# Debian's postinst scripts would start system daemons (nginx, nats-server,
+# mosquitto, prometheus) on their default ports; the project starts its own
+# on other ports, so forbid service starts during the install.
+policy=/usr/sbin/policy-rc.d
+if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod +x "$policy"
+    trap '$SUDO rm -f "$policy"' EXIT
+fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-# Debian's postinst scripts may start system daemons on their default ports;
-# the project never uses them (it starts its own on other ports).

@@ -59,6 +59,8 @@ if [[ -x build/tbsim && -x build/gift-dispatcher ]]; then
 listener $MQTT_PORT 127.0.0.1
 allow_anonymous true
 set_tcp_nodelay true
+# QoS 1 messages beyond the default queue of 1000 would be dropped
+max_queued_messages 0
 persistence false
 log_dest stderr
 MQ

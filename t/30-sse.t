@@ -82,10 +82,11 @@ is_deeply(\@seqs, [1 .. 10], 'acks stored as GIFT_ACKS #1..10');
 
 my $all_ok = 1;
 for my $c (@clients) {
-    my @ev = $c->take(10, 5);
+    my @ev = $c->take(10, 10);
     my @ids = map { $_->{id} } @ev;
-    $all_ok = 0 unless "@ids" eq "@seqs"
-        && !grep { $_->{event} ne 'ack' } @ev;
+    next if "@ids" eq "@seqs" && !grep { $_->{event} ne 'ack' } @ev;
+    $all_ok = 0;
+    diag('worker ' . $c->header('X-Worker') . " got: @ids");
 }
 ok($all_ok, 'every client on both workers got ids 1..10, in order, as '
     . "'ack' events");

@@ -313,6 +313,9 @@ sub start {
     my ($self) = @_;
     $self->{log_level} //= 'info';
     $_ //= '' for @$self{qw(main http server webhook listen)};
+    # GIFT_CORE_DIR=/some/dir: workers leave core files there
+    $self->{main} .= " worker_rlimit_core 1g; working_directory $ENV{GIFT_CORE_DIR};"
+        if $ENV{GIFT_CORE_DIR};
     $self->write_conf;
     my $d = $self->{dir};
     my @pre = $ENV{GIFT_NGINX_PRELOAD}

@@ -1,0 +1,437 @@
+/*
+ * gift-dispatcher: pulls gifts from JetStream (stream GIFTS, durable pull
+ * consumer "dispatcher"), turns each into rounds for a device by the
+ * operator's rules, asks the device to rotate through ThingsBoard's MQTT
+ * RPC, records the outcome as a GiftAck in GIFT_ACKS, and only then acks
+ * the gift.
+ *
+ * Threads (decided, not inherited):
+ *
+ *   main      owns every gift, device, RPC and counter.  One ppoll() loop
+ *             over: the wake eventfd (both queues below), the MQTT socket
+ *             (libmosquitto driven with mosquitto_loop_read/write/misc, so
+ *             its callbacks run here), and timers (RPC timeouts, publish
+ *             retries, InProgress, MQTT keepalive and reconnect, the stop
+ *             deadline).  Signals are blocked in every thread and unblocked
+ *             only inside this ppoll(): handlers set flags, the loop acts.
+ *   fetch     ours; blocks in natsSubscription_FetchRequest() (cnats 3.4.1
+ *             has no asynchronous pull) within a credit of free slots
+ *             (nats.max_inflight minus gifts held), and posts the messages
+ *             to the inbox queue.  It takes no other lock than the credit's.
+ *   cnats     the library's own: socket reader, flusher, timers, and the
+ *             delivery thread of the JetStream publish-reply subscription,
+ *             which runs our PubAck handler; that handler only posts to the
+ *             acks queue.  Acks, naks and InProgress are publishes on the
+ *             connection (thread-safe), called from main.
+ *
+ *   fetch --inbox(natsMsg*)--> main --MQTT publish--> broker
+ *   main <--MQTT reply (same thread, via mosquitto_loop_read)
+ *   main --js_PublishMsgAsync(GiftAck)--> cnats --PubAck--> acks --> main
+ *   main --natsMsg_Ack(msg, NULL)  (asynchronous: never a round trip)
+ *
+ * Start-up follows mosquitto's order (config, logging, signals,
+ * connections, loop, orderly teardown), with one change: signals come
+ * before the connections, because connecting waits for NATS (it may start
+ * after us) and SIGTERM must still end that wait with exit status 0.
+ *
+ * Stop (SIGTERM/SIGINT): stop fetching, nak what waits in device queues,
+ * let RPCs in flight finish and their GiftAcks be stored, then drain the
+ * NATS connection; after nats.shutdown_timeout_ms whatever is left is
+ * naked (redelivered to the next dispatcher).  SIGHUP reloads the rules;
+ * a bad file keeps the old rules.  SIGUSR1 logs counters.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <libconfig.h>
+#include <mosquitto.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "dispatcher.h"
+#include "gift_util.h"
+
+#ifndef GIFT_VERSION
+#define GIFT_VERSION "dev"
+#endif
+
+volatile sig_atomic_t dsp_sig_term, dsp_sig_hup, dsp_sig_usr1;
+
+static int verbose;                     /* -v: debug level, over reloads */
+
+static void
+on_signal(int sig)
+{
+    switch (sig) {
+    case SIGTERM:
+    case SIGINT:
+        dsp_sig_term = 1;
+        break;
+    case SIGHUP:
+        dsp_sig_hup = 1;
+        break;
+    case SIGUSR1:
+        dsp_sig_usr1 = 1;
+        break;
+    }
+}
+
+/* Handlers for the four signals, which stay blocked except in ppoll(). */
+static void
+signals_install(sigset_t *unblocked)
+{
+    struct sigaction sa;
+    sigset_t         block;
+
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
+
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    sigaddset(&block, SIGINT);
+    sigaddset(&block, SIGHUP);
+    sigaddset(&block, SIGUSR1);
+    /* threads created from now on inherit the block */
+    pthread_sigmask(SIG_BLOCK, &block, unblocked);
+    sigdelset(unblocked, SIGTERM);
+    sigdelset(unblocked, SIGINT);
+    sigdelset(unblocked, SIGHUP);
+    sigdelset(unblocked, SIGUSR1);
+}
+
+static void
+usage(FILE *f)
+{
+    fprintf(f,
+        "usage: " DSP_PROGRAM " [-c FILE] [-t] [-v]\n"
+        "       " DSP_PROGRAM " --version\n"
+        "  -c FILE    configuration file (default /etc/gift/gift-dispatcher.conf)\n"
+        "  -t         check the configuration and exit (0: valid)\n"
+        "  -v         log at debug level (overrides log_level)\n"
+        "  --version  print the version and exit\n"
+        "Signals: TERM/INT stop (drain), HUP reloads the rules, USR1 logs counters.\n");
+}
+
+static void
+print_version(void)
+{
+    int maj, min, rev;
+
+    mosquitto_lib_version(&maj, &min, &rev);
+    printf(DSP_PROGRAM " %s (cnats %s, libmosquitto %d.%d.%d, libconfig %d.%d.%d)\n",
+           GIFT_VERSION, nats_GetVersion(), maj, min, rev,
+           LIBCONFIG_VER_MAJOR, LIBCONFIG_VER_MINOR, LIBCONFIG_VER_REVISION);
+}
+
+/* Log every line of a dconf_load() error text. */
+static void
+log_lines(gift_log_level_t lvl, const char *prefix, const char *text)
+{
+    const char *p = text, *nl;
+
+    while (*p) {
+        nl = strchr(p, '\n');
+        gift_log(lvl, "%s%.*s", prefix, (int) (nl ? nl - p : (long) strlen(p)),
+                 p);
+        if (nl == NULL) {
+            break;
+        }
+        p = nl + 1;
+    }
+}
+
+/*
+ * SIGHUP: read the whole file again; on success take its rules (and its
+ * log level), on failure keep everything and say why.  Gifts already
+ * routed keep their device; the new rules apply to the next delivery.
+ * Other settings need a restart (they shape connections and threads).
+ */
+static void
+reload(dsp_t *d)
+{
+    dconf_t  *nc = NULL;
+    drules_t *old;
+    char      err[8192];
+
+    if (dconf_load(d->conf->path, &nc, err, sizeof(err)) != 0) {
+        log_lines(GIFT_LOG_ERR, "reload failed, keeping the old rules: ", err);
+        return;
+    }
+    old = d->conf->rules;
+    d->conf->rules = nc->rules;
+    nc->rules = old;
+    d->conf->log_level = verbose ? GIFT_LOG_DEBUG : nc->log_level;
+    gift_log_set_level(d->conf->log_level);
+    gift_log(GIFT_LOG_INFO, "reloaded %s: %zu rules, %zu catalogue entries,"
+             " default device %s (other settings apply at restart)",
+             d->conf->path, d->conf->rules->nrule, d->conf->rules->ncat,
+             d->conf->rules->default_device ? d->conf->rules->default_device
+                                            : "none");
+    dconf_free(nc);
+}
+
+static void
+drain_queues(dsp_t *d)
+{
+    void   **items;
+    size_t   n, i;
+
+    /* PubAcks first: they free slots and devices */
+    dchan_take(&d->nats.acks, &items, &n);
+    for (i = 0; i < n; i++) {
+        dispatch_puback(d, items[i]);
+    }
+    free(items);
+    dchan_take(&d->nats.inbox, &items, &n);
+    for (i = 0; i < n; i++) {
+        dispatch_msg(d, items[i]);
+    }
+    free(items);
+}
+
+static int
+run(dsp_t *d, const sigset_t *unblocked)
+{
+    struct pollfd    pfd[2];
+    struct timespec  ts;
+    int64_t          now, next, t, hard_deadline = 0;
+    uint64_t         cnt;
+    int              nfd, fd, rc;
+    ssize_t          r;
+
+    for (;;) {
+        now = gift_mono_us();
+
+        if (dsp_sig_term && !d->stopping) {
+            dispatch_stop(d);
+            d->stop_deadline_us = now
+                + (int64_t) d->conf->shutdown_timeout_ms * 1000;
+        }
+        if (dsp_sig_hup) {
+            dsp_sig_hup = 0;
+            reload(d);
+        }
+        if (dsp_sig_usr1) {
+            dsp_sig_usr1 = 0;
+            dispatch_log_stats(d);
+        }
+        if (d->stopping) {
+            if (nats_in_fetch_done(d)) {
+                drain_queues(d);            /* naks late arrivals */
+                if (dispatch_idle(d)) {
+                    return 0;
+                }
+            }
+            if (d->stopping == 1 && now >= d->stop_deadline_us) {
+                dispatch_abandon(d);
+                hard_deadline = now + 2000000;   /* PubAcks still coming */
+            }
+            if (d->stopping > 1 && now >= hard_deadline
+                && nats_in_fetch_done(d))
+            {
+                return 0;
+            }
+        }
+
+        next = dispatch_timers(d, now);
+        t = mqtt_out_misc(d, now);
+        if (t < next) {
+            next = t;
+        }
+        if (d->stopping == 1 && d->stop_deadline_us < next) {
+            next = d->stop_deadline_us;
+        }
+        if (d->credit_back > 0) {
+            nats_in_release(d, d->credit_back);
+            d->credit_back = 0;
+        }
+
+        nfd = 0;
+        pfd[nfd].fd = d->wake_fd;
+        pfd[nfd].events = POLLIN;
+        nfd++;
+        fd = mqtt_out_fd(d);
+        if (fd >= 0) {
+            pfd[nfd].fd = fd;
+            pfd[nfd].events = POLLIN
+                              | (mqtt_out_want_write(d) ? POLLOUT : 0);
+            nfd++;
+        }
+        now = gift_mono_us();
+        next -= now;
+        if (next < 0) {
+            next = 0;
+        }
+        if (next > 1000000) {
+            next = 1000000;
+        }
+        ts.tv_sec = next / 1000000;
+        ts.tv_nsec = (long) (next % 1000000) * 1000L;
+
+        rc = ppoll(pfd, (nfds_t) nfd, &ts, unblocked);
+        if (rc < 0) {
+            if (errno == EINTR) {
+                continue;                    /* a signal: flags set */
+            }
+            gift_log(GIFT_LOG_ERR, "ppoll: %s", strerror(errno));
+            return -1;
+        }
+        if (pfd[0].revents & POLLIN) {
+            r = read(d->wake_fd, &cnt, sizeof(cnt));
+            (void) r;
+            drain_queues(d);
+        }
+        if (nfd > 1 && pfd[1].revents) {
+            if (pfd[1].revents & (POLLIN | POLLERR | POLLHUP)) {
+                mqtt_out_read(d);
+            }
+            if ((pfd[1].revents & POLLOUT) && mqtt_out_fd(d) >= 0) {
+                mqtt_out_write(d);
+            }
+        }
+        /* what callbacks queued (replies -> next RPCs) goes out now, not
+         * after another trip through ppoll() */
+        if (mqtt_out_fd(d) >= 0 && mqtt_out_want_write(d)) {
+            mqtt_out_write(d);
+        }
+    }
+}
+
+int
+main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        { "version", no_argument, NULL, 'V' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 }
+    };
+    const char *path = "/etc/gift/gift-dispatcher.conf";
+    int         test = 0, opt, rc = 1;
+    dsp_t       d;
+    sigset_t    unblocked;
+    char        err[8192];
+
+    memset(&d, 0, sizeof(d));
+    d.wake_fd = -1;
+    gift_log_set_program(DSP_PROGRAM);
+
+    while ((opt = getopt_long(argc, argv, "c:tvh", longopts, NULL)) != -1) {
+        switch (opt) {
+        case 'c':
+            path = optarg;
+            break;
+        case 't':
+            test = 1;
+            break;
+        case 'v':
+            verbose = 1;
+            break;
+        case 'V':
+            print_version();
+            return 0;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc) {
+        usage(stderr);
+        return 2;
+    }
+
+    /* 1. configuration */
+    if (dconf_load(path, &d.conf, err, sizeof(err)) != 0) {
+        if (test) {
+            fputs(err, stderr);
+            fprintf(stderr, DSP_PROGRAM ": configuration file %s test failed\n",
+                    path);
+        } else {
+            log_lines(GIFT_LOG_ERR, "", err);
+            gift_log(GIFT_LOG_ERR, "bad configuration; not starting");
+        }
+        return 1;
+    }
+    if (test) {
+        printf(DSP_PROGRAM ": configuration file %s test is successful "
+               "(%zu rules, %zu catalogue entries)\n", path,
+               d.conf->rules->nrule, d.conf->rules->ncat);
+        dconf_free(d.conf);
+        return 0;
+    }
+
+    /* 2. logging */
+    d.conf->log_level = verbose ? GIFT_LOG_DEBUG : d.conf->log_level;
+    gift_log_set_level(d.conf->log_level);
+    gift_log(GIFT_LOG_INFO, DSP_PROGRAM " %s starting (%s)", GIFT_VERSION,
+             path);
+
+    /* 3. signals (before connecting: see the top of this file) */
+    signals_install(&unblocked);
+
+    /* 4. connections */
+    d.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (d.wake_fd < 0) {
+        gift_log(GIFT_LOG_ERR, "eventfd: %s", strerror(errno));
+        goto out;
+    }
+    if (dispatch_init(&d) != 0 || mqtt_out_init(&d) != 0) {
+        gift_log(GIFT_LOG_ERR, "cannot initialise; not starting");
+        goto out;
+    }
+    if (nats_in_start(&d) != 0) {
+        if (dsp_sig_term) {
+            gift_log(GIFT_LOG_INFO, "stopped before NATS was reachable");
+            rc = 0;
+        }
+        goto out;
+    }
+    mqtt_out_connect(&d, gift_mono_us());
+    if (nats_in_fetch_start(&d) != 0) {
+        goto out;
+    }
+    gift_log(GIFT_LOG_INFO, "running: up to %d gifts in flight, %d RPCs per "
+             "device, %d gifts per RPC", d.conf->max_inflight,
+             d.conf->dev_max_inflight, d.conf->coalesce_max_events);
+
+    /* 5. the loop */
+    rc = run(&d, &unblocked) == 0 ? 0 : 1;
+    dispatch_log_stats(&d);
+
+out:
+    /* 6. teardown, in reverse */
+    nats_in_fetch_join(&d);
+    if (!d.stopping) {
+        d.stopping = 1;              /* late arrivals are naked, not sent */
+    }
+    if (d.nats.inited) {
+        drain_queues(&d);
+    }
+    mqtt_out_disconnect(&d);
+    dispatch_destroy(&d);
+    if (d.nats.inited) {
+        nats_in_stop(&d);
+    }
+    mqtt_out_destroy(&d);
+    if (d.wake_fd >= 0) {
+        close(d.wake_fd);
+    }
+    gift_log(GIFT_LOG_INFO, "exiting (%d)", rc);
+    dconf_free(d.conf);
+    nats_CloseAndWait(2000);
+    return rc;
+}

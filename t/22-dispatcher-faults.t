@@ -1,0 +1,148 @@
+#!/usr/bin/perl
+# gift-dispatcher when its peers fail, under load, with real processes:
+# the MQTT broker restarts, the NATS server restarts, the dispatcher itself
+# is killed with SIGKILL.  Each time the motors' totals end exactly as
+# expected (nothing lost, nothing turned twice) and every gift has exactly
+# one GiftAck.
+
+use strict;
+use warnings;
+use Test::More;
+use Time::HiRes qw(time sleep);
+use lib 't/lib';
+use GiftTest;
+use GiftDispatch;
+
+my $dir = GiftTest::tempdir();
+my $nats = GiftTest::start_nats(dir => $dir);
+my $mq = GiftDispatch::start_mosquitto(dir => $dir);
+my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
+    args => [ '--latency-ms', '2-8' ]);
+
+my $rules = "    rule = (\n" . join(",\n", map {
+    qq(        { gift = "G$_"; device = "motor_0$_"; })
+} 1 .. 8) . "\n    );\n";
+# A short ack wait (the dispatcher creates the consumer), so that what a
+# killed dispatcher held comes back within the test's time.
+my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port,
+    rules => $rules, rpc_timeout_ms => 1000,
+    extra_nats => 'ack_wait_ms = 3000; publish_timeout_ms = 1000; '
+        . 'publish_retry_ms = 200; retry_delays_ms = [ 200 ];',
+    extra_devices => 'coalesce_max_events = 8;');
+my $d = GiftDispatch::start_dispatcher(%dconf);
+
+srand(7);
+my (%want, @ids);
+my $batch = sub {
+    my ($n, $tag) = @_;
+    my @g;
+    for my $i (1 .. $n) {
+        my $k = 1 + int(rand(8));
+        my $g = GiftDispatch::gift(giftName => "G$k",
+            diamond => 1 + int(rand(9)), quantity => 1 + int(rand(3)),
+            eventId => "$tag-$i");
+        $want{"motor_0$k"} += $g->{diamond} * $g->{quantity};
+        push @ids, $g->{eventId};
+        push @g, $g;
+    }
+    return @g;
+};
+my $sum = sub { my $s = 0; $s += $_ for values %{$_[0]}; $s };
+my $motors = sub {
+    my $t = $tb->totals->{devices};
+    return { map { $_ => $t->{$_}{rounds} } keys %$t };
+};
+my $settled = sub {
+    my ($what) = @_;
+    ok(GiftTest::wait_until(45, sub {
+        $sum->($motors->()) >= $sum->(\%want)
+    }, 0.2), "$what: the motors finished");
+    is_deeply($motors->(), \%want, "$what: per-device rounds exact");
+    my @acks;
+    GiftTest::wait_until(20, sub {
+        @acks = GiftDispatch::acks($nats->url);
+        @acks >= @ids;
+    }, 0.2);
+    my %seen;
+    $seen{$_->{ack}{event_id}}++ for @acks;
+    is(scalar @acks, scalar @ids, "$what: one GiftAck per gift");
+    is(scalar(grep { !$seen{$_} } @ids), 0, "$what: none missing");
+    is(scalar(grep { $_->{ack}{status} ne 'ok' } @acks), 0,
+        "$what: all status ok");
+};
+my $turning = sub {
+    my $s0 = $sum->($motors->());
+    GiftTest::wait_until(10, sub { $sum->($motors->()) > $s0 }, 0.02);
+};
+
+# --------------------------------------------------------------- MQTT broker
+GiftDispatch::js_publish_gifts($nats->url, $batch->(2000, 'mq'));
+$turning->();
+$mq->restart;
+ok(GiftTest::wait_until(15, sub {
+    $d->log_text =~ /connection lost(?s:.*)MQTT: listening/
+}), 'broker restarted: the dispatcher reconnected');
+$settled->('broker restart');
+
+# --------------------------------------------------------------- NATS server
+GiftDispatch::js_publish_gifts($nats->url, $batch->(2000, 'nats'));
+$turning->();
+$nats->restart;
+ok(GiftTest::wait_until(15, sub {
+    $d->log_text =~ /NATS: reconnected/
+}), 'NATS restarted: the dispatcher reconnected');
+$settled->('NATS restart');
+ok(GiftTest::alive($d->pid), 'the same dispatcher kept running');
+
+# --------------------------------------------------------------- SIGKILL
+GiftDispatch::js_publish_gifts($nats->url, $batch->(2000, 'kill'));
+$turning->();
+$d->stop('KILL', 5);
+$d = GiftDispatch::start_dispatcher(%dconf);
+$settled->('SIGKILL and restart');
+my $t = $tb->totals->{totals};
+diag "tbsim: $t->{events} events, $t->{duplicates} repeated commands ignored,"
+    . " $t->{rpcs} RPCs";
+
+is($d->stop('TERM', 15), 0, 'SIGTERM: exit 0');
+
+# --------------------------------------------------------------- flaky motors
+# A third of the commands fail: gifts are retried (NakWithDelay) and those
+# that fail all 5 deliveries are dead-lettered.  What the motors executed
+# must be exactly what the ok GiftAcks say, device by device.
+$tb->stop;
+$tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
+    args => [ '--error-rate', '0.33', '--seed', '99' ]);
+$d = GiftDispatch::start_dispatcher(%dconf,
+    extra_nats => 'retry_delays_ms = [ 20 ];',
+    extra_devices => 'coalesce_max_events = 1;');
+my @flaky = $batch->(300, 'flaky');
+my %flaky = map { $_->{eventId} => 1 } @flaky;
+GiftDispatch::js_publish_gifts($nats->url, @flaky);
+my @fa;
+ok(GiftTest::wait_until(40, sub {
+    @fa = grep { $flaky{$_->{ack}{event_id}} } GiftDispatch::acks($nats->url);
+    @fa >= 300;
+}, 0.25), 'flaky motors: every gift got its GiftAck');
+is(scalar @fa, 300, '... exactly one each');
+my (%okr, $dead);
+for (@fa) {
+    if ($_->{ack}{status} eq 'ok') {
+        $okr{$_->{ack}{device_id}} += $_->{ack}{rounds};
+    } else {
+        $dead++;
+        is($_->{ack}{reason}, 'device_error', 'dead letter: device_error')
+            unless $dead > 1;
+        is($_->{ack}{attempts}, 5, '... after 5 attempts') unless $dead > 1;
+    }
+}
+is_deeply($motors->(), \%okr,
+    'motors executed exactly the rounds the ok GiftAcks report');
+cmp_ok(scalar(grep { $_->{ack}{attempts} > 1 } @fa), '>', 0,
+    'some gifts needed retries');
+diag 'flaky: ' . (300 - ($dead // 0)) . ' ok, ' . ($dead // 0)
+    . ' dead-lettered';
+is($d->stop('TERM', 15), 0, 'SIGTERM: exit 0');
+is_deeply([ GiftDispatch::sanitizer_reports(GiftTest::slurp($_)) ], [],
+    "no sanitizer report in $_") for glob("$dir/dispatcher-*.log");
+done_testing();
