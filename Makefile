@@ -56,7 +56,7 @@ MODULE_SRCS := $(wildcard ngx_gift_module/*.c ngx_gift_module/*.h) config \
 .SECONDARY:
 all: build
 
--include $(wildcard dispatcher/*.mk tools/*.mk)
+-include $(wildcard dispatcher/*.mk tools/*.mk fuzz/*.mk)
 
 build: deps-quiet $(MODULE) $(BINS) $(UNIT_TESTS)
 
