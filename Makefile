@@ -10,12 +10,16 @@
 
 SHELL       := /bin/bash
 CC          ?= cc
-BUILD       := build
+SANITIZE    ?= 0
+ifeq ($(SANITIZE),1)
+BUILD       ?= build/asan
+else
+BUILD       ?= build
+endif
 GEN         := $(BUILD)/gen
 OBJ         := $(BUILD)/obj
 VERSION     := 0.1.0
 
-SANITIZE    ?= 0
 SAN_FLAGS   :=
 ifeq ($(SANITIZE),1)
 SAN_FLAGS   := -fsanitize=address,undefined -fno-omit-frame-pointer
@@ -32,7 +36,7 @@ LIBS_NATS   := -lnats -lprotobuf-c -ljansson -lcrypto -lpthread
 DEB_PKGS    := build-essential pkg-config nginx nginx-dev libnats-dev nats-server \
                libprotobuf-c-dev protobuf-c-compiler libmosquitto-dev mosquitto \
                check libjansson-dev libconfig-dev libmicrohttpd-dev libssl-dev \
-               curl wrk perl chromium prometheus
+               curl wrk perl chromium prometheus clang libclang-rt-14-dev
 
 # COMMON_OBJS: what every program links; INPUT_OBJS: the webhook's input
 # layer (also compiled into the module), linked by the tests and fuzzers.
@@ -122,7 +126,7 @@ itest: build
 	prove -v -Ilib t/
 
 test: build
-	@scripts/test.sh
+	@BUILD=$(BUILD) scripts/test.sh
 
 run: build
 	@scripts/run.sh
@@ -131,7 +135,7 @@ bench: build
 	@scripts/bench.sh
 
 soak: build
-	@GIFT_SOAK=1 scripts/test.sh
+	@BUILD=$(BUILD) GIFT_SOAK=1 scripts/test.sh
 
 clean:
 	rm -rf $(BUILD)

@@ -9,19 +9,29 @@ cd "$(dirname "$0")/.."
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 # Check kills a test case after 4 s by default: too short on a loaded machine
 export CK_DEFAULT_TIMEOUT=${CK_DEFAULT_TIMEOUT:-120}
+BUILD=${BUILD:-build}
+export GIFT_BUILD=$BUILD GIFT_BIN_DIR=$PWD/$BUILD
 if [[ ${SANITIZE:-0} == 1 ]]; then
+    # Debian's nginx is not instrumented: it runs with the runtime preloaded
     GIFT_NGINX_PRELOAD=$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)
     export GIFT_NGINX_PRELOAD
-    # nginx's master and cnats keep memory until exit by design
-    export ASAN_OPTIONS="$ASAN_OPTIONS:detect_leaks=0"
+    export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}
 fi
 
 echo "== unit tests"
-for t in build/tests/test_*; do
+for t in "$BUILD"/tests/test_*; do
     [[ -x $t ]] || continue
     echo "-- $t"
     "$t"
 done
+
+if compgen -G "$BUILD/fuzz/fuzz_*" >/dev/null; then
+    echo "== fuzz targets over their saved corpora"
+    for f in "$BUILD"/fuzz/fuzz_*; do
+        name=$(basename "$f")
+        "$f" -runs=0 "fuzz/corpus/${name#fuzz_}" 2>&1 | tail -1
+    done
+fi
 
 echo "== integration tests"
 # shellcheck disable=SC2086

@@ -19,7 +19,8 @@ use POSIX qw(:sys_wait_h);
 use Time::HiRes qw(sleep time);
 
 our $ROOT = abs_path(dirname(__FILE__) . '/../..');
-our $BUILD = "$ROOT/build";
+# GIFT_BUILD: another build tree (make test SANITIZE=1 uses build/asan)
+our $BUILD = $ENV{GIFT_BUILD} ? abs_path($ENV{GIFT_BUILD}) : "$ROOT/build";
 our $JSON = JSON::PP->new->canonical->allow_nonref;
 
 my %children;      # pid => name, for everything this process started
@@ -318,8 +319,12 @@ sub start {
         if $ENV{GIFT_CORE_DIR};
     $self->write_conf;
     my $d = $self->{dir};
+    # a sanitizer build of the module: Debian's nginx with the runtime
+    # preloaded; nginx keeps its pools until exit by design: no leak check
     my @pre = $ENV{GIFT_NGINX_PRELOAD}
-        ? ('env', "LD_PRELOAD=$ENV{GIFT_NGINX_PRELOAD}") : ();
+        ? ('env', "LD_PRELOAD=$ENV{GIFT_NGINX_PRELOAD}",
+           'ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:'
+           . "log_path=$d/asan") : ();
     $self->{pid} = GiftTest::spawn('nginx', "$d/stderr.log", @pre,
         GiftTest::find_bin('nginx'), '-p', "$d/", '-c', "$d/nginx.conf",
         '-e', "$d/error.log");
@@ -363,11 +368,17 @@ sub stop {
     return $st;
 }
 
-# [alert] and [emerg] lines in the error log (empty list: healthy).
+# [alert] and [emerg] lines in the error log, and sanitizer reports
+# (empty list: healthy).
 sub bad_log_lines {
     my ($self) = @_;
-    return grep { /\[(alert|emerg)\]/ }
+    my @bad = grep { /\[(alert|emerg)\]/ }
         split /\n/, GiftTest::slurp($self->error_log);
+    for my $f (glob "$self->{dir}/asan.*") {
+        push @bad, grep { /ERROR: |runtime error:/ }
+            split /\n/, GiftTest::slurp($f);
+    }
+    return @bad;
 }
 
 package GiftTest;

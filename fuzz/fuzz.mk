@@ -1,0 +1,47 @@
+# libFuzzer targets (clang, -fsanitize=fuzzer with ASan and UBSan).
+#   make fuzz                     run each for FUZZ_SECONDS (default 60)
+#   make test                     runs each over its saved corpus (fuzz/corpus)
+# Built only when clang and its fuzzer runtime (libclang-rt-14-dev) exist.
+
+FUZZ_CC      := $(shell command -v clang-14 || command -v clang)
+FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined \
+                -fno-sanitize-recover=undefined -std=c11 -D_GNU_SOURCE \
+                -Icommon -I$(GEN)
+FUZZ_TARGETS := $(BUILD)/fuzz/fuzz_normalize $(BUILD)/fuzz/fuzz_signature \
+                $(BUILD)/fuzz/fuzz_wsframe
+FUZZ_SECONDS ?= 60
+
+ifneq ($(FUZZ_CC),)
+ifneq ($(wildcard /usr/lib/llvm-14/lib/clang/14*/lib/linux/libclang_rt.fuzzer-x86_64.a),)
+BINS += $(FUZZ_TARGETS)
+endif
+endif
+
+$(BUILD)/fuzz/fuzz_normalize: fuzz/fuzz_normalize.c common/gift_normalize.c \
+        $(GEN)/gift.pb-c.c $(wildcard common/*.h)
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ fuzz/fuzz_normalize.c \
+	    common/gift_normalize.c $(GEN)/gift.pb-c.c -ljansson -lprotobuf-c \
+	    -lcrypto
+
+$(BUILD)/fuzz/fuzz_signature: fuzz/fuzz_signature.c common/gift_signature.c \
+        $(wildcard common/*.h)
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ fuzz/fuzz_signature.c \
+	    common/gift_signature.c -lcrypto
+
+$(BUILD)/fuzz/fuzz_wsframe: fuzz/fuzz_wsframe.c common/gift_wsframe.c \
+        $(wildcard common/*.h)
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ fuzz/fuzz_wsframe.c common/gift_wsframe.c
+
+# New inputs go to build/fuzz/new/<name> (not the committed corpus); a
+# crash leaves its input in build/fuzz/ and fails the target.
+fuzz: $(FUZZ_TARGETS)
+	@set -e; for f in $(FUZZ_TARGETS); do \
+	    n=$$(basename $$f); n=$${n#fuzz_}; \
+	    mkdir -p $(BUILD)/fuzz/new/$$n; \
+	    echo "== $$n ($(FUZZ_SECONDS)s)"; \
+	    $$f -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=$(BUILD)/fuzz/ \
+	        $(BUILD)/fuzz/new/$$n fuzz/corpus/$$n; \
+	done
