@@ -126,7 +126,7 @@ itest: build
 	prove -v -Ilib t/
 
 test: build
-	@BUILD=$(BUILD) scripts/test.sh
+	@BUILD=$(BUILD) SANITIZE=$(SANITIZE) scripts/test.sh
 
 run: build
 	@scripts/run.sh
@@ -135,7 +135,7 @@ bench: build
 	@scripts/bench.sh
 
 soak: build
-	@BUILD=$(BUILD) GIFT_SOAK=1 scripts/test.sh
+	@BUILD=$(BUILD) SANITIZE=$(SANITIZE) GIFT_SOAK=1 scripts/test.sh
 
 clean:
 	rm -rf $(BUILD)
