@@ -80,9 +80,13 @@ deps-quiet: $(NODE_DEPS)
 	@scripts/deps.sh $(DEB_PKGS) >/dev/null
 
 # ---------------------------------------------------------------- protobuf
-$(GEN)/gift.pb-c.c $(GEN)/gift.pb-c.h: proto/gift.proto
+# one run of protoc-c writes both files
+$(GEN)/gift.pb-c.c: proto/gift.proto
 	@mkdir -p $(GEN)
 	protoc-c --proto_path=proto --c_out=$(GEN) proto/gift.proto
+
+$(GEN)/gift.pb-c.h: $(GEN)/gift.pb-c.c
+	@touch $@
 
 $(OBJ)/gen/gift.pb-c.o: $(GEN)/gift.pb-c.c
 	@mkdir -p $(@D)
@@ -100,7 +104,7 @@ $(BUILD)/giftctl: $(OBJ)/tools/giftctl.o $(COMMON_OBJS)
 # Debian's recipe: copy nginx-dev's tree, configure with Debian's own flags
 # plus our module, build modules only.  Reconfigured when `config` changes.
 NGX_CC_OPT  := -fPIC -Wno-error=unused-parameter $(SAN_FLAGS)
-$(NGX_SRC)/objs/Makefile: config $(GEN)/gift.pb-c.c
+$(NGX_SRC)/objs/Makefile: config | $(GEN)/gift.pb-c.c
 	rm -rf $(NGX_SRC) && mkdir -p $(BUILD) && cp -r /usr/share/nginx/src $(NGX_SRC)
 	cd $(NGX_SRC) && . ./conf_flags && \
 	    GIFT_GEN_DIR=$(CURDIR)/$(GEN) ./configure "$${NGX_CONF_FLAGS[@]}" \
