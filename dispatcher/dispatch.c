@@ -16,20 +16,7 @@
  * flight.  When a slot frees, the next RPC takes up to
  * devices.coalesce_max_events queued gifts (rounds summed, each listed in
  * "events"), so a busy motor gets fewer, larger commands, and every gift
- * still gets its own GiftAck.  A paused device sends nothing; a device
- * with a rate limit sends only what fits in its last minute, and is
- * kicked again when more fits (limits.c).  Waiting gifts stay held.
- *
- * Two detours through the KV thread (kv.c), both off the main loop:
- *   - a redelivered (or DLQ-replayed) gift first looks for its completion
- *     marker in GIFT_DONE: when the device already answered ok for it (a
- *     crash came between that answer and the ack), its GiftAck is
- *     published again from the marker (same Nats-Msg-Id: deduplicated)
- *     and it is acked without an RPC;
- *   - a streak frame claims its increment in GIFT_STREAKS (streaks.c):
- *     rounds = diamond x increment x multiplier, 0 when it adds nothing.
- * The marker is written with the GiftAck, as an asynchronous publish, once
- * the device answered ok; the delivery is acked when both are stored.
+ * still gets its own GiftAck.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -37,7 +24,6 @@
 #include <string.h>
 
 #include "dispatcher.h"
-#include "gift_kvkey.h"
 #include "gift_normalize.h"
 #include "gift_util.h"
 
@@ -97,41 +83,6 @@ device_find(dsp_t *d, const char *name, size_t *slot)
     return NULL;
 }
 
-/* The effective switches: KV GIFT_DEVICES over devices.device over the
- * devices defaults. */
-static void
-device_limits(dsp_t *d, ddevice_t *dev)
-{
-    const dconf_t *c = d->conf;
-    size_t         i;
-    int            paused = 0;
-    int64_t        rpm = -1;
-
-    for (i = 0; i < c->ndevconf; i++) {
-        if (strcmp(c->devconf[i].id, dev->name) == 0) {
-            paused = c->devconf[i].paused;
-            rpm = c->devconf[i].rounds_per_minute;
-            break;
-        }
-    }
-    if (rpm < 0) {
-        rpm = (int64_t) c->rounds_per_minute;
-    }
-    if (dev->kv_paused >= 0) {
-        paused = dev->kv_paused;
-    }
-    if (dev->kv_rpm >= 0) {
-        rpm = dev->kv_rpm;
-    }
-    if (paused != dev->paused || (uint64_t) rpm != dev->rpm) {
-        gift_log(GIFT_LOG_INFO, "device %s: %s, %s%" PRId64 " rounds per "
-                 "minute", dev->name, paused ? "paused" : "running",
-                 rpm ? "" : "no limit: ", rpm);
-    }
-    dev->paused = paused;
-    dev->rpm = (uint64_t) rpm;
-}
-
 /* The device named `name`, created on first use (never removed: the set of
  * names is bounded by the rules ever loaded). */
 static ddevice_t *
@@ -167,9 +118,6 @@ device_get(dsp_t *d, const char *name)
         free(dev);
         return NULL;
     }
-    dev->kv_paused = -1;
-    dev->kv_rpm = -1;
-    device_limits(d, dev);
     d->dev[slot] = dev;
     d->ndev++;
     return dev;
@@ -299,7 +247,6 @@ gift_release(dsp_t *d, dgift_t *g, int64_t delay_ms)
     /* on failure (NATS down) it comes back after the ack wait anyway */
     s = delay_ms > 0 ? natsMsg_NakWithDelay(g->msg, delay_ms, NULL)
                      : natsMsg_Nak(g->msg, NULL);
-    STAT_ADD(d, naks, 1);
     if (s != NATS_OK) {
         gift_log(GIFT_LOG_DEBUG, "nak of %s: %s", event_id(g),
                  natsStatus_GetText(s));
@@ -332,21 +279,13 @@ ack_fill(const dgift_t *g, Gift__V1__GiftAck *a)
     }
 }
 
-/*
- * Publish the GiftAck `a` of g (Nats-Msg-Id "<event id>:ack"); with
- * `marker`, also its completion marker: the same bytes as the value of
- * key <event id> in GIFT_DONE (an asynchronous publish to $KV.GIFT_DONE.*,
- * which is what a KV put is).  Each publish counts in g->pubs.
- */
 static void
-publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a, int marker)
+publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a)
 {
     uint8_t  buf[ACK_BUF];
     char     subject[sizeof(GIFT_SUBJ_ACKS_PREFIX) + DSP_DEVICE_MAX + 8];
     char     msg_id[GIFT_ID_MAX + 32];
-    char     ksubj[sizeof("$KV." GIFT_KV_DONE ".") + GIFT_KVKEY_SIZE(GIFT_ID_MAX)];
     size_t   len;
-    int      n;
 
     len = gift__v1__gift_ack__get_packed_size(a);
     if (len > sizeof(buf)) {
@@ -363,16 +302,6 @@ publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a, int marker)
         snprintf(msg_id, sizeof(msg_id), "seq-%" PRIu64 ":ack", g->seq);
     }
     nats_in_publish(d, g, subject, buf, len, msg_id, NULL);
-
-    if (marker && event_id(g)[0] != '\0') {
-        n = snprintf(ksubj, sizeof(ksubj), "$KV." GIFT_KV_DONE ".");
-        if (gift_kvkey_encode(event_id(g), ksubj + n, sizeof(ksubj)
-                              - (size_t) n) > 0)
-        {
-            snprintf(msg_id, sizeof(msg_id), "%s:done", event_id(g));
-            nats_in_publish(d, g, ksubj, buf, len, msg_id, NULL);
-        }
-    }
 }
 
 /* The device turned: record it. */
@@ -386,18 +315,12 @@ gift_ok(dsp_t *d, dgift_t *g, int64_t latency_us)
     ack_fill(g, &a);
     a.status = GIFT__V1__ACK_STATUS__ACK_STATUS_OK;
     a.rpc_latency_us = latency_us > 0 ? (uint64_t) latency_us : 0;
-    /* a marker only where a motor turned: a gift of 0 rounds is
-     * recomputed as 0 on any redelivery anyway */
-    publish_ack(d, g, &a, g->rounds > 0);
+    publish_ack(d, g, &a);
     if (g->dev) {
         g->dev->gifts_ok++;
         g->dev->rounds_ok += g->rounds;
     }
-    STAT_ADD(d, acked_ok, 1);
-    STAT_ADD(d, rounds_ok, g->rounds);
-    if (g->rounds == 0) {
-        STAT_ADD(d, zero_rounds, 1);
-    }
+    d->st.acked_ok++;
     if (g->pubs == 0) {
         /* could not even build the message: leave it to redelivery */
         gift_release(d, g, 0);
@@ -448,8 +371,8 @@ gift_dead_letter(dsp_t *d, dgift_t *g, const char *reason,
     ack_fill(g, &a);
     a.status = GIFT__V1__ACK_STATUS__ACK_STATUS_DEAD_LETTER;
     a.reason = (char *) reason;
-    publish_ack(d, g, &a, 0);
-    STAT_ADD(d, dead_letters, 1);
+    publish_ack(d, g, &a);
+    d->st.dead_letters++;
     if (g->pubs == 0) {
         gift_release(d, g, 0);
     }
@@ -475,7 +398,7 @@ gift_fail(dsp_t *d, dgift_t *g, const char *reason, const char *detail)
              " in %" PRId64 " ms", event_id(g), g->dev->name, reason,
              detail ? ": " : "", detail ? detail : "", g->delivered + 1,
              c->retry_delays_ms[i]);
-    STAT_ADD(d, retried, 1);
+    d->st.retried++;
     gift_release(d, g, c->retry_delays_ms[i]);
 }
 
@@ -510,27 +433,7 @@ rpc_unlink(dsp_t *d, drpc_t *r)
     }
 }
 
-/* A rate-limited device: kick it again at `when`. */
-static void
-device_wait(dsp_t *d, ddevice_t *dev, int64_t when)
-{
-    if (dev->wake_us == 0) {
-        d->nwaiting++;
-        STAT_ADD(d, rate_waits, 1);
-    }
-    dev->wake_us = when;
-    if (d->wake_min_us == 0 || when < d->wake_min_us) {
-        d->wake_min_us = when;
-    }
-}
-
-/*
- * Send what the device's slots allow, coalescing queued gifts: up to
- * coalesce_max_events gifts and coalesce_max_rounds rounds per RPC (a
- * single bigger gift goes alone), and with a rate limit only what fits in
- * the device's last minute (a single gift above the limit goes alone
- * when the minute is empty).  Paused: nothing.
- */
+/* Send what the device's slots allow, coalescing queued gifts. */
 static void
 device_kick(dsp_t *d, ddevice_t *dev)
 {
@@ -538,21 +441,10 @@ device_kick(dsp_t *d, ddevice_t *dev)
     drpc_t        *r;
     dgift_t       *g, *last;
     int64_t        now;
-    uint64_t       room = UINT64_MAX, sent;
 
     while (dev->qhead != NULL && dev->inflight < c->dev_max_inflight
-           && d->mqtt.ready && !dev->paused)
+           && d->mqtt.ready)
     {
-        now = gift_mono_us();
-        if (dev->rpm > 0) {
-            if (!rate_fits(&dev->rate, dev->rpm, now, dev->qhead->rounds)) {
-                device_wait(d, dev, rate_next(&dev->rate, dev->rpm, now,
-                                              dev->qhead->rounds));
-                return;
-            }
-            sent = rate_sum(&dev->rate, now);
-            room = sent < dev->rpm ? dev->rpm - sent : 0;
-        }
         r = calloc(1, sizeof(*r));
         if (r == NULL) {
             return;
@@ -563,9 +455,8 @@ device_kick(dsp_t *d, ddevice_t *dev)
         while (dev->qhead != NULL
                && r->ngifts < (size_t) c->coalesce_max_events
                && (r->ngifts == 0
-                   || (r->rounds + dev->qhead->rounds
-                       <= c->coalesce_max_rounds
-                       && r->rounds + dev->qhead->rounds <= room)))
+                   || r->rounds + dev->qhead->rounds
+                      <= c->coalesce_max_rounds))
         {
             g = queue_pop(dev);
             g->state = GIFT_SENT;
@@ -595,10 +486,7 @@ device_kick(dsp_t *d, ddevice_t *dev)
             free(r);
             return;
         }
-        if (dev->rpm > 0 && rate_add(&dev->rate, now, r->rounds) != 0) {
-            gift_log(GIFT_LOG_ERR, "out of memory recording %s's rate",
-                     dev->name);
-        }
+        now = gift_mono_us();
         r->sent_us = now;
         r->deadline_us = now + (int64_t) c->rpc_timeout_ms * 1000;
         if (dmap_put(&d->by_rpc, r->n, r) != 0) {
@@ -607,25 +495,8 @@ device_kick(dsp_t *d, ddevice_t *dev)
         rpc_link(d, r);
         dev->inflight++;
         dev->rpcs++;
-        STAT_ADD(d, rpcs_sent, 1);
-        if (r->ngifts > 1) {
-            STAT_ADD(d, coalesced, r->ngifts);
-        }
+        d->st.rpcs_sent++;
     }
-}
-
-/* The RPC latency histogram (cumulative buckets, as Prometheus wants). */
-static void
-lat_observe(dsp_t *d, int64_t us)
-{
-    static const int64_t le[DSP_NLAT_BUCKETS] = DSP_LAT_BUCKETS;
-    int                  i;
-
-    for (i = DSP_NLAT_BUCKETS - 1; i >= 0 && us <= le[i] * 1000; i--) {
-        STAT_ADD(d, rpc_lat_le[i], 1);
-    }
-    STAT_ADD(d, rpc_lat_count, 1);
-    STAT_ADD(d, rpc_lat_sum_us, (uint64_t) (us > 0 ? us : 0));
 }
 
 /* An RPC is over (reply or timeout): free its slot, settle its gifts. */
@@ -638,9 +509,6 @@ rpc_finish(dsp_t *d, drpc_t *r, drpc_reply_rc rc, const char *why)
 
     rpc_unlink(d, r);
     dev->inflight--;
-    if (rc == RPC_REPLY_OK || why != NULL) {
-        lat_observe(d, lat);             /* answered: not a timeout */
-    }
     for (g = r->gifts; g != NULL; g = next) {
         next = g->qnext;
         g->qnext = NULL;
@@ -665,17 +533,17 @@ dispatch_reply(dsp_t *d, uint64_t n, const char *payload, size_t len)
     uint64_t       quiet;
 
     if (r == NULL) {
-        STAT_ADD(d, replies_unknown, 1);
+        d->st.replies_unknown++;
         gift_log(GIFT_LOG_DEBUG, "reply %" PRIu64 " is not ours (another "
                  "instance, or timed out)", n);
         return;
     }
     rc = rpc_reply_parse(payload, len, err, sizeof(err));
     if (rc == RPC_REPLY_OK) {
-        STAT_ADD(d, rpc_ok, 1);
+        d->st.rpc_ok++;
         rpc_finish(d, r, rc, NULL);
     } else {
-        STAT_ADD(d, rpc_errors, 1);
+        d->st.rpc_errors++;
         if (rlimit_ok(&rl_rpc, gift_mono_us(), &quiet)) {
             gift_log(GIFT_LOG_WARN, "device %s: RPC %" PRIu64 " failed: %s "
                      "(%" PRIu64 " more RPC failures not logged)",
@@ -699,230 +567,13 @@ dispatch_kick_all(dsp_t *d)
 
 /* ------------------------------------------------------------ deliveries */
 
-/*
- * A marker can exist only if this very stream message was delivered
- * before (NumDelivered > 1), or when it is a DLQ replay (giftctl gives it
- * the Nats-Msg-Id "<event id>:replay:<seq>").  First deliveries, nearly
- * all of them, skip the lookup.
- */
-static int
-done_check_needed(dgift_t *g)
-{
-    const char *id = NULL;
-
-    if (g->delivered > 1) {
-        return 1;
-    }
-    return natsMsgHeader_Get(g->msg, "Nats-Msg-Id", &id) == NATS_OK
-           && id != NULL && strstr(id, ":replay:") != NULL;
-}
-
-/* Queue a routed gift for its device, or finish it when it has nothing
- * to turn. */
-static void
-gift_queue(dsp_t *d, dgift_t *g)
-{
-    const Gift__V1__GiftEvent *e = g->ev;
-
-    gift_log(GIFT_LOG_DEBUG, "event %s (seq %" PRIu64 ", delivery %" PRIu64
-             "): %s x%u%s -> %s, %" PRIu64 " rounds", e->event_id, g->seq,
-             g->delivered, e->gift_name, e->quantity,
-             e->streak_id && e->streak_id[0] ? " (streak frame)" : "",
-             g->dev->name, g->rounds);
-    if (g->rounds == 0) {
-        /* nothing to turn: acknowledged without a command */
-        gift_ok(d, g, 0);
-        return;
-    }
-    g->state = GIFT_QUEUED;
-    queue_push_tail(g->dev, g);
-    device_kick(d, g->dev);
-}
-
-/*
- * Route a decoded gift: its device and multiplier by the rules, then its
- * rounds; a streak frame's rounds wait for the KV thread to say what the
- * frame adds (dispatch_kv).
- */
-static void
-gift_route(dsp_t *d, dgift_t *g)
-{
-    const Gift__V1__GiftEvent *e = g->ev;
-    droute_t                   rt;
-    droute_rc                  rc;
-    dkvjob_t                  *j;
-    int                        streak = e->streak_id && e->streak_id[0];
-    size_t                     n;
-
-    /* a frame's own quantity is a running total: route it as 1 (the
-     * overflow check of what it adds comes with its increment) */
-    rc = rules_route(d->conf->rules, e->platform, e->room_id, e->gift_id,
-                     e->gift_name, e->diamond, streak ? 1 : e->quantity, &rt);
-    g->diamond = rt.diamond;
-    g->multiplier = rt.multiplier;
-    if (rc == ROUTE_NO_DEVICE) {
-        gift_dead_letter(d, g, "no_route", e->gift_name);
-        return;
-    }
-    g->dev = device_get(d, rt.device);
-    if (g->dev == NULL) {
-        gift_release(d, g, 1000);
-        return;
-    }
-    if (rc == ROUTE_OVERFLOW) {
-        gift_dead_letter(d, g, "overflow", NULL);
-        return;
-    }
-    if (!streak) {
-        g->rounds = rt.rounds;
-        gift_queue(d, g);
-        return;
-    }
-
-    STAT_ADD(d, streak_frames, 1);
-    j = kv_job_new(KVJ_STREAK, g->seq);
-    if (j == NULL) {
-        gift_release(d, g, 1000);
-        return;
-    }
-    j->count = e->streak_count ? e->streak_count : e->quantity;
-    j->eh = streak_event_hash(e->event_id);
-    n = GIFT_KVKEY_SIZE(strlen(e->streak_id)) + 2;
-    j->key = malloc(n);
-    if (j->key != NULL) {
-        memcpy(j->key, "s.", 2);
-        if (gift_kvkey_encode(e->streak_id, j->key + 2, n - 2) < 0) {
-            free(j->key);
-            j->key = NULL;
-        }
-    }
-    n = GIFT_KVKEY_SIZE(strlen(e->event_id)) + 2;
-    j->ckey = malloc(n);
-    if (j->ckey != NULL) {
-        memcpy(j->ckey, "e.", 2);
-        if (gift_kvkey_encode(e->event_id, j->ckey + 2, n - 2) < 0) {
-            free(j->ckey);
-            j->ckey = NULL;
-        }
-    }
-    if (j->key == NULL || j->ckey == NULL || kv_submit(d, j) != 0) {
-        kv_job_free(j);
-        gift_release(d, g, 1000);
-        return;
-    }
-    g->state = GIFT_KV;
-    g->job = j;
-}
-
-/*
- * The completion marker of g exists: the device already turned for it.
- * Publish the GiftAck stored in the marker again (its Nats-Msg-Id makes
- * GIFT_ACKS drop it if the first one was stored) and ack on its PubAck.
- */
-static int
-gift_done_again(dsp_t *d, dgift_t *g, const void *val, size_t len)
-{
-    Gift__V1__GiftAck *a;
-    char               subject[sizeof(GIFT_SUBJ_ACKS_PREFIX) + DSP_DEVICE_MAX
-                               + 8];
-    char               msg_id[GIFT_ID_MAX + 32];
-
-    a = gift__v1__gift_ack__unpack(NULL, len, val);
-    if (a == NULL || a->device_id == NULL
-        || !rules_device_valid(a->device_id)
-        || a->status != GIFT__V1__ACK_STATUS__ACK_STATUS_OK)
-    {
-        if (a != NULL) {
-            gift__v1__gift_ack__free_unpacked(a, NULL);
-        }
-        gift_log(GIFT_LOG_WARN, "event %s: its GIFT_DONE marker is not a "
-                 "GiftAck; handling the gift as new", event_id(g));
-        return -1;
-    }
-    gift_log(GIFT_LOG_INFO, "event %s (seq %" PRIu64 ", delivery %" PRIu64
-             ") was done already (%s, %" PRIu64 " rounds): acknowledged "
-             "without a command", event_id(g), g->seq, g->delivered,
-             a->device_id, a->rounds);
-    snprintf(subject, sizeof(subject), GIFT_SUBJ_ACKS_PREFIX "%s",
-             a->device_id);
-    snprintf(msg_id, sizeof(msg_id), "%s:ack", event_id(g));
-    gift__v1__gift_ack__free_unpacked(a, NULL);
-    STAT_ADD(d, done_hits, 1);
-    g->state = GIFT_PUBLISHING;
-    nats_in_publish(d, g, subject, val, len, msg_id, NULL);
-    if (g->pubs == 0) {
-        gift_release(d, g, 0);
-    }
-    return 0;
-}
-
-void
-dispatch_kv(dsp_t *d, dkvjob_t *j)
-{
-    dgift_t  *g = dmap_get(&d->by_seq, j->seq);
-    uint64_t  rounds;
-
-    d->kv.pending--;
-    if (g == NULL || g->job != j) {
-        kv_job_free(j);             /* released meanwhile */
-        return;
-    }
-    g->job = NULL;
-    if (g->msg == NULL) {
-        gift_free(d, g);            /* abandoned at the stop deadline */
-        kv_job_free(j);
-        return;
-    }
-    if (j->failed || d->stopping) {
-        gift_release(d, g, 0);
-        STAT_ADD(d, released, 1);
-        kv_job_free(j);
-        return;
-    }
-    if (j->kind == KVJ_DONE) {
-        if (!j->found || gift_done_again(d, g, j->val, j->len) != 0) {
-            gift_route(d, g);
-        }
-        kv_job_free(j);
-        return;
-    }
-
-    /* a streak frame: what it adds */
-    STAT_ADD(d, streak_conflicts, (uint64_t) j->conflicts);
-    switch (j->how) {
-    case STREAK_NEW:
-        STAT_ADD(d, streak_new, 1);
-        break;
-    case STREAK_KNOWN:
-        STAT_ADD(d, streak_known, 1);
-        break;
-    case STREAK_STALE:
-        STAT_ADD(d, streak_stale, 1);
-        break;
-    }
-    g->streak_inc = j->inc;
-    gift_log(GIFT_LOG_DEBUG, "event %s: streak %s at %u adds %u (%s)",
-             event_id(g), g->ev->streak_id, j->count, j->inc,
-             j->how == STREAK_NEW ? "new" : j->how == STREAK_KNOWN
-             ? "claimed before" : "nothing new");
-    kv_job_free(j);
-    if (rules_rounds(d->conf->rules, g->diamond, g->streak_inc,
-                     g->multiplier, &rounds) != 0)
-    {
-        gift_dead_letter(d, g, "overflow", NULL);
-        return;
-    }
-    g->rounds = rounds;
-    gift_queue(d, g);
-}
-
-
 void
 dispatch_msg(dsp_t *d, natsMsg *m)
 {
     jsMsgMetaData *meta = NULL;
     dgift_t       *g;
-    dkvjob_t      *j;
+    droute_t       rt;
+    droute_rc      rc;
     int64_t        now = gift_mono_us();
     const Gift__V1__GiftEvent *e;
 
@@ -942,7 +593,7 @@ dispatch_msg(dsp_t *d, natsMsg *m)
         g->delivered = meta->NumDelivered;
         held_touch(d, g, now);
         jsMsgMetaData_Destroy(meta);
-        STAT_ADD(d, duplicates, 1);
+        d->st.duplicates++;
         d->credit_back++;
         return;
     }
@@ -950,7 +601,7 @@ dispatch_msg(dsp_t *d, natsMsg *m)
         natsMsg_Nak(m, NULL);
         natsMsg_Destroy(m);
         jsMsgMetaData_Destroy(meta);
-        STAT_ADD(d, released, 1);
+        d->st.released++;
         d->credit_back++;
         return;
     }
@@ -965,10 +616,9 @@ dispatch_msg(dsp_t *d, natsMsg *m)
     g->msg = m;
     g->seq = meta->Sequence.Stream;
     g->delivered = meta->NumDelivered;
-    STAT_SET(d, consumer_pending, meta->NumPending);
     jsMsgMetaData_Destroy(meta);
     d->nheld++;
-    STAT_ADD(d, received, 1);
+    d->st.received++;
     held_touch(d, g, now);
     dmap_put(&d->by_seq, g->seq, g);
 
@@ -981,26 +631,36 @@ dispatch_msg(dsp_t *d, natsMsg *m)
         return;
     }
 
-    if (done_check_needed(g)) {
-        /* did an earlier delivery complete?  (a crash between the
-         * device's answer and the ack) */
-        j = kv_job_new(KVJ_DONE, g->seq);
-        if (j != NULL && (j->key = malloc(GIFT_KVKEY_SIZE(strlen(
-                              e->event_id)))) != NULL
-            && gift_kvkey_encode(e->event_id, j->key,
-                                 GIFT_KVKEY_SIZE(strlen(e->event_id))) > 0
-            && kv_submit(d, j) == 0)
-        {
-            g->state = GIFT_KV;
-            g->job = j;
-            STAT_ADD(d, done_checks, 1);
-            return;
-        }
-        /* no check possible: the device's event-id window still keeps
-         * it from turning twice */
-        kv_job_free(j);
+    rc = rules_route(d->conf->rules, e->platform, e->room_id, e->gift_id,
+                     e->gift_name, e->diamond, e->quantity, &rt);
+    g->diamond = rt.diamond;
+    if (rc == ROUTE_NO_DEVICE) {
+        gift_dead_letter(d, g, "no_route", e->gift_name);
+        return;
     }
-    gift_route(d, g);
+    g->dev = device_get(d, rt.device);
+    if (g->dev == NULL) {
+        gift_release(d, g, 1000);
+        return;
+    }
+    if (rc == ROUTE_OVERFLOW) {
+        gift_dead_letter(d, g, "overflow", NULL);
+        return;
+    }
+    g->rounds = rt.rounds;
+    gift_log(GIFT_LOG_DEBUG, "event %s (seq %" PRIu64 ", delivery %" PRIu64
+             "): %s x%u -> %s, %" PRIu64 " rounds", e->event_id, g->seq,
+             g->delivered, e->gift_name, e->quantity, g->dev->name,
+             g->rounds);
+
+    if (g->rounds == 0) {
+        /* nothing to turn: acknowledged without a command */
+        gift_ok(d, g, 0);
+        return;
+    }
+    g->state = GIFT_QUEUED;
+    queue_push_tail(g->dev, g);
+    device_kick(d, g->dev);
 }
 
 void
@@ -1015,7 +675,7 @@ dispatch_puback(dsp_t *d, dpuback_t *p)
         return;
     }
     if (p->err != NATS_OK) {
-        STAT_ADD(d, pub_errors, 1);
+        d->st.pub_errors++;
         if (rlimit_ok(&rl_pub, gift_mono_us(), &quiet)) {
             gift_log(GIFT_LOG_WARN, "publish to %s for %s failed: %s (js "
                      "error %d); retrying every %d ms (%" PRIu64 " more "
@@ -1078,7 +738,7 @@ dispatch_timers(dsp_t *d, int64_t now)
     /* RPCs past their deadline */
     while ((r = d->rpcs) != NULL && r->deadline_us <= now) {
         dmap_del(&d->by_rpc, r->n);
-        STAT_ADD(d, rpc_timeouts, 1);
+        d->st.rpc_timeouts++;
         if (rlimit_ok(&rl_rpc, now, &quiet)) {
             gift_log(GIFT_LOG_WARN, "device %s: RPC %" PRIu64 " (%zu gifts) "
                      "timed out after %d ms (%" PRIu64 " more RPC failures "
@@ -1111,34 +771,6 @@ dispatch_timers(dsp_t *d, int64_t now)
         next = d->retries->due_us;
     }
 
-    /* rate-limited devices whose minute has room again */
-    if (d->nwaiting > 0 && now >= d->wake_min_us) {
-        size_t     i;
-        ddevice_t *dev;
-
-        d->wake_min_us = 0;
-        for (i = 0; i < d->devcap; i++) {
-            dev = d->dev[i];
-            if (dev == NULL || dev->wake_us == 0) {
-                continue;
-            }
-            if (dev->wake_us <= now) {
-                dev->wake_us = 0;
-                d->nwaiting--;
-                if (!d->stopping) {
-                    device_kick(d, dev);      /* may wait again */
-                }
-            } else if (d->wake_min_us == 0 || dev->wake_us < d->wake_min_us) {
-                d->wake_min_us = dev->wake_us;
-            }
-        }
-    }
-    if (d->nwaiting > 0 && d->wake_min_us < next) {
-        next = d->wake_min_us;
-    }
-    STAT_SET(d, held, d->nheld);
-    STAT_SET(d, mqtt_up, (uint64_t) d->mqtt.ready);
-
     /* InProgress for gifts held a third of the ack wait: they wait for a
      * busy device or a broker; without it the server would redeliver */
     every = d->nats.ack_wait_us / 3;
@@ -1148,10 +780,8 @@ dispatch_timers(dsp_t *d, int64_t now)
     for (k = d->nheld; k > 0 && (g = d->held) != NULL
          && now - g->touched_us >= every; k--)
     {
-        if (g->msg != NULL) {
-            natsMsg_InProgress(g->msg, NULL);
-        }
-        STAT_ADD(d, in_progress, 1);
+        natsMsg_InProgress(g->msg, NULL);
+        d->st.in_progress++;
         held_touch(d, g, now);
     }
     if (d->held != NULL && d->held->touched_us + every < next) {
@@ -1179,7 +809,7 @@ dispatch_stop(dsp_t *d)
             n++;
         }
     }
-    STAT_ADD(d, released, n);
+    d->st.released += n;
     gift_log(GIFT_LOG_INFO, "stopping: released %zu queued gifts; waiting for"
              " %zu RPCs and publishes in flight (up to %d ms)", n, d->nheld,
              d->conf->shutdown_timeout_ms);
@@ -1215,7 +845,7 @@ dispatch_abandon(dsp_t *d)
             n++;
         }
     }
-    STAT_ADD(d, released, n);
+    d->st.released += n;
     gift_log(GIFT_LOG_WARN, "stop deadline reached: released %zu gifts "
              "unfinished (they will be redelivered)", n);
 }
@@ -1241,107 +871,6 @@ dispatch_log_stats(const dsp_t *d)
              s->retried, s->released, s->rpcs_sent, s->rpc_ok, s->rpc_errors,
              s->rpc_timeouts, s->replies_unknown, s->pub_errors, d->nheld,
              d->ndev);
-}
-
-/* ------------------------------------------------------------ switches */
-
-void
-dispatch_ctl(dsp_t *d, dctl_t *c)
-{
-    ddevice_t *dev = device_get(d, c->device);
-
-    if (dev != NULL) {
-        if (c->what == CTL_PAUSED) {
-            dev->kv_paused = (int) c->value;
-        } else {
-            dev->kv_rpm = c->value;
-        }
-        device_limits(d, dev);
-        if (dev->wake_us != 0) {            /* the limit may have changed */
-            dev->wake_us = 0;
-            d->nwaiting--;
-        }
-        if (!d->stopping) {
-            device_kick(d, dev);
-        }
-    }
-    free(c);
-}
-
-void
-dispatch_limits_reload(dsp_t *d)
-{
-    size_t i;
-
-    for (i = 0; i < d->devcap; i++) {
-        if (d->dev[i] != NULL) {
-            device_limits(d, d->dev[i]);
-            if (d->dev[i]->wake_us != 0) {
-                d->dev[i]->wake_us = 0;
-                d->nwaiting--;
-            }
-        }
-    }
-    if (!d->stopping) {
-        dispatch_kick_all(d);
-    }
-}
-
-size_t
-dispatch_device_metrics(const dsp_t *d, char *buf, size_t cap)
-{
-    static const char *const head =
-        "# HELP gift_dispatcher_device_inflight RPCs in flight per device.\n"
-        "# TYPE gift_dispatcher_device_inflight gauge\n"
-        "# HELP gift_dispatcher_device_queued Gifts waiting for the device.\n"
-        "# TYPE gift_dispatcher_device_queued gauge\n"
-        "# HELP gift_dispatcher_device_paused 1 when the device is paused.\n"
-        "# TYPE gift_dispatcher_device_paused gauge\n"
-        "# HELP gift_dispatcher_device_rate_limit Rounds per minute allowed "
-        "(0: no limit).\n"
-        "# TYPE gift_dispatcher_device_rate_limit gauge\n"
-        "# HELP gift_dispatcher_device_rpcs_total RPCs sent per device.\n"
-        "# TYPE gift_dispatcher_device_rpcs_total counter\n"
-        "# HELP gift_dispatcher_device_rounds_total Rounds the device "
-        "confirmed.\n"
-        "# TYPE gift_dispatcher_device_rounds_total counter\n";
-    size_t           o, i, k;
-    int              w;
-    const ddevice_t *dev;
-    const char      *names[6] = { "inflight", "queued", "paused",
-                                  "rate_limit", "rpcs_total",
-                                  "rounds_total" };
-
-    w = snprintf(buf, cap, "%s", head);
-    if (w < 0 || (size_t) w >= cap) {
-        return 0;
-    }
-    o = (size_t) w;
-    for (k = 0; k < 6; k++) {
-        for (i = 0; i < d->devcap; i++) {
-            uint64_t v;
-
-            if ((dev = d->dev[i]) == NULL) {
-                continue;
-            }
-            switch (k) {
-            case 0: v = (uint64_t) dev->inflight; break;
-            case 1: v = dev->queued; break;
-            case 2: v = (uint64_t) dev->paused; break;
-            case 3: v = dev->rpm; break;
-            case 4: v = dev->rpcs; break;
-            default: v = dev->rounds_ok; break;
-            }
-            w = snprintf(buf + o, cap - o, "gift_dispatcher_device_%s"
-                         "{device=\"%s\"} %" PRIu64 "\n", names[k],
-                         dev->name, v);
-            if (w < 0 || (size_t) w >= cap - o) {
-                return o;
-            }
-            o += (size_t) w;
-        }
-    }
-    return o;
 }
 
 /* ------------------------------------------------------------ lifetime */
@@ -1387,7 +916,6 @@ dispatch_destroy(dsp_t *d)
     }
     for (i = 0; i < d->devcap; i++) {
         if (d->dev != NULL && d->dev[i] != NULL) {
-            rate_free(&d->dev[i]->rate);
             free(d->dev[i]->name);
             free(d->dev[i]);
         }

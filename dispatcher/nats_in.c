@@ -142,9 +142,10 @@ pause_ms(int ms)
     ppoll(NULL, 0, &ts, &none);
 }
 
-natsStatus
-nats_options_base(const dconf_t *c, natsOptions **out)
+static int
+build_options(dsp_t *d)
 {
+    dconf_t     *c = d->conf;
     natsOptions *o = NULL;
     natsStatus   s;
 
@@ -175,21 +176,6 @@ nats_options_base(const dconf_t *c, natsOptions **out)
                                                   c->nats_tls_key);
         }
     }
-    if (s != NATS_OK) {
-        natsOptions_Destroy(o);
-        return s;
-    }
-    *out = o;
-    return NATS_OK;
-}
-
-static int
-build_options(dsp_t *d)
-{
-    natsOptions *o = NULL;
-    natsStatus   s;
-
-    s = nats_options_base(d->conf, &o);
     if (s == NATS_OK) {
         s = natsOptions_SetMaxReconnect(o, -1);
     }
