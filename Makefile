@@ -73,10 +73,14 @@ $(NODE_DEPS): package.json package-lock.json
 	@command -v npm >/dev/null || { echo "npm not found (node and npm come with this machine)" >&2; exit 1; }
 	npm ci --no-audit --no-fund
 
-deps: $(NODE_DEPS)
+FORWARDER_DEPS := tools/forwarder/node_modules/.package-lock.json
+$(FORWARDER_DEPS): tools/forwarder/package.json tools/forwarder/package-lock.json
+	cd tools/forwarder && npm ci --no-audit --no-fund
+
+deps: $(NODE_DEPS) $(FORWARDER_DEPS)
 	@scripts/deps.sh $(DEB_PKGS)
 
-deps-quiet: $(NODE_DEPS)
+deps-quiet: $(NODE_DEPS) $(FORWARDER_DEPS)
 	@scripts/deps.sh $(DEB_PKGS) >/dev/null
 
 # ---------------------------------------------------------------- protobuf
@@ -140,6 +144,11 @@ bench: build
 
 soak: build
 	@BUILD=$(BUILD) SANITIZE=$(SANITIZE) GIFT_SOAK=1 scripts/test.sh
+
+# ---------------------------------------------------------------- install
+# DESTDIR=/some/root for a staged install (packaging, tests)
+install: build
+	DESTDIR="$(DESTDIR)" BUILD="$(BUILD)" scripts/install.sh
 
 clean:
 	rm -rf $(BUILD)
