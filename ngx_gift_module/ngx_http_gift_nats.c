@@ -97,6 +97,7 @@ typedef struct {
     ngx_uint_t                  acks_warned;
 
     /* loop only */
+    ngx_event_t                 wake_ev;        /* posted: wake the bridge */
     char                        inbox[64];
     size_t                      inbox_len;
     uint64_t                    next_id;
@@ -107,6 +108,7 @@ typedef struct {
 
 static void *ngx_http_gift_bridge_thread(void *arg);
 static void ngx_http_gift_nats_results_handler(ngx_event_t *ev);
+static void ngx_http_gift_wake_bridge(ngx_event_t *ev);
 static void ngx_http_gift_on_reply(natsConnection *nc, natsSubscription *sub,
     natsMsg *msg, void *closure);
 static void ngx_http_gift_post_result(ngx_http_gift_bridge_t *b,
@@ -145,6 +147,10 @@ ngx_http_gift_nats_init_process(ngx_cycle_t *cycle,
     b->replay_max = gmcf->replay_max;
     b->next_id = 1;
     ngx_rbtree_init(&b->pending, &b->sentinel, ngx_rbtree_insert_value);
+
+    b->wake_ev.handler = ngx_http_gift_wake_bridge;
+    b->wake_ev.data = b;
+    b->wake_ev.log = cycle->log;
 
     url = gmcf->nats_urls->elts;
     b->nurls = (int) gmcf->nats_urls->nelts;
@@ -228,6 +234,10 @@ ngx_http_gift_nats_exit_process(ngx_cycle_t *cycle)
     }
 
     ngx_http_gift_bridge = NULL;
+
+    if (b->wake_ev.posted) {
+        ngx_delete_posted_event(&b->wake_ev);
+    }
 
     if (b->thread_started) {
         pthread_mutex_lock(&b->jobs_lock);
@@ -360,12 +370,16 @@ ngx_http_gift_nats_publish(ngx_http_gift_pending_t *p, const char *subject,
 
     b->jobs.items[b->jobs.n++] = msg;
     wake = b->bridge_waiting;
-    b->bridge_waiting = 0;
 
     pthread_mutex_unlock(&b->jobs_lock);
 
-    if (wake) {
-        pthread_cond_signal(&b->jobs_cond);
+    /*
+     * Waking a thread costs more than the rest of a publish: wake the bridge
+     * once per pass of the event loop, after every request of the pass has
+     * queued its message (posted events run at the end of the pass).
+     */
+    if (wake && !b->wake_ev.posted) {
+        ngx_post_event(&b->wake_ev, &ngx_posted_events);
     }
 
     p->node.key = b->next_id++;
@@ -373,6 +387,24 @@ ngx_http_gift_nats_publish(ngx_http_gift_pending_t *p, const char *subject,
     ngx_rbtree_insert(&b->pending, &p->node);
 
     return NGX_OK;
+}
+
+
+static void
+ngx_http_gift_wake_bridge(ngx_event_t *ev)
+{
+    ngx_http_gift_bridge_t *b = ev->data;
+
+    ngx_uint_t  wake;
+
+    pthread_mutex_lock(&b->jobs_lock);
+    wake = b->bridge_waiting;
+    b->bridge_waiting = 0;
+    pthread_mutex_unlock(&b->jobs_lock);
+
+    if (wake) {
+        pthread_cond_signal(&b->jobs_cond);
+    }
 }
 
 
@@ -995,6 +1027,8 @@ ngx_http_gift_bridge_thread(void *arg)
 
             pthread_cond_wait(&b->jobs_cond, &b->jobs_lock);
         }
+
+        b->bridge_waiting = 0;
 
         if (b->stop) {
             pthread_mutex_unlock(&b->jobs_lock);
