@@ -72,10 +72,48 @@ sub fd_count {
     return $n;
 }
 
+# Bytes received but not yet read by the application, over all the TCP
+# sockets listening on or accepted from 127.0.0.1:$port (/proc/net/tcp).
+sub unread_bytes {
+    my ($port) = @_;
+    my $hex = sprintf('%04X', $port);
+    my $n = 0;
+    for (split /\n/, GiftTest::slurp('/proc/net/tcp')) {
+        my @f = split ' ';
+        next unless @f > 4 && $f[1] =~ /:$hex$/;
+        my (undef, $rx) = split /:/, $f[4];
+        $n += hex $rx;
+    }
+    return $n;
+}
+
+# The fd count once it has stopped moving (connections that clients just
+# closed take a moment to be closed by nginx too).
+sub settled_fds {
+    my ($pid, $timeout) = @_;
+    my @seen;
+    GiftTest::wait_until($timeout // 5, sub {
+        push @seen, fd_count($pid) // -1;
+        @seen >= 3 && $seen[-1] == $seen[-2] && $seen[-2] == $seen[-3];
+    }, 0.1);
+    return $seen[-1];
+}
+
 sub thread_count {
     my ($pid) = @_;
     my ($n) = GiftTest::slurp("/proc/$pid/status") =~ /^Threads:\s+(\d+)/m;
     return $n;
+}
+
+# SIGSTOP a process and wait until each of its threads is stopped (the
+# signal takes effect asynchronously: a busy thread can still run a bit).
+sub freeze {
+    my ($pid) = @_;
+    kill 'STOP', $pid;
+    return GiftTest::wait_until(5, sub {
+        my @t = glob "/proc/$pid/task/*/stat";
+        @t && !grep { GiftTest::slurp($_) !~ /^\d+ \(.*?\) [tT] / } @t;
+    }, 0.01);
 }
 
 sub pid_alive {
