@@ -3,7 +3,7 @@
  *
  *   giftctl [-s URL] setup [--replicas N] [--events-max-msgs N]
  *   giftctl [-s URL] info
- *   giftctl [-s URL] get STREAM SEQ
+ *   giftctl [-s URL] get STREAM SEQ[-LAST]
  *   giftctl [-s URL] sub SUBJECT [--count N] [--timeout S]
  *   giftctl [-s URL] dlq list
  *   giftctl [-s URL] dlq replay (SEQ ... | --all)
@@ -40,7 +40,9 @@ usage(FILE *f)
         "                       create the streams, consumer and KV buckets\n"
         "                       that are missing (never changes existing ones)\n"
         "  info                 streams, message counts, consumer lag, DLQ depth\n"
-        "  get STREAM SEQ       one stored message, decoded, as JSON\n"
+        "  get STREAM SEQ[-LAST]\n"
+        "                       stored messages, decoded, one JSON a line\n"
+        "                       (deleted ones in a range are skipped)\n"
         "  sub SUBJECT [--count N] [--timeout S]\n"
         "                       print messages on SUBJECT as they arrive\n"
         "  dlq list             the dead-lettered gifts, with their reasons\n"
@@ -251,30 +253,45 @@ cmd_info(jsCtx *js)
 static int
 cmd_get(jsCtx *js, const char *stream, const char *seqs)
 {
-    natsMsg    *m = NULL;
+    natsMsg    *m;
     jsErrCode   jerr = 0;
     natsStatus  s;
     char       *end;
-    uint64_t    seq;
-    int         rc;
+    uint64_t    seq, last;
+    int         rc = 0, range;
 
     errno = 0;
     seq = strtoull(seqs, &end, 10);
-    if (errno || *end || seq == 0) {
+    last = seq;
+    range = (*end == '-');
+    if (range) {
+        last = strtoull(end + 1, &end, 10);
+    }
+    if (errno || *end || seq == 0 || last < seq) {
         fprintf(stderr, "giftctl get: bad sequence %s\n", seqs);
         return 2;
     }
-    s = js_GetMsg(&m, js, stream, seq, NULL, &jerr);
-    if (s != NATS_OK) {
-        fprintf(stderr, "giftctl get: %s #%" PRIu64 ": %s\n", stream, seq,
-                s == NATS_NOT_FOUND ? "no such message"
-                                    : natsStatus_GetText(s));
-        return 1;
+
+    for (; seq <= last && !stop; seq++) {
+        m = NULL;
+        s = js_GetMsg(&m, js, stream, seq, NULL, &jerr);
+        if (s == NATS_NOT_FOUND && range) {
+            continue;
+        }
+        if (s != NATS_OK) {
+            fprintf(stderr, "giftctl get: %s #%" PRIu64 ": %s\n", stream, seq,
+                    s == NATS_NOT_FOUND ? "no such message"
+                                        : natsStatus_GetText(s));
+            return 1;
+        }
+        if (print_stored(stdout, stream, m) != 0) {
+            rc = 1;
+        }
+        natsMsg_Destroy(m);
     }
-    rc = print_stored(stdout, stream, m);
-    natsMsg_Destroy(m);
-    return rc == 0 ? 0 : 1;
+    return rc;
 }
+
 
 static int
 cmd_sub(natsConnection *nc, int argc, char **argv)

@@ -231,6 +231,13 @@ sub stored {
     return $JSON->decode($out);
 }
 
+# giftctl get STREAM FIRST-LAST, decoded: a list of messages.
+sub stored_range {
+    my ($url, $stream, $first, $last) = @_;
+    my $out = `'$BUILD/giftctl' -s '$url' get '$stream' '$first-$last' 2>/dev/null`;
+    return map { $JSON->decode($_) } grep { /^\{/ } split /\n/, $out;
+}
+
 # giftctl info as { GIFTS => { messages => N, last_seq => N }, ..., lag => N }
 sub stream_info {
     my ($url) = @_;
