@@ -195,18 +195,32 @@ grep -q 'connected to NATS' "$WORK/error.log" ||
     { echo "ingest: the worker did not connect to NATS" >&2; exit 1; }
 WORKER=$(worker_pid)
 
-# run_wrk TARGET TAG SECONDS -> the "GIFT ..." line plus rps=
+# CPU time (user + system, clock ticks) a process has used, all threads.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+# run_wrk TARGET TAG SECONDS -> the "GIFT ..." line plus rps=, and the CPU
+# each side used per request (us): nginx's worker, nats-server and wrk.
+# Other jobs on the machine lower the rates but hardly these costs, so the
+# costs say what the rates would be on a machine of our own.
 run_wrk() {
-    local target=$1 tag=$2 secs=$3 out
+    local target=$1 tag=$2 secs=$3 out gift rps n w0 w1 s0 s1 cpu hz
     out=$WORK/wrk/$tag.txt
-    GIFT_RUN="$tag-$$" wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" \
+    w0=$(cpu_ticks "$WORKER") s0=$(cpu_ticks "$NATS_PID")
+    TIMEFORMAT='%U %S'
+    { time GIFT_RUN="$tag-$$" wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" \
         -s "$ROOT/bench/gift.lua" "http://127.0.0.1:$HTTP_PORT/$target" \
-        >"$out" 2>&1 || { cat "$out" >&2; return 1; }
-    local gift rps
+        >"$out" 2>&1; } 2>"$out.cpu" || { cat "$out" >&2; return 1; }
+    w1=$(cpu_ticks "$WORKER") s1=$(cpu_ticks "$NATS_PID")
     gift=$(grep '^GIFT ' "$out" || true)
     rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
     [[ -n $gift && -n $rps ]] || { cat "$out" >&2; return 1; }
-    echo "$gift rps=$rps secs=$secs"
+    hz=$(getconf CLK_TCK)
+    n=$(awk '/requests in/ { print $1 }' "$out")
+    cpu=$(awk -v n="$n" -v hz="$hz" -v w="$((w1 - w0))" -v s="$((s1 - s0))" \
+        '{ printf "cpu_nginx_us=%.1f cpu_nats_us=%.1f cpu_wrk_us=%.1f",
+             w * 1e6 / hz / n, s * 1e6 / hz / n, ($1 + $2) * 1e6 / n }' \
+        "$out.cpu")
+    echo "$gift rps=$rps secs=$secs $cpu"
 }
 
 gifts_stored() {
@@ -215,13 +229,14 @@ gifts_stored() {
 
 # ---------------------------------------------------------------- rates
 bench_rates() {
-    local base rss0 rss1 r target line stored WORKER_NOW rc
+    local base rss0 rss1 r target line stored WORKER_NOW rc load0 load1
     echo "ingest: nginx 1 worker on :$HTTP_PORT, nats-server on :$NATS_PORT;" \
          "wrk -t$THREADS -c$CONNS, $ROUNDS x ${DURATION}s per location"
     run_wrk gift warm-gift 2 >/dev/null || return 1
     run_wrk plain warm-plain 2 >/dev/null || return 1
     base=$(gifts_stored)
     rss0=$(rss_kb "$WORKER")
+    load0=$(cut -d' ' -f1 /proc/loadavg)
     : >"$WORK/runs.txt"
     for r in $(seq "$ROUNDS"); do
         for target in plain gift discard; do
@@ -231,6 +246,7 @@ bench_rates() {
         done
     done
     rss1=$(rss_kb "$WORKER")
+    load1=$(cut -d' ' -f1 /proc/loadavg)
     sleep 1                     # requests cut by wrk's stop get their PubAck
     stored=$(( $(gifts_stored) - base ))
     WORKER_NOW=$(worker_pid)
@@ -238,7 +254,7 @@ bench_rates() {
     rc=0
     perl -MJSON::PP -e '
         my ($runs, $out, $stored, $rss0, $rss1, $w0, $w1, $conns, $rounds,
-            $dur, $threads) = @ARGV;
+            $dur, $threads, $load0, $load1) = @ARGV;
         my %t;
         open(my $fh, "<", $runs) or die;
         while (<$fh>) {
@@ -256,11 +272,20 @@ bench_rates() {
                 accepted => 0 + eval { my $n = 0; $n += $_->{accepted} for @r; $n },
                 duplicates => 0 + eval { my $n = 0; $n += $_->{duplicates} for @r; $n },
                 other => 0 + eval { my $n = 0; $n += $_->{other} for @r; $n },
+                # CPU per request (us), medians of the rounds
+                cpu_us => { map { my $k = $_;
+                    ($k => 0 + med(map { $_->{"cpu_${k}_us"} } @r)) }
+                    qw(nginx nats wrk) },
                 runs => [ map { { rps => 0 + $_->{rps}, p50_us => 0 + $_->{p50_us},
                     p99_us => 0 + $_->{p99_us} } } @r ],
             };
         }
         my $g = $s{gift};
+        # with the CPU the limit and shared by client and servers (as here),
+        # the rates go inversely to the total CPU a request costs
+        my $tot = sub { my $c = $s{$_[0]}{cpu_us}; $c->{nginx} + $c->{nats}
+            + $c->{wrk} };
+        my $cpu_ratio = $tot->("plain") / $tot->("gift");
         # wrk stops with up to one request per connection in flight: those
         # may be stored without their 202 having been counted
         my $slack = $conns * $rounds;
@@ -270,6 +295,9 @@ bench_rates() {
             bench => "ingest",
             date => scalar(gmtime) . " UTC",
             cpus => 0 + `nproc`,
+            # other jobs on the machine skew every figure: the 1-minute
+            # load average before and after the measured rounds
+            loadavg => [0 + $load0, 0 + $load1],
             nginx_workers => 1,
             wrk => { threads => 0 + $threads, connections => 0 + $conns,
                 duration_s => 0 + $dur, rounds => 0 + $rounds,
@@ -277,6 +305,7 @@ bench_rates() {
             webhook => $g, plain => $s{plain}, discard => $s{discard},
             ratio_webhook_plain => 0 + sprintf("%.3f", $g->{rps} / $s{plain}{rps}),
             ratio_webhook_discard => 0 + sprintf("%.3f", $g->{rps} / $s{discard}{rps}),
+            ratio_webhook_plain_by_cpu => 0 + sprintf("%.3f", $cpu_ratio),
             gifts => { accepted => $g->{accepted}, stored => 0 + $stored,
                 in_flight_allowance => $slack,
                 every_202_stored => $stored >= $g->{accepted} ? JSON::PP::true : JSON::PP::false,
@@ -287,7 +316,8 @@ bench_rates() {
         open(my $o, ">", $out) or die;
         print $o JSON::PP->new->canonical->pretty->encode(\%r);
         close $o;
-        printf "\n%-10s %10s %9s %9s\n", "location", "req/s", "p50 ms", "p99 ms";
+        printf "\n%-10s %10s %9s %9s\n", "location", "req/s", "p50 ms",
+            "p99 ms";
         for my $k (qw(gift plain discard)) {
             printf "/%-9s %10d %9.2f %9.2f\n", $k, $s{$k}{rps},
                 $s{$k}{p50_us} / 1000, $s{$k}{p99_us} / 1000;
@@ -295,14 +325,24 @@ bench_rates() {
         printf "\nwebhook / plain   %.1f%%  (aim: 40%% or more)\n",
             100 * $r{ratio_webhook_plain};
         printf "webhook / discard %.1f%%\n", 100 * $r{ratio_webhook_discard};
+        printf "\nCPU per request (us)  %8s %8s %8s\n", "nginx", "nats", "wrk";
+        printf "/%-20s %8.1f %8.1f %8.1f\n", $_, @{$s{$_}{cpu_us}}{qw(nginx
+            nats wrk)} for qw(gift plain discard);
+        printf "webhook / plain by CPU cost %.1f%% (the rate ratio when "
+            . "nothing else runs)\n\n", 100 * $cpu_ratio;
         printf "GIFTS: %d stored, %d answered 202 (+ up to %d in flight at "
             . "wrk stop), %d duplicate, %d other: %s\n", $stored,
             $g->{accepted}, $slack, $g->{duplicates}, $g->{other},
             $ok ? "every 202 is stored" : "MISMATCH";
         printf "worker RSS %d kB -> %d kB\n", $rss0, $rss1;
+        my $cpus = 0 + `nproc`;
+        printf "note: load average %s before, %s after on %d CPUs: other "
+            . "jobs were running, the figures are low and noisy\n", $load0,
+            $load1, $cpus if $load0 > $cpus || $load1 > $cpus + 4;
         exit($ok ? 0 : 1);
     ' "$WORK/runs.txt" "$OUT/ingest.json" "$stored" "$rss0" "$rss1" \
-        "$WORKER" "$WORKER_NOW" "$CONNS" "$ROUNDS" "$DURATION" "$THREADS" ||
+        "$WORKER" "$WORKER_NOW" "$CONNS" "$ROUNDS" "$DURATION" "$THREADS" \
+        "$load0" "$load1" ||
         rc=$?
     echo "ingest: wrote $OUT/ingest.json"
     return $rc

@@ -32,7 +32,17 @@ typedef struct {
     ngx_msec_t                 heartbeat;
     ngx_event_t                heartbeat_ev;
     ngx_log_t                 *log;
+    ngx_http_gift_out_t       *out_free;        /* written, reusable */
+    ngx_uint_t                 nfree;
 } ngx_http_gift_fanout_t;
+
+
+/*
+ * Output records come from the heap and go back to one free list per
+ * worker once written, so memory follows what is in flight across the
+ * worker, not each client's worst moment (a request pool never shrinks).
+ */
+#define NGX_HTTP_GIFT_OUT_FREE_MAX  4096
 
 
 static ngx_int_t ngx_http_gift_client_push(ngx_http_gift_client_t *c,
@@ -40,6 +50,9 @@ static ngx_int_t ngx_http_gift_client_push(ngx_http_gift_client_t *c,
 static ngx_int_t ngx_http_gift_client_write(ngx_http_gift_client_t *c,
     ngx_chain_t *out);
 static void ngx_http_gift_client_reclaim(ngx_http_gift_client_t *c);
+static void ngx_http_gift_out_free(ngx_http_gift_out_t *o);
+static ngx_int_t ngx_http_gift_client_push_raw(ngx_http_gift_client_t *c,
+    u_char *data, size_t len, ngx_chain_t ***last);
 static ngx_uint_t ngx_http_gift_client_due(ngx_http_gift_client_t *c,
     ngx_http_gift_frame_t *f);
 static ngx_uint_t ngx_http_gift_client_matches(ngx_http_gift_client_t *c,
@@ -53,6 +66,7 @@ static void ngx_http_gift_heartbeat_handler(ngx_event_t *ev);
 static ngx_http_gift_fanout_t  *ngx_http_gift_fanout;
 
 static u_char  ngx_http_gift_sse_heartbeat[] = ":\n\n";
+static u_char  ngx_http_gift_sse_heartbeat_chunk[] = "3\r\n:\n\n\r\n";
 /* a WebSocket ping with no payload */
 static u_char  ngx_http_gift_ws_ping[] = { 0x89, 0x00 };
 
@@ -98,6 +112,7 @@ void
 ngx_http_gift_fanout_exit_process(ngx_cycle_t *cycle)
 {
     ngx_uint_t               i;
+    ngx_http_gift_out_t     *o;
     ngx_http_gift_fanout_t  *fo;
 
     fo = ngx_http_gift_fanout;
@@ -114,6 +129,13 @@ ngx_http_gift_fanout_exit_process(ngx_cycle_t *cycle)
     }
 
     fo->n = 0;
+
+    while (fo->out_free) {
+        o = fo->out_free;
+        fo->out_free = o->next;
+        ngx_free(o);
+    }
+
     ngx_http_gift_fanout = NULL;
 }
 
@@ -157,7 +179,6 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
 
     ngx_http_gift_stat_add(NGX_HTTP_GIFT_STAT_ACKS_IN, n);
 
-    /* the ring takes over the batch's references */
     first = n;
 
     for (i = 0; i < n; i++) {
@@ -175,15 +196,6 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
         }
 
         fo->last_seq = f->seq;
-
-        if (fo->n == fo->size) {
-            ngx_http_gift_frame_release(fo->ring[fo->head]);
-            fo->head = (fo->head + 1) % fo->size;
-            fo->n--;
-        }
-
-        fo->ring[(fo->head + fo->n) % fo->size] = f;
-        fo->n++;
     }
 
     for (q = ngx_queue_head(&fo->clients);
@@ -197,22 +209,38 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
             continue;
         }
 
-        out = NULL;
-        last = &out;
         rc = NGX_OK;
+        i = first;
 
-        for (i = first; i < n && rc == NGX_OK; i++) {
-            f = frames[i];
+        while (rc == NGX_OK && i < n) {
+            out = NULL;
+            last = &out;
 
-            if (f == NULL || !ngx_http_gift_client_due(c, f)) {
-                continue;
+            /*
+             * No more than the backlog has room for, then write: a batch
+             * larger than gift_sse_max_backlog is no reason to cut off a
+             * client whose socket takes it.
+             */
+            for ( /* void */ ; i < n && c->out_n < fo->max_backlog; i++) {
+                f = frames[i];
+
+                if (f == NULL || !ngx_http_gift_client_due(c, f)) {
+                    continue;
+                }
+
+                rc = ngx_http_gift_client_push(c, f, NULL, 0, &last);
+                if (rc != NGX_OK) {
+                    break;
+                }
             }
 
-            rc = ngx_http_gift_client_push(c, f, NULL, 0, &last);
-        }
+            if (rc == NGX_OK && out != NULL) {
+                rc = ngx_http_gift_client_write(c, out);
+            }
 
-        if (rc == NGX_OK && out != NULL) {
-            rc = ngx_http_gift_client_write(c, out);
+            if (rc == NGX_OK && i < n && c->out_n >= fo->max_backlog) {
+                rc = NGX_DECLINED;          /* its socket is full: too slow */
+            }
         }
 
         if (rc == NGX_DECLINED) {
@@ -226,6 +254,28 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
                                           : "write error");
             ngx_http_run_posted_requests(conn);
         }
+    }
+
+    /*
+     * Only now does the ring take over the batch's references: a batch
+     * larger than the ring evicts (frees) frames of this same batch, which
+     * the loop above still used.
+     */
+    for (i = first; i < n; i++) {
+        f = frames[i];
+
+        if (f == NULL) {
+            continue;
+        }
+
+        if (fo->n == fo->size) {
+            ngx_http_gift_frame_release(fo->ring[fo->head]);
+            fo->head = (fo->head + 1) % fo->size;
+            fo->n--;
+        }
+
+        fo->ring[(fo->head + fo->n) % fo->size] = f;
+        fo->n++;
     }
 }
 
@@ -298,8 +348,9 @@ ngx_int_t
 ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
     uint64_t last_seq, u_char *preamble, size_t plen)
 {
-    ngx_chain_t             *out, **last;
-    ngx_http_gift_fanout_t  *fo;
+    ngx_chain_t               *out, **last;
+    ngx_http_gift_fanout_t    *fo;
+    ngx_http_core_loc_conf_t  *clcf;
 
     fo = ngx_http_gift_fanout;
 
@@ -323,10 +374,22 @@ ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
     /* graceful shutdown and reload close streaming connections */
     c->request->connection->idle = 1;
 
+    /*
+     * Events are small writes: without TCP_NODELAY, one written while the
+     * previous is unacknowledged waits for the client's (delayed) ACK,
+     * 40 ms on Linux, 200 ms on Windows.  nginx sets it only on keepalive.
+     */
+    clcf = ngx_http_get_module_loc_conf(c->request, ngx_http_core_module);
+
+    if (clcf->tcp_nodelay && ngx_tcp_nodelay(c->request->connection) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     out = NULL;
     last = &out;
 
-    if (plen && ngx_http_gift_client_push(c, NULL, preamble, plen, &last)
+    if (plen && ngx_http_gift_client_push_raw(c, preamble, plen, &last)
                 != NGX_OK)
     {
         return NGX_ERROR;
@@ -420,7 +483,7 @@ ngx_http_gift_fanout_replay(ngx_http_gift_client_t *c, uint64_t after,
             len += 2;
         }
 
-        if (ngx_http_gift_client_push(c, NULL, p, len, last) != NGX_OK) {
+        if (ngx_http_gift_client_push_raw(c, p, len, last) != NGX_OK) {
             return NGX_ERROR;
         }
     }
@@ -462,11 +525,20 @@ ngx_http_gift_fanout_detach(ngx_http_gift_client_t *c)
         ngx_http_gift_fanout->nclients--;
     }
 
-    for (o = c->out_head; o; o = o->next) {
+    /*
+     * The request ends: its unwritten buffers are never written.  They are
+     * freed, not reused, since the request's chains still point at them
+     * until it is closed.
+     */
+    while (c->out_head != NULL) {
+        o = c->out_head;
+        c->out_head = o->next;
+
         if (o->frame) {
             ngx_http_gift_frame_release(o->frame);
-            o->frame = NULL;
         }
+
+        ngx_free(o);
     }
 
     c->out_head = NULL;
@@ -484,11 +556,47 @@ ngx_http_gift_fanout_send_raw(ngx_http_gift_client_t *c, u_char *data,
     out = NULL;
     last = &out;
 
-    if (ngx_http_gift_client_push(c, NULL, data, len, &last) != NGX_OK) {
+    if (ngx_http_gift_client_push_raw(c, data, len, &last) != NGX_OK) {
         return NGX_ERROR;
     }
 
     return ngx_http_gift_client_write(c, out);
+}
+
+
+/*
+ * Queue bytes that are not a shared frame: as they are, or, for an SSE
+ * client whose HTTP chunks we frame ourselves, as one chunk (a copy in the
+ * request's pool: used for one-off texts, not per acknowledgement).
+ */
+static ngx_int_t
+ngx_http_gift_client_push_raw(ngx_http_gift_client_t *c, u_char *data,
+    size_t len, ngx_chain_t ***last)
+{
+    u_char  *p, *start;
+
+    if (!c->chunked) {
+        return ngx_http_gift_client_push(c, NULL, data, len, last);
+    }
+
+    if (data == ngx_http_gift_sse_heartbeat) {
+        return ngx_http_gift_client_push(c, NULL,
+                                         ngx_http_gift_sse_heartbeat_chunk,
+                                         sizeof(ngx_http_gift_sse_heartbeat_chunk)
+                                         - 1, last);
+    }
+
+    start = ngx_pnalloc(c->request->pool, len + NGX_SIZE_T_LEN + 4);
+    if (start == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_sprintf(start, "%xz\r\n", len);
+    p = ngx_cpymem(p, data, len);
+    *p++ = '\r';
+    *p++ = '\n';
+
+    return ngx_http_gift_client_push(c, NULL, start, p - start, last);
 }
 
 
@@ -507,13 +615,14 @@ ngx_http_gift_client_push(ngx_http_gift_client_t *c, ngx_http_gift_frame_t *f,
         return NGX_DECLINED;
     }
 
-    o = c->out_free;
+    o = ngx_http_gift_fanout->out_free;
 
     if (o != NULL) {
-        c->out_free = o->next;
+        ngx_http_gift_fanout->out_free = o->next;
+        ngx_http_gift_fanout->nfree--;
 
     } else {
-        o = ngx_palloc(c->request->pool, sizeof(ngx_http_gift_out_t));
+        o = ngx_alloc(sizeof(ngx_http_gift_out_t), c->request->connection->log);
         if (o == NULL) {
             return NGX_ERROR;
         }
@@ -524,7 +633,10 @@ ngx_http_gift_client_push(ngx_http_gift_client_t *c, ngx_http_gift_frame_t *f,
     if (f != NULL) {
         ngx_http_gift_stat_add(NGX_HTTP_GIFT_STAT_DELIVERIES, 1);
 
-        if (c->kind == NGX_HTTP_GIFT_CLIENT_SSE) {
+        if (c->kind == NGX_HTTP_GIFT_CLIENT_SSE && c->chunked) {
+            data = f->sse_chunk;
+            len = f->sse_chunk_len;
+        } else if (c->kind == NGX_HTTP_GIFT_CLIENT_SSE) {
             data = f->sse;
             len = f->sse_len;
         } else {
@@ -555,6 +667,22 @@ ngx_http_gift_client_push(ngx_http_gift_client_t *c, ngx_http_gift_frame_t *f,
     *last = &o->cl.next;
 
     return NGX_OK;
+}
+
+
+static void
+ngx_http_gift_out_free(ngx_http_gift_out_t *o)
+{
+    ngx_http_gift_fanout_t  *fo = ngx_http_gift_fanout;
+
+    if (fo == NULL || fo->nfree >= NGX_HTTP_GIFT_OUT_FREE_MAX) {
+        ngx_free(o);
+        return;
+    }
+
+    o->next = fo->out_free;
+    fo->out_free = o;
+    fo->nfree++;
 }
 
 
@@ -621,8 +749,7 @@ ngx_http_gift_client_reclaim(ngx_http_gift_client_t *c)
             o->frame = NULL;
         }
 
-        o->next = c->out_free;
-        c->out_free = o;
+        ngx_http_gift_out_free(o);
     }
 
     if (c->out_head == NULL) {

@@ -72,6 +72,8 @@ typedef struct {
     size_t                     json_len;
     u_char                    *sse;             /* id:, event:, data: */
     size_t                     sse_len;
+    u_char                    *sse_chunk;       /* the same as one HTTP */
+    size_t                     sse_chunk_len;   /* chunk: "<hex>\r\n...\r\n" */
     u_char                    *ws;              /* a WebSocket text frame */
     size_t                     ws_len;
 } ngx_http_gift_frame_t;
@@ -204,12 +206,12 @@ typedef struct {
     ngx_array_t               *statuses;
     ngx_http_gift_out_t       *out_head;        /* written in this order */
     ngx_http_gift_out_t      **out_tail;
-    ngx_http_gift_out_t       *out_free;
     ngx_uint_t                 out_n;
     uint64_t                   connect_seq;     /* live position at attach */
     unsigned                   from_now:1;      /* no history: live only */
     unsigned                   attached:1;
     unsigned                   closing:1;       /* close once written */
+    unsigned                   chunked:1;       /* we frame HTTP chunks */
 } ngx_http_gift_client_t;
 
 

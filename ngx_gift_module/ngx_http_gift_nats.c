@@ -665,7 +665,8 @@ ngx_http_gift_on_ack(natsConnection *nc, natsSubscription *sub, natsMsg *msg,
 
     u_char                 *p;
     char                    json[GIFT_JSON_MAX];
-    size_t                  jlen, dlen, rlen, slen, wlen, hlen, cap;
+    size_t                  jlen, dlen, rlen, slen, wlen, hlen, clen, cap;
+    u_char                  sid[64], chunk[24];
     void                  **items;
     uint64_t                seq, one = 1;
     ngx_uint_t              was_empty;
@@ -700,12 +701,14 @@ ngx_http_gift_on_ack(natsConnection *nc, natsSubscription *sub, natsMsg *msg,
 
     dlen = strlen(ack->device_id);
     rlen = strlen(ack->room_id);
-    slen = sizeof("id: \nevent: ack\ndata: \n\n") - 1 + NGX_INT64_LEN + jlen;
+    slen = ngx_sprintf(sid, "id: %uL\nevent: ack\ndata: ", seq) - sid;
+    slen += jlen + 2;
+    clen = ngx_sprintf(chunk, "%xz\r\n", slen) - chunk;
     hlen = jlen < 126 ? 2 : (jlen < 65536 ? 4 : 10);
     wlen = hlen + jlen;
 
-    f = malloc(sizeof(ngx_http_gift_frame_t) + jlen + slen + wlen + dlen
-               + rlen + 2);
+    f = malloc(sizeof(ngx_http_gift_frame_t) + jlen + clen + slen + 2 + wlen
+               + dlen + rlen + 2);
     if (f == NULL) {
         gift__v1__gift_ack__free_unpacked(ack, NULL);
         return;
@@ -721,12 +724,22 @@ ngx_http_gift_on_ack(natsConnection *nc, natsSubscription *sub, natsMsg *msg,
     f->json_len = jlen;
     p = ngx_cpymem(p, json, jlen);
 
+    /*
+     * SSE clients over HTTP/1.1 get the frame as one HTTP chunk that we
+     * frame here, once: nginx's chunked filter would keep references to
+     * each client's buffers (see ngx_http_gift_sse.c).
+     */
+    f->sse_chunk = p;
+    p = ngx_cpymem(p, chunk, clen);
     f->sse = p;
     p = ngx_sprintf(p, "id: %uL\nevent: ack\ndata: ", seq);
     p = ngx_cpymem(p, json, jlen);
     *p++ = '\n';
     *p++ = '\n';
     f->sse_len = p - f->sse;
+    *p++ = '\r';
+    *p++ = '\n';
+    f->sse_chunk_len = p - f->sse_chunk;
 
     /* RFC 6455: FIN + text, unmasked, 7/16/64-bit payload length */
     f->ws = p;
@@ -926,10 +939,11 @@ ngx_http_gift_bridge_connect(ngx_http_gift_bridge_t *b)
     if (s == NATS_OK) {
         s = natsOptions_SetReconnectJitter(opts, 100, 1000);
     }
-    if (s == NATS_OK) {
-        /* a publish is written at once: latency matters more than batching */
-        s = natsOptions_SetSendAsap(opts, true);
-    }
+    /*
+     * No SendAsap: the bridge writes a whole batch and then flushes it (see
+     * ngx_http_gift_bridge_thread), one write for many publishes.  cnats's
+     * own flusher would wait a millisecond first.
+     */
     if (s == NATS_OK) {
         s = natsOptions_SetPingInterval(opts, 5000);
     }
@@ -1061,6 +1075,15 @@ ngx_http_gift_bridge_thread(void *arg)
             }
 
             natsMsg_Destroy(msg);
+        }
+
+        /*
+         * One write and one PING/PONG for the batch: while the bridge waits
+         * for the PONG, the next requests gather into the next batch.  A
+         * failure needs nothing here: unanswered requests time out.
+         */
+        if (batch.n && b->nc != NULL && atomic_load(&b->connected)) {
+            (void) natsConnection_FlushTimeout(b->nc, 1000);
         }
 
         batch.n = 0;

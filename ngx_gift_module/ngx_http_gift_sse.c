@@ -94,6 +94,18 @@ ngx_http_gift_sse_handler(ngx_http_request_t *r)
         return rc;
     }
 
+    /*
+     * Over HTTP/1.1 the body is chunked.  nginx's chunked filter keeps each
+     * buffer it wraps on a busy list until its next call, which would pin
+     * the output records that the fan-out recycles across clients; so the
+     * frames carry their own chunk framing (made once per worker) and the
+     * filter is switched off for this request.
+     */
+    if (r->chunked) {
+        r->chunked = 0;
+        c->chunked = 1;
+    }
+
     ngx_http_set_ctx(r, c, ngx_http_gift_module);
 
     cln = ngx_http_cleanup_add(r, 0);

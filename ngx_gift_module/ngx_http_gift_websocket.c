@@ -237,6 +237,16 @@ ngx_http_gift_websocket_handler(ngx_http_request_t *r)
         return NGX_ERROR;
     }
 
+    /*
+     * The 101 is small: nginx's write filter holds it (postpone_output)
+     * until something with a flush follows, and without a replay that is
+     * the first acknowledgement or ping, up to gift_sse_heartbeat later;
+     * the browser's "open" waits as long.  Send it now.
+     */
+    if (ngx_http_send_special(r, NGX_HTTP_FLUSH) == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
     r->read_event_handler = ngx_http_gift_ws_read;
 
     r->main->count++;

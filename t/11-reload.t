@@ -38,6 +38,7 @@ my $p = GiftFaults::start_posters(port => $ngx->port, conns => 6,
 
 for my $round (1, 2) {
     my $n0 = $p->count;
+    sleep 1;
     ok(GiftTest::wait_until(10, sub { $p->count >= $n0 + 300 }),
         "reload $round: gifts flowing");
     my $off = length GiftTest::slurp($ngx->error_log);
@@ -59,7 +60,8 @@ for my $round (1, 2) {
     ok(GiftFaults::wait_log_each($ngx->error_log, $gen[-1],
         qr/connected to NATS/, 10, $off),
         "reload $round: new workers connected");
-    ok(GiftTest::wait_until(15, sub { !grep { GiftFaults::pid_alive($_) } @old }),
+    ok(GiftTest::wait_until(15, sub {
+        !grep { GiftFaults::pid_alive($_) } @old }),
         "reload $round: old workers gone");
     my $log = substr(GiftTest::slurp($ngx->error_log), $off);
     for my $w (@old) {
@@ -81,7 +83,7 @@ for my $r (@rec) {
         : "$r->{status} $r->{raw}";
     $by{$code}++;
     if ($r->{status} == 599) {
-        # the connection closed under a request: HTTP::Tiny's own error
+        # the connection closed under a request (599: the client's own code)
         push @closed, $r;
         push @odd, $r unless $r->{raw} =~
             /closed|reset|Broken pipe|end of stream|EOF/i;
@@ -118,8 +120,33 @@ is($closed_dup, 0, 'a request cut by a closing connection was not processed');
 is(GiftFaults::js_stream_info($nats->url, 'GIFTS')->{state}{messages},
     scalar @rec, 'GIFTS holds each gift exactly once');
 
+# --- a reload while cnats is reconnecting (nats-server stopped): closing a
+# connection that is reconnecting must not hold up the old workers' exit
+my @old = @{$gen[-1]};
+my $off = length GiftTest::slurp($ngx->error_log);
+$nats->stop;
+ok(GiftFaults::wait_log_each($ngx->error_log, \@old,
+    qr/disconnected from NATS/, 5, $off), 'NATS down: the workers saw it');
+my $t = time;
+$ngx->reload;
+push @gen, [$ngx->workers];
+ok(GiftTest::wait_until(15, sub { !grep { GiftFaults::pid_alive($_) } @old }),
+    'NATS down: old workers gone');
+cmp_ok(time - $t, '<', 5, sprintf('NATS down: within %.1f s', time - $t));
+my $log = substr(GiftTest::slurp($ngx->error_log), $off);
+like($log, qr/worker process $_ exited with code 0/,
+    "NATS down: old worker $_ exited with code 0") for @old;
+$off = length GiftTest::slurp($ngx->error_log);
+$nats->restart;
+ok(GiftFaults::wait_log_each($ngx->error_log, $gen[-1], qr/connected to NATS/,
+    15, $off), 'NATS back: the new workers connected');
+my ($st) = GiftTest::post_gift($ngx->port, GiftTest::gift());
+is($st, 202, 'NATS back: gifts accepted');
+
 # --- old workers left nothing behind
 my @log = split /\n/, GiftTest::slurp($ngx->error_log);
+is_deeply([grep { /worker process \d+ exited with code [1-9]/ } @log], [],
+    'every worker exited with code 0');
 is_deeply([grep { /threads did not stop in time/ } @log], [],
     'cnats threads stopped in time');
 is_deeply([grep { /open socket .* left in connection/ } @log], [],

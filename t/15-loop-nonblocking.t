@@ -61,11 +61,12 @@ sub summary {
     my ($name, $m) = @_;
     my @g = @{$m->{get}};
     my @p = @{$m->{post}};
+    my $ms = sub { 1000 * GiftFaults::percentile(@_) };
     diag sprintf('%-9s GET /static n=%d p50 %.2f ms max %.2f ms; '
         . 'POST /gift p50 %.2f ms max %.2f ms; %s', $name, scalar @g,
-        1000 * GiftFaults::percentile(50, @g), 1000 * GiftFaults::percentile(100, @g),
-        1000 * GiftFaults::percentile(50, @p), 1000 * GiftFaults::percentile(100, @p),
-        join(', ', map { "$_: $m->{post_st}{$_}" } sort keys %{$m->{post_st}}));
+        $ms->(50, @g), $ms->(100, @g), $ms->(50, @p), $ms->(100, @p),
+        join(', ', map { "$_: $m->{post_st}{$_}" }
+            sort keys %{$m->{post_st}}));
 }
 
 my $base = measure(2);

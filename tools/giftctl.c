@@ -50,7 +50,8 @@ usage(FILE *f)
         "                       publish dead-lettered gifts to GIFTS again and\n"
         "                       remove them from the DLQ\n"
         "\n"
-        "  -s URL   NATS server (default $NATS_URL or " DEFAULT_URL ")\n");
+        "  -s URL   NATS server, or several separated by commas\n"
+        "           (default $NATS_URL or " DEFAULT_URL ")\n");
 }
 
 static void
@@ -65,10 +66,24 @@ connect_nats(const char *url, natsConnection **nc, jsCtx **js)
 {
     natsOptions *opts = NULL;
     natsStatus   s;
+    char        *list, *tok, *save;
+    const char  *servers[16];
+    int          n = 0;
+
+    /* "nats://a:4222,nats://b:4222": the servers of a cluster */
+    list = strdup(url);
+    if (list == NULL) {
+        return -1;
+    }
+    for (tok = strtok_r(list, ",", &save); tok != NULL && n < 16;
+         tok = strtok_r(NULL, ",", &save))
+    {
+        servers[n++] = tok;
+    }
 
     s = natsOptions_Create(&opts);
     if (s == NATS_OK) {
-        s = natsOptions_SetServers(opts, &url, 1);
+        s = natsOptions_SetServers(opts, servers, n);
     }
     if (s == NATS_OK) {
         s = natsOptions_SetTimeout(opts, 3000);
@@ -83,6 +98,7 @@ connect_nats(const char *url, natsConnection **nc, jsCtx **js)
         s = natsConnection_Connect(nc, opts);
     }
     natsOptions_Destroy(opts);
+    free(list);
     if (s != NATS_OK) {
         fprintf(stderr, "giftctl: cannot connect to %s: %s\n", url,
                 natsStatus_GetText(s));

@@ -9,7 +9,6 @@ package GiftFaults;
 use strict;
 use warnings;
 
-use Fcntl qw(:flock);
 use HTTP::Tiny;
 use IO::Select;
 use IO::Socket::INET;
@@ -30,7 +29,7 @@ END {
         kill 'KILL', $pid;
         waitpid($pid, 0);
     }
-    stop_orphan_risk();
+    stop_our_nginx();
 }
 
 # GiftTest's END sends SIGKILL to what is left, and a SIGKILLed nginx master
@@ -38,7 +37,7 @@ END {
 # When a test dies early, stop our nginx masters with SIGTERM first and wait
 # until they have taken their workers down (they stay zombies for GiftTest's
 # END to reap, so no PID can be reused meanwhile).
-sub stop_orphan_risk {
+sub stop_our_nginx {
     my @masters;
     for my $p (glob '/proc/[0-9]*/stat') {
         my $s = GiftTest::slurp($p) or next;
@@ -118,17 +117,11 @@ sub freeze {
 
 sub pid_alive {
     my ($pid) = @_;
-    return -e "/proc/$pid" && GiftTest::slurp("/proc/$pid/stat") !~ /^\d+ \(.*?\) Z/;
+    return -e "/proc/$pid"
+        && GiftTest::slurp("/proc/$pid/stat") !~ /^\d+ \(.*?\) Z/;
 }
 
 # ------------------------------------------------------------------ logs
-
-# Log lines of one process (nginx prefixes each with "PID#TID:").
-sub log_lines_of {
-    my ($file, $pid, $re) = @_;
-    return grep { /\] $pid#\d+: / && (!$re || $_ =~ $re) }
-        split /\n/, GiftTest::slurp($file);
-}
 
 # Wait until every PID in @$pids has logged a line matching $re (after
 # byte offset $from of the file).
@@ -519,14 +512,6 @@ sub js_stream_info {
     return $r;
 }
 
-sub js_purge {
-    my ($url, $stream) = @_;
-    my $c = GiftFaults::NatsClient->new($url);
-    my $r = $c->request("\$JS.API.STREAM.PURGE.$stream", '');
-    $c->disconnect;
-    return $r;
-}
-
 # Every stored message of $stream as { seq => { id => Nats-Msg-Id,
 # subject => ... } }, read with $JS.API.STREAM.MSG.GET over one connection.
 sub stream_ids {
@@ -603,7 +588,8 @@ sub connz {
 sub worker_conns {
     my ($mport) = @_;
     my $c = connz($mport) or return undef;
-    return [ sort map { ($_->{name} // '') =~ /nginx-gift worker (\d+)/ ? $1 : () }
+    return [ sort map {
+        ($_->{name} // '') =~ /nginx-gift worker (\d+)/ ? $1 : () }
         @{$c->{connections} || []} ];
 }
 

@@ -153,6 +153,29 @@ sub js_publish {
     return $JSON->decode($p);
 }
 
+# Publish many GiftAcks back to back (pipelined), then collect the PubAcks:
+# they reach the workers as one burst.  Returns the sequences.
+sub publish_acks_burst {
+    my ($self, @acks) = @_;
+    my $buf = '';
+    for my $a (@acks) {
+        $a->{status} //= 'ok';
+        $a->{completedAtMs} //= int(time * 1000);
+        my $data = encode_ack($a);
+        my $reply = "$self->{inbox}." . (++$self->{sid});
+        my $hdr = "NATS/1.0\r\nNats-Msg-Id: $a->{eventId}:ack\r\n\r\n";
+        $buf .= "HPUB gift.acks.$a->{deviceId} $reply " . length($hdr) . ' '
+            . (length($hdr) + length($data)) . "\r\n$hdr$data\r\n";
+    }
+    print {$self->{sock}} $buf;
+    my @seqs;
+    for (@acks) {
+        my ($subj, $h, $p) = $self->_next_msg(10);
+        push @seqs, $JSON->decode($p)->{seq};
+    }
+    return @seqs;
+}
+
 # Publish a GiftAck as the dispatcher does.
 sub publish_ack {
     my ($self, %a) = @_;

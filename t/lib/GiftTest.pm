@@ -29,6 +29,13 @@ my $owner = $$;
 END {
     local $?;       # waitpid below must not change the test's exit status
     return unless $$ == $owner;
+    # nginx masters first, with TERM: a KILLed master leaves its workers
+    for my $pid (grep { $children{$_} eq 'nginx' } keys %children) {
+        kill 'TERM', $pid;
+        my $end = time + 5;
+        sleep 0.05 while waitpid($pid, WNOHANG) == 0 && time < $end;
+        delete $children{$pid} unless kill(0, $pid);
+    }
     for my $pid (keys %children) {
         kill 'KILL', $pid;
         waitpid($pid, 0);
@@ -159,6 +166,7 @@ sub new {
         dir  => $a{dir} // GiftTest::tempdir(),
         port => $a{port} // GiftTest::free_port(),
         args => $a{args} // [],
+        conf => $a{conf},       # a config file: used instead of the flags
     }, $class;
     GiftTest::make_path("$self->{dir}/nats");
     return $self;
@@ -171,10 +179,11 @@ sub log { $_[0]{dir} . '/nats.log' }
 
 sub start {
     my ($self) = @_;
+    my @argv = $self->{conf} ? ('-c', $self->{conf})
+        : ('-js', '-a', '127.0.0.1', '-p', $self->{port}, '-sd',
+           "$self->{dir}/nats", @{$self->{args}});
     $self->{pid} = GiftTest::spawn('nats-server', $self->log,
-        GiftTest::find_bin('nats-server'), '-js', '-a', '127.0.0.1',
-        '-p', $self->{port}, '-sd', "$self->{dir}/nats",
-        @{$self->{args}});
+        GiftTest::find_bin('nats-server'), @argv);
     my $ok = GiftTest::wait_until(10, sub {
         GiftTest::slurp($self->log) =~ /Server is ready/
             && GiftTest::port_open($self->{port});
