@@ -18,13 +18,9 @@ static char *ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
 static char *ngx_http_gift_nats_url(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
-static char *ngx_http_gift_webhook(ngx_conf_t *cf, ngx_command_t *cmd,
+static char *ngx_http_gift_handler(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-static char *ngx_http_gift_sse(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-static char *ngx_http_gift_websocket(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_gift_ws_origin(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
@@ -42,6 +38,26 @@ static ngx_http_variable_t  ngx_http_gift_vars[] = {
       1, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
+};
+
+
+/* What a location directive installs (the `post` of its command). */
+typedef struct {
+    ngx_http_handler_pt        handler;
+    ngx_uint_t                 follow_acks;     /* it streams GIFT_ACKS */
+} ngx_http_gift_handler_t;
+
+
+static ngx_http_gift_handler_t  ngx_http_gift_webhook_post = {
+    ngx_http_gift_webhook_handler, 0
+};
+
+static ngx_http_gift_handler_t  ngx_http_gift_sse_post = {
+    ngx_http_gift_sse_handler, 1
+};
+
+static ngx_http_gift_handler_t  ngx_http_gift_websocket_post = {
+    ngx_http_gift_websocket_handler, 1
 };
 
 
@@ -83,10 +99,10 @@ static ngx_command_t  ngx_http_gift_commands[] = {
 
     { ngx_string("gift_webhook"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
-      ngx_http_gift_webhook,
+      ngx_http_gift_handler,
       NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
+      offsetof(ngx_http_gift_loc_conf_t, webhook),
+      &ngx_http_gift_webhook_post },
 
     { ngx_string("gift_publish_timeout"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
@@ -125,10 +141,10 @@ static ngx_command_t  ngx_http_gift_commands[] = {
 
     { ngx_string("gift_sse"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
-      ngx_http_gift_sse,
+      ngx_http_gift_handler,
       NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
+      offsetof(ngx_http_gift_loc_conf_t, sse),
+      &ngx_http_gift_sse_post },
 
     { ngx_string("gift_sse_allow_origin"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
@@ -146,10 +162,10 @@ static ngx_command_t  ngx_http_gift_commands[] = {
 
     { ngx_string("gift_websocket"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
-      ngx_http_gift_websocket,
+      ngx_http_gift_handler,
       NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
+      offsetof(ngx_http_gift_loc_conf_t, websocket),
+      &ngx_http_gift_websocket_post },
 
     { ngx_string("gift_websocket_allow_origin"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
@@ -442,25 +458,33 @@ ngx_http_gift_nats_url(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/* gift_webhook, gift_sse, gift_websocket: the location's content handler */
 static char *
-ngx_http_gift_webhook(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+ngx_http_gift_handler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
-    ngx_http_gift_loc_conf_t *glcf = conf;
+    ngx_http_gift_handler_t *h = cmd->post;
 
+    ngx_flag_t                 *flag;
     ngx_http_core_loc_conf_t   *clcf;
     ngx_http_gift_main_conf_t  *gmcf;
 
-    if (glcf->webhook != NGX_CONF_UNSET) {
+    flag = (ngx_flag_t *) ((char *) conf + cmd->offset);
+
+    if (*flag != NGX_CONF_UNSET) {
         return "is duplicate";
     }
 
-    glcf->webhook = 1;
+    *flag = 1;
 
     gmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_gift_module);
     gmcf->used = 1;
 
+    if (h->follow_acks) {
+        gmcf->follow_acks = 1;
+    }
+
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-    clcf->handler = ngx_http_gift_webhook_handler;
+    clcf->handler = h->handler;
 
     return NGX_CONF_OK;
 }
@@ -497,56 +521,6 @@ ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     s->data = value[1].data;
     s->len = value[1].len;
-
-    return NGX_CONF_OK;
-}
-
-
-static char *
-ngx_http_gift_sse(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    ngx_http_gift_loc_conf_t *glcf = conf;
-
-    ngx_http_core_loc_conf_t   *clcf;
-    ngx_http_gift_main_conf_t  *gmcf;
-
-    if (glcf->sse != NGX_CONF_UNSET) {
-        return "is duplicate";
-    }
-
-    glcf->sse = 1;
-
-    gmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_gift_module);
-    gmcf->used = 1;
-    gmcf->follow_acks = 1;
-
-    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-    clcf->handler = ngx_http_gift_sse_handler;
-
-    return NGX_CONF_OK;
-}
-
-
-static char *
-ngx_http_gift_websocket(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    ngx_http_gift_loc_conf_t *glcf = conf;
-
-    ngx_http_core_loc_conf_t   *clcf;
-    ngx_http_gift_main_conf_t  *gmcf;
-
-    if (glcf->websocket != NGX_CONF_UNSET) {
-        return "is duplicate";
-    }
-
-    glcf->websocket = 1;
-
-    gmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_gift_module);
-    gmcf->used = 1;
-    gmcf->follow_acks = 1;
-
-    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-    clcf->handler = ngx_http_gift_websocket_handler;
 
     return NGX_CONF_OK;
 }

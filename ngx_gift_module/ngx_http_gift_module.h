@@ -277,6 +277,9 @@ ngx_int_t ngx_http_gift_websocket_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_gift_webhook_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_gift_send_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *code, const char *message, const char *field);
+/* A whole answer from one buffer of the request's pool. */
+ngx_int_t ngx_http_gift_send_body(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *type, u_char *body, size_t len);
 /* data 0: $gift_event_id, 1: $gift_publish_ms */
 ngx_int_t ngx_http_gift_webhook_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);

@@ -215,10 +215,11 @@ ngx_http_gift_status_handler(ngx_http_request_t *r)
     uint64_t                cum;
     ngx_int_t               rc;
     ngx_uint_t              i, nworkers;
-    ngx_buf_t              *b;
-    ngx_chain_t             out;
     ngx_core_conf_t        *ccf;
     ngx_http_gift_stats_t  *st;
+
+    static ngx_str_t  type =
+        ngx_string("text/plain; version=0.0.4; charset=utf-8");
 
     if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
         return NGX_HTTP_NOT_ALLOWED;
@@ -310,32 +311,5 @@ ngx_http_gift_status_handler(ngx_http_request_t *r)
                         i, st->workers[i].reconnects);
     }
 
-    r->headers_out.status = NGX_HTTP_OK;
-    r->headers_out.content_length_n = p - start;
-    ngx_str_set(&r->headers_out.content_type,
-                "text/plain; version=0.0.4; charset=utf-8");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
-    r->headers_out.content_type_lowcase = NULL;
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    b = ngx_calloc_buf(r->pool);
-    if (b == NULL) {
-        return NGX_ERROR;
-    }
-
-    b->pos = start;
-    b->last = p;
-    b->memory = 1;
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return ngx_http_gift_send_body(r, NGX_HTTP_OK, &type, start, p - start);
 }
