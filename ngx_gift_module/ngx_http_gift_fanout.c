@@ -58,7 +58,7 @@ static ngx_uint_t ngx_http_gift_client_due(ngx_http_gift_client_t *c,
 static ngx_uint_t ngx_http_gift_client_matches(ngx_http_gift_client_t *c,
     ngx_http_gift_frame_t *f);
 static ngx_int_t ngx_http_gift_fanout_replay(ngx_http_gift_client_t *c,
-    uint64_t after, uint64_t upto, ngx_chain_t ***last);
+    uint64_t after, uint64_t upto, ngx_chain_t **out, ngx_chain_t ***last);
 static void ngx_http_gift_client_write_handler(ngx_http_request_t *r);
 static void ngx_http_gift_heartbeat_handler(ngx_event_t *ev);
 
@@ -405,7 +405,7 @@ ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
 
     ngx_http_gift_stat_add(NGX_HTTP_GIFT_STAT_RESUMES, 1);
 
-    if (ngx_http_gift_fanout_replay(c, last_seq, fo->last_seq, &last)
+    if (ngx_http_gift_fanout_replay(c, last_seq, fo->last_seq, &out, &last)
         != NGX_OK)
     {
         return NGX_ERROR;
@@ -429,7 +429,8 @@ ngx_http_gift_fanout_resume(ngx_http_gift_client_t *c, uint64_t last_seq)
 
     /* live frames after connect_seq went out already */
     if (last_seq < c->connect_seq
-        && ngx_http_gift_fanout_replay(c, last_seq, c->connect_seq, &last)
+        && ngx_http_gift_fanout_replay(c, last_seq, c->connect_seq, &out,
+                                       &last)
            != NGX_OK)
     {
         return NGX_ERROR;
@@ -448,7 +449,7 @@ ngx_http_gift_fanout_resume(ngx_http_gift_client_t *c, uint64_t last_seq)
  */
 static ngx_int_t
 ngx_http_gift_fanout_replay(ngx_http_gift_client_t *c, uint64_t after,
-    uint64_t upto, ngx_chain_t ***last)
+    uint64_t upto, ngx_chain_t **out, ngx_chain_t ***last)
 {
     u_char                  *p;
     size_t                   len;
@@ -495,6 +496,24 @@ ngx_http_gift_fanout_replay(ngx_http_gift_client_t *c, uint64_t after,
             || !ngx_http_gift_client_matches(c, f))
         {
             continue;
+        }
+
+        /*
+         * A replay may be longer than the backlog: write what is queued
+         * and go on while the socket takes it (a new connection's buffer
+         * is large); only a client whose socket stays full is cut.
+         */
+        if (c->out_n >= ngx_http_gift_fanout->max_backlog) {
+            if (ngx_http_gift_client_write(c, *out) != NGX_OK) {
+                return NGX_ERROR;
+            }
+
+            *out = NULL;
+            *last = out;
+
+            if (c->out_n >= ngx_http_gift_fanout->max_backlog) {
+                return NGX_ERROR;
+            }
         }
 
         if (ngx_http_gift_client_push(c, f, NULL, 0, last) != NGX_OK) {

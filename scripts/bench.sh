@@ -19,8 +19,11 @@ mkdir -p "$GIFT_BENCH_OUT"
 benches=()
 [[ -f bench/ingest.sh ]] && benches+=(bench/ingest.sh)
 for b in bench/*.sh; do
-    [[ -f $b && $b != bench/ingest.sh ]] && benches+=("$b")
+    [[ -f $b && $b != bench/ingest.sh && $b != bench/report.sh ]] \
+        && benches+=("$b")
 done
+# the report reads every other bench's JSON: always last
+[[ -f bench/report.sh ]] && benches+=(bench/report.sh)
 if [[ -n ${GIFT_BENCHES:-} ]]; then
     keep=()
     for b in "${benches[@]}"; do
