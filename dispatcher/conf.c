@@ -291,14 +291,20 @@ get_set(errs_t *e, const config_setting_t *g, const char *key, dstrset_t *dst)
 }
 
 static const char *const k_top[] = {
-    "log_level", "nats", "mqtt", "devices", "rules", NULL
+    "log_level", "nats", "mqtt", "devices", "rules", "metrics", NULL
+};
+static const char *const k_metrics[] = {
+    "listen", "enabled", NULL
+};
+static const char *const k_devone[] = {
+    "id", "rounds_per_minute", "paused", NULL
 };
 static const char *const k_nats[] = {
     "url", "urls", "name", "user", "password", "token", "creds", "tls_ca",
     "tls_cert", "tls_key", "reconnect_min_ms", "reconnect_max_ms",
     "provision", "replicas", "ack_wait_ms", "max_ack_pending", "fetch_batch",
     "fetch_wait_ms", "max_inflight", "publish_timeout_ms", "publish_retry_ms",
-    "retry_delays_ms", "shutdown_timeout_ms", NULL
+    "retry_delays_ms", "shutdown_timeout_ms", "done_markers", NULL
 };
 static const char *const k_mqtt[] = {
     "host", "port", "client_id", "access_token", "password", "keepalive",
@@ -310,7 +316,8 @@ static const char *const k_tls[] = {
     "ca_file", "ca_path", "cert_file", "key_file", "version", "insecure", NULL
 };
 static const char *const k_dev[] = {
-    "max_inflight", "coalesce_max_events", "coalesce_max_rounds", NULL
+    "max_inflight", "coalesce_max_events", "coalesce_max_rounds",
+    "rounds_per_minute", "control", "device", NULL
 };
 static const char *const k_rules[] = {
     "default_device", "default_multiplier", "max_rounds", "catalogue",
@@ -338,6 +345,7 @@ defaults(dconf_t *c)
     c->publish_timeout_ms = 5000;
     c->publish_retry_ms = 1000;
     c->shutdown_timeout_ms = 10000;
+    c->done_markers = 1;
 
     c->mqtt_port = 1883;
     c->mqtt_keepalive = 30;
@@ -352,6 +360,8 @@ defaults(dconf_t *c)
     c->dev_max_inflight = 1;
     c->coalesce_max_events = 64;
     c->coalesce_max_rounds = 1000000;
+    c->rounds_per_minute = 0;
+    c->control = 1;
 }
 
 static void
@@ -424,6 +434,7 @@ load_nats(errs_t *e, const config_setting_t *g, dconf_t *c)
     get_int(e, g, "publish_timeout_ms", 100, 600000, &c->publish_timeout_ms);
     get_int(e, g, "publish_retry_ms", 10, 600000, &c->publish_retry_ms);
     get_int(e, g, "shutdown_timeout_ms", 0, 3600000, &c->shutdown_timeout_ms);
+    get_bool(e, g, "done_markers", &c->done_markers);
 
     if ((s = config_setting_get_member(g, "retry_delays_ms")) != NULL) {
         if (s->type != CONFIG_TYPE_ARRAY && s->type != CONFIG_TYPE_LIST) {
@@ -539,10 +550,15 @@ load_mqtt(errs_t *e, const config_setting_t *g, dconf_t *c)
     }
 }
 
+static void load_device_name(errs_t *e, const config_setting_t *g,
+    const char *key, char **dst);
+
 static void
 load_devices(errs_t *e, const config_setting_t *g, dconf_t *c)
 {
-    int64_t v;
+    config_setting_t *s;
+    int64_t           v;
+    int               i, n;
 
     if (g == NULL) {
         return;
@@ -554,6 +570,85 @@ load_devices(errs_t *e, const config_setting_t *g, dconf_t *c)
                 (int64_t) DSP_ROUNDS_JSON_MAX, &v) == 1)
     {
         c->coalesce_max_rounds = (uint64_t) v;
+    }
+    if (get_i64(e, g, "rounds_per_minute", 0, (int64_t) DSP_ROUNDS_JSON_MAX,
+                &v) == 1)
+    {
+        c->rounds_per_minute = (uint64_t) v;
+    }
+    get_bool(e, g, "control", &c->control);
+
+    if ((s = config_setting_get_member(g, "device")) != NULL) {
+        if (!config_setting_is_list(s)) {
+            errf(e, s, NULL, "expected a list ( { id = ...; "
+                 "rounds_per_minute = ...; paused = ...; }, ... )");
+            return;
+        }
+        n = config_setting_length(s);
+        c->devconf = calloc((size_t) n + 1, sizeof(ddevconf_t));
+        for (i = 0; c->devconf != NULL && i < n; i++) {
+            config_setting_t *x = config_setting_get_elem(s, (unsigned) i);
+            ddevconf_t       *dc = &c->devconf[c->ndevconf];
+            size_t            k;
+
+            if (!config_setting_is_group(x)) {
+                errf(e, x, NULL, "expected a group { ... }");
+                continue;
+            }
+            check_keys(e, x, k_devone);
+            dc->rounds_per_minute = -1;
+            if (config_setting_get_member(x, "id") == NULL) {
+                errf(e, x, NULL, "missing id");
+                continue;
+            }
+            load_device_name(e, x, "id", &dc->id);
+            if (dc->id == NULL) {
+                continue;
+            }
+            for (k = 0; k < c->ndevconf; k++) {
+                if (strcmp(c->devconf[k].id, dc->id) == 0) {
+                    errf(e, config_setting_get_member(x, "id"), NULL,
+                         "device \"%s\" is listed twice", dc->id);
+                }
+            }
+            get_i64(e, x, "rounds_per_minute", 0,
+                    (int64_t) DSP_ROUNDS_JSON_MAX, &dc->rounds_per_minute);
+            get_bool(e, x, "paused", &dc->paused);
+            c->ndevconf++;
+        }
+    }
+}
+
+static void
+load_metrics(errs_t *e, const config_setting_t *g, dconf_t *c)
+{
+    const char *colon;
+    int         on = 1;
+    char       *end;
+    long        port;
+
+    if (g != NULL) {
+        check_keys(e, g, k_metrics);
+        get_bool(e, g, "enabled", &on);
+        get_str(e, g, "listen", 0, &c->metrics_listen);
+    }
+    if (!on) {
+        free(c->metrics_listen);
+        c->metrics_listen = NULL;
+        return;
+    }
+    if (c->metrics_listen == NULL) {
+        c->metrics_listen = strdup("127.0.0.1:19464");
+        return;
+    }
+    colon = strrchr(c->metrics_listen, ':');
+    port = colon ? strtol(colon + 1, &end, 10) : 0;
+    if (colon == NULL || colon == c->metrics_listen || *end != '\0'
+        || port < 1 || port > 65535)
+    {
+        errf(e, config_setting_get_member(g, "listen"), NULL,
+             "\"%s\" is not ADDRESS:PORT (for instance 127.0.0.1:19464)",
+             c->metrics_listen);
     }
 }
 
@@ -750,6 +845,7 @@ dconf_load(const char *path, dconf_t **out, char *err, size_t cap)
     load_mqtt(&e, group(&e, root, "mqtt"), c);
     load_devices(&e, group(&e, root, "devices"), c);
     load_rules(&e, group(&e, root, "rules"), c->rules);
+    load_metrics(&e, group(&e, root, "metrics"), c);
 
     if (c->nats_urls == NULL) {
         c->nats_urls = calloc(1, sizeof(char *));
@@ -822,6 +918,11 @@ dconf_free(dconf_t *c)
     free(c->tls_cert_file);
     free(c->tls_key_file);
     free(c->tls_version);
+    for (i = 0; i < c->ndevconf; i++) {
+        free(c->devconf[i].id);
+    }
+    free(c->devconf);
+    free(c->metrics_listen);
     rules_free(c->rules);
     free(c);
 }

@@ -16,14 +16,29 @@
  * flight.  When a slot frees, the next RPC takes up to
  * devices.coalesce_max_events queued gifts (rounds summed, each listed in
  * "events"), so a busy motor gets fewer, larger commands, and every gift
- * still gets its own GiftAck.
+ * still gets its own GiftAck.  A paused device sends nothing; a device
+ * with a rate limit sends only what fits in its last minute, and is
+ * kicked again when more fits (limits.c).  Waiting gifts stay held.
+ *
+ * Two detours through the KV thread (kv.c), both off the main loop:
+ *   - a redelivered (or DLQ-replayed) gift first looks for its completion
+ *     marker in GIFT_DONE: when the device already answered ok for it (a
+ *     crash came between that answer and the ack), its GiftAck is
+ *     published again from the marker (same Nats-Msg-Id: deduplicated)
+ *     and it is acked without an RPC;
+ *   - a streak frame claims its increment in GIFT_STREAKS (streaks.c):
+ *     rounds = diamond x increment x multiplier, 0 when it adds nothing.
+ * The marker is written with the GiftAck, as an asynchronous publish, once
+ * the device answered ok; the delivery is acked when both are stored.
  */
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "dispatcher.h"
+#include "gift_kvkey.h"
 #include "gift_normalize.h"
 #include "gift_util.h"
 
@@ -83,6 +98,41 @@ device_find(dsp_t *d, const char *name, size_t *slot)
     return NULL;
 }
 
+/* The effective switches: KV GIFT_DEVICES over devices.device over the
+ * devices defaults. */
+static void
+device_limits(dsp_t *d, ddevice_t *dev)
+{
+    const dconf_t *c = d->conf;
+    size_t         i;
+    int            paused = 0;
+    int64_t        rpm = -1;
+
+    for (i = 0; i < c->ndevconf; i++) {
+        if (strcmp(c->devconf[i].id, dev->name) == 0) {
+            paused = c->devconf[i].paused;
+            rpm = c->devconf[i].rounds_per_minute;
+            break;
+        }
+    }
+    if (rpm < 0) {
+        rpm = (int64_t) c->rounds_per_minute;
+    }
+    if (dev->kv_paused >= 0) {
+        paused = dev->kv_paused;
+    }
+    if (dev->kv_rpm >= 0) {
+        rpm = dev->kv_rpm;
+    }
+    if (paused != dev->paused || (uint64_t) rpm != dev->rpm) {
+        gift_log(GIFT_LOG_INFO, "device %s: %s, %s%" PRId64 " rounds per "
+                 "minute", dev->name, paused ? "paused" : "running",
+                 rpm ? "" : "no limit: ", rpm);
+    }
+    dev->paused = paused;
+    dev->rpm = (uint64_t) rpm;
+}
+
 /* The device named `name`, created on first use (never removed: the set of
  * names is bounded by the rules ever loaded). */
 static ddevice_t *
@@ -118,6 +168,9 @@ device_get(dsp_t *d, const char *name)
         free(dev);
         return NULL;
     }
+    dev->kv_paused = -1;
+    dev->kv_rpm = -1;
+    device_limits(d, dev);
     d->dev[slot] = dev;
     d->ndev++;
     return dev;
@@ -169,6 +222,54 @@ queue_pop(ddevice_t *dev)
     return g;
 }
 
+/* ------------------------------------------------------------ gift memory */
+
+static void *
+arena_alloc(void *ad, size_t n)
+{
+    dgift_t *g = ad;
+    void    *p;
+
+    n = (n + sizeof(max_align_t) - 1) & ~(sizeof(max_align_t) - 1);
+    if (g->mem_used + n <= g->mem_cap) {
+        p = (char *) g->mem + g->mem_used;
+        g->mem_used += n;
+        return p;
+    }
+    g->spilled++;
+    return malloc(n);
+}
+
+static void
+arena_free(void *ad, void *p)
+{
+    dgift_t *g = ad;
+
+    if ((char *) p < (char *) g->mem
+        || (char *) p >= (char *) g->mem + g->mem_cap)
+    {
+        free(p);
+    }
+}
+
+/* A gift with room for its decoded event: the struct plus the strings,
+ * which together take less than the encoded bytes and the struct. */
+static dgift_t *
+gift_new(size_t len)
+{
+    size_t   cap = len + sizeof(Gift__V1__GiftEvent) + 16 * sizeof(max_align_t);
+    dgift_t *g = malloc(sizeof(*g) + cap);
+
+    if (g != NULL) {
+        memset(g, 0, sizeof(*g));
+        g->mem_cap = cap;
+        g->pa.alloc = arena_alloc;
+        g->pa.free = arena_free;
+        g->pa.allocator_data = g;
+    }
+    return g;
+}
+
 /* ------------------------------------------------------------ held gifts */
 
 static void
@@ -211,8 +312,8 @@ gift_free(dsp_t *d, dgift_t *g)
     held_unlink(d, g);
     dmap_del(&d->by_seq, g->seq);
     d->nheld--;
-    if (g->ev) {
-        gift__v1__gift_event__free_unpacked(g->ev, NULL);
+    if (g->ev && g->spilled) {
+        gift__v1__gift_event__free_unpacked(g->ev, &g->pa);
     }
     natsMsg_Destroy(g->msg);
     free(g);
@@ -225,10 +326,66 @@ event_id(const dgift_t *g)
     return g->ev && g->ev->event_id ? g->ev->event_id : "";
 }
 
+/*
+ * The stem of the Nats-Msg-Ids recording g's outcome ("<stem>:ack",
+ * "<stem>:dlq"): the event id, or for a DLQ replay the replay's own
+ * message id ("<event id>:replay:<dlq seq>"), so that the replay's
+ * GiftAck is stored next to the dead_letter one it follows (and its own
+ * dead letter, if it fails again, is not dropped as a duplicate of the
+ * first), while a repeat of the same replay is still deduplicated.
+ */
+static void
+msg_id_stem(const dgift_t *g, char *out, size_t cap)
+{
+    const char *id = NULL;
+    size_t      n = strlen(event_id(g));
+
+    if (n == 0) {
+        snprintf(out, cap, "seq-%" PRIu64, g->seq);
+    } else if (g->replay && g->msg != NULL
+               && natsMsgHeader_Get(g->msg, "Nats-Msg-Id", &id) == NATS_OK
+               && id != NULL && strncmp(id, event_id(g), n) == 0
+               && strncmp(id + n, ":replay:", 8) == 0
+               && strlen(id) + 8 < cap)
+    {
+        snprintf(out, cap, "%s", id);
+    } else {
+        snprintf(out, cap, "%s", event_id(g));
+    }
+}
+
+/*
+ * A failpoint for the tests (t/26): GIFT_DISPATCHER_FAILPOINT=
+ * "exit_before_ack=N" makes the daemon _exit(9) just before its N-th ack,
+ * when that gift's GiftAck and completion marker are stored: the crash
+ * between the device's answer and the ack, made exact.  Unset: no cost
+ * but one comparison.
+ */
+static long failpoint_acks = -1;
+
+static void
+failpoint_init(void)
+{
+    const char *f = getenv("GIFT_DISPATCHER_FAILPOINT");
+
+    if (f != NULL && strncmp(f, "exit_before_ack=", 16) == 0) {
+        failpoint_acks = strtol(f + 16, NULL, 10);
+        gift_log(GIFT_LOG_WARN, "failpoint: exiting before ack number %ld",
+                 failpoint_acks);
+    }
+}
+
 static void
 gift_ack_and_free(dsp_t *d, dgift_t *g)
 {
-    natsStatus s = natsMsg_Ack(g->msg, NULL);     /* asynchronous (NULL) */
+    natsStatus s;
+
+    if (failpoint_acks > 0 && --failpoint_acks == 0) {
+        gift_log(GIFT_LOG_WARN, "failpoint: exiting before the ack of %s",
+                 event_id(g));
+        _exit(9);
+    }
+    s = natsMsg_Ack(g->msg, NULL);                /* asynchronous (NULL) */
 
     if (s != NATS_OK) {
         /* redelivered after the ack wait; the device and GIFT_ACKS
@@ -247,6 +404,7 @@ gift_release(dsp_t *d, dgift_t *g, int64_t delay_ms)
     /* on failure (NATS down) it comes back after the ack wait anyway */
     s = delay_ms > 0 ? natsMsg_NakWithDelay(g->msg, delay_ms, NULL)
                      : natsMsg_Nak(g->msg, NULL);
+    STAT_ADD(d, naks, 1);
     if (s != NATS_OK) {
         gift_log(GIFT_LOG_DEBUG, "nak of %s: %s", event_id(g),
                  natsStatus_GetText(s));
@@ -279,13 +437,27 @@ ack_fill(const dgift_t *g, Gift__V1__GiftAck *a)
     }
 }
 
+/*
+ * Publish the GiftAck `a` of g (Nats-Msg-Id "<event id>:ack"; it counts
+ * in g->pubs: the delivery is acked on its PubAck); with `marker`, first
+ * the completion marker: the same bytes as the value of key <event id> in
+ * GIFT_DONE.  A KV put is a publish to $KV.GIFT_DONE.<key>; this one is a
+ * plain core publish, without waiting for a PubAck: it goes out before the
+ * GiftAck on the same connection, so the server has it whenever the
+ * GiftAck's PubAck comes back, and it costs a third of a tracked publish
+ * (no reply inbox, no pending table, no callback) on the way of every
+ * gift.  A marker lost with a failing server only means that a redelivery
+ * sends the RPC again, which the device's event-id window absorbs.
+ */
 static void
-publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a)
+publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a, int marker)
 {
     uint8_t  buf[ACK_BUF];
     char     subject[sizeof(GIFT_SUBJ_ACKS_PREFIX) + DSP_DEVICE_MAX + 8];
-    char     msg_id[GIFT_ID_MAX + 32];
+    char     msg_id[2 * GIFT_ID_MAX + 64];
+    char     ksubj[sizeof("$KV." GIFT_KV_DONE ".") + GIFT_KVKEY_SIZE(GIFT_ID_MAX)];
     size_t   len;
+    int      n;
 
     len = gift__v1__gift_ack__get_packed_size(a);
     if (len > sizeof(buf)) {
@@ -294,13 +466,20 @@ publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a)
         return;
     }
     gift__v1__gift_ack__pack(a, buf);
+
+    if (marker && event_id(g)[0] != '\0') {
+        n = snprintf(ksubj, sizeof(ksubj), "$KV." GIFT_KV_DONE ".");
+        if (gift_kvkey_encode(event_id(g), ksubj + n, sizeof(ksubj)
+                              - (size_t) n) > 0)
+        {
+            nats_in_publish_core(d, ksubj, buf, len);
+        }
+    }
+
     snprintf(subject, sizeof(subject), GIFT_SUBJ_ACKS_PREFIX "%s",
              a->device_id);
-    if (event_id(g)[0] != '\0') {
-        snprintf(msg_id, sizeof(msg_id), "%s:ack", event_id(g));
-    } else {
-        snprintf(msg_id, sizeof(msg_id), "seq-%" PRIu64 ":ack", g->seq);
-    }
+    msg_id_stem(g, msg_id, sizeof(msg_id) - 4);
+    strcat(msg_id, ":ack");
     nats_in_publish(d, g, subject, buf, len, msg_id, NULL);
 }
 
@@ -315,12 +494,18 @@ gift_ok(dsp_t *d, dgift_t *g, int64_t latency_us)
     ack_fill(g, &a);
     a.status = GIFT__V1__ACK_STATUS__ACK_STATUS_OK;
     a.rpc_latency_us = latency_us > 0 ? (uint64_t) latency_us : 0;
-    publish_ack(d, g, &a);
+    /* a marker only where a motor turned: a gift of 0 rounds is
+     * recomputed as 0 on any redelivery anyway */
+    publish_ack(d, g, &a, g->rounds > 0 && d->conf->done_markers);
     if (g->dev) {
         g->dev->gifts_ok++;
         g->dev->rounds_ok += g->rounds;
     }
-    d->st.acked_ok++;
+    STAT_ADD(d, acked_ok, 1);
+    STAT_ADD(d, rounds_ok, g->rounds);
+    if (g->rounds == 0) {
+        STAT_ADD(d, zero_rounds, 1);
+    }
     if (g->pubs == 0) {
         /* could not even build the message: leave it to redelivery */
         gift_release(d, g, 0);
@@ -340,17 +525,14 @@ gift_dead_letter(dsp_t *d, dgift_t *g, const char *reason,
     const char       *subj = natsMsg_GetSubject(g->msg);
     const char       *plat;
     const char       *hdrs[5];
-    char              dsubj[256], msg_id[GIFT_ID_MAX + 32], count[24];
+    char              dsubj[256], msg_id[2 * GIFT_ID_MAX + 64], count[24];
 
     plat = subj && strncmp(subj, GIFT_SUBJ_EVENTS_PREFIX,
                            sizeof(GIFT_SUBJ_EVENTS_PREFIX) - 1) == 0
            ? subj + sizeof(GIFT_SUBJ_EVENTS_PREFIX) - 1 : "unknown";
     snprintf(dsubj, sizeof(dsubj), GIFT_SUBJ_DLQ_PREFIX "%s", plat);
-    if (event_id(g)[0] != '\0') {
-        snprintf(msg_id, sizeof(msg_id), "%s:dlq", event_id(g));
-    } else {
-        snprintf(msg_id, sizeof(msg_id), "seq-%" PRIu64 ":dlq", g->seq);
-    }
+    msg_id_stem(g, msg_id, sizeof(msg_id) - 4);
+    strcat(msg_id, ":dlq");
     snprintf(count, sizeof(count), "%" PRIu64, g->delivered);
     hdrs[0] = GIFT_HDR_DLQ_REASON;
     hdrs[1] = reason;
@@ -371,8 +553,8 @@ gift_dead_letter(dsp_t *d, dgift_t *g, const char *reason,
     ack_fill(g, &a);
     a.status = GIFT__V1__ACK_STATUS__ACK_STATUS_DEAD_LETTER;
     a.reason = (char *) reason;
-    publish_ack(d, g, &a);
-    d->st.dead_letters++;
+    publish_ack(d, g, &a, 0);
+    STAT_ADD(d, dead_letters, 1);
     if (g->pubs == 0) {
         gift_release(d, g, 0);
     }
@@ -384,22 +566,20 @@ static void
 gift_fail(dsp_t *d, dgift_t *g, const char *reason, const char *detail)
 {
     const dconf_t *c = d->conf;
-    size_t         i;
+    int64_t        delay;
 
     if (g->delivered >= (uint64_t) d->nats.max_deliver) {
         gift_dead_letter(d, g, reason, detail);
         return;
     }
-    i = g->delivered > 0 ? (size_t) g->delivered - 1 : 0;
-    if (i >= c->nretry_delays) {
-        i = c->nretry_delays - 1;
-    }
+    delay = retry_delay_ms(c->retry_delays_ms, c->nretry_delays,
+                           g->delivered);
     gift_log(GIFT_LOG_DEBUG, "event %s device %s: %s%s%s; retry %" PRIu64
              " in %" PRId64 " ms", event_id(g), g->dev->name, reason,
              detail ? ": " : "", detail ? detail : "", g->delivered + 1,
-             c->retry_delays_ms[i]);
-    d->st.retried++;
-    gift_release(d, g, c->retry_delays_ms[i]);
+             delay);
+    STAT_ADD(d, retried, 1);
+    gift_release(d, g, delay);
 }
 
 /* ------------------------------------------------------------ RPCs */
@@ -433,7 +613,27 @@ rpc_unlink(dsp_t *d, drpc_t *r)
     }
 }
 
-/* Send what the device's slots allow, coalescing queued gifts. */
+/* A rate-limited device: kick it again at `when`. */
+static void
+device_wait(dsp_t *d, ddevice_t *dev, int64_t when)
+{
+    if (dev->wake_us == 0) {
+        d->nwaiting++;
+        STAT_ADD(d, rate_waits, 1);
+    }
+    dev->wake_us = when;
+    if (d->wake_min_us == 0 || when < d->wake_min_us) {
+        d->wake_min_us = when;
+    }
+}
+
+/*
+ * Send what the device's slots allow, coalescing queued gifts: up to
+ * coalesce_max_events gifts and coalesce_max_rounds rounds per RPC (a
+ * single bigger gift goes alone), and with a rate limit only what fits in
+ * the device's last minute (a single gift above the limit goes alone
+ * when the minute is empty).  Paused: nothing.
+ */
 static void
 device_kick(dsp_t *d, ddevice_t *dev)
 {
@@ -441,10 +641,21 @@ device_kick(dsp_t *d, ddevice_t *dev)
     drpc_t        *r;
     dgift_t       *g, *last;
     int64_t        now;
+    uint64_t       room = UINT64_MAX, sent;
 
     while (dev->qhead != NULL && dev->inflight < c->dev_max_inflight
-           && d->mqtt.ready)
+           && d->mqtt.ready && !dev->paused)
     {
+        now = gift_mono_us();
+        if (dev->rpm > 0) {
+            if (!rate_fits(&dev->rate, dev->rpm, now, dev->qhead->rounds)) {
+                device_wait(d, dev, rate_next(&dev->rate, dev->rpm, now,
+                                              dev->qhead->rounds));
+                return;
+            }
+            sent = rate_sum(&dev->rate, now);
+            room = sent < dev->rpm ? dev->rpm - sent : 0;
+        }
         r = calloc(1, sizeof(*r));
         if (r == NULL) {
             return;
@@ -453,10 +664,9 @@ device_kick(dsp_t *d, ddevice_t *dev)
         r->n = rpc_ids_next(&d->mqtt.ids);
         last = NULL;
         while (dev->qhead != NULL
-               && r->ngifts < (size_t) c->coalesce_max_events
-               && (r->ngifts == 0
-                   || r->rounds + dev->qhead->rounds
-                      <= c->coalesce_max_rounds))
+               && coalesce_more(r->ngifts, r->rounds, dev->qhead->rounds,
+                                (size_t) c->coalesce_max_events,
+                                c->coalesce_max_rounds, room))
         {
             g = queue_pop(dev);
             g->state = GIFT_SENT;
@@ -486,7 +696,10 @@ device_kick(dsp_t *d, ddevice_t *dev)
             free(r);
             return;
         }
-        now = gift_mono_us();
+        if (dev->rpm > 0 && rate_add(&dev->rate, now, r->rounds) != 0) {
+            gift_log(GIFT_LOG_ERR, "out of memory recording %s's rate",
+                     dev->name);
+        }
         r->sent_us = now;
         r->deadline_us = now + (int64_t) c->rpc_timeout_ms * 1000;
         if (dmap_put(&d->by_rpc, r->n, r) != 0) {
@@ -495,8 +708,25 @@ device_kick(dsp_t *d, ddevice_t *dev)
         rpc_link(d, r);
         dev->inflight++;
         dev->rpcs++;
-        d->st.rpcs_sent++;
+        STAT_ADD(d, rpcs_sent, 1);
+        if (r->ngifts > 1) {
+            STAT_ADD(d, coalesced, r->ngifts);
+        }
     }
+}
+
+/* The RPC latency histogram (cumulative buckets, as Prometheus wants). */
+static void
+lat_observe(dsp_t *d, int64_t us)
+{
+    static const int64_t le[DSP_NLAT_BUCKETS] = DSP_LAT_BUCKETS;
+    int                  i;
+
+    for (i = DSP_NLAT_BUCKETS - 1; i >= 0 && us <= le[i] * 1000; i--) {
+        STAT_ADD(d, rpc_lat_le[i], 1);
+    }
+    STAT_ADD(d, rpc_lat_count, 1);
+    STAT_ADD(d, rpc_lat_sum_us, (uint64_t) (us > 0 ? us : 0));
 }
 
 /* An RPC is over (reply or timeout): free its slot, settle its gifts. */
@@ -509,6 +739,9 @@ rpc_finish(dsp_t *d, drpc_t *r, drpc_reply_rc rc, const char *why)
 
     rpc_unlink(d, r);
     dev->inflight--;
+    if (rc == RPC_REPLY_OK || why != NULL) {
+        lat_observe(d, lat);             /* answered: not a timeout */
+    }
     for (g = r->gifts; g != NULL; g = next) {
         next = g->qnext;
         g->qnext = NULL;
@@ -533,17 +766,17 @@ dispatch_reply(dsp_t *d, uint64_t n, const char *payload, size_t len)
     uint64_t       quiet;
 
     if (r == NULL) {
-        d->st.replies_unknown++;
+        STAT_ADD(d, replies_unknown, 1);
         gift_log(GIFT_LOG_DEBUG, "reply %" PRIu64 " is not ours (another "
                  "instance, or timed out)", n);
         return;
     }
     rc = rpc_reply_parse(payload, len, err, sizeof(err));
     if (rc == RPC_REPLY_OK) {
-        d->st.rpc_ok++;
+        STAT_ADD(d, rpc_ok, 1);
         rpc_finish(d, r, rc, NULL);
     } else {
-        d->st.rpc_errors++;
+        STAT_ADD(d, rpc_errors, 1);
         if (rlimit_ok(&rl_rpc, gift_mono_us(), &quiet)) {
             gift_log(GIFT_LOG_WARN, "device %s: RPC %" PRIu64 " failed: %s "
                      "(%" PRIu64 " more RPC failures not logged)",
@@ -567,73 +800,65 @@ dispatch_kick_all(dsp_t *d)
 
 /* ------------------------------------------------------------ deliveries */
 
-void
-dispatch_msg(dsp_t *d, natsMsg *m)
+/*
+ * A marker can exist only if this very stream message was delivered
+ * before (NumDelivered > 1), or when it is a DLQ replay (giftctl gives it
+ * the Nats-Msg-Id "<event id>:replay:<seq>").  First deliveries, nearly
+ * all of them, skip the lookup.
+ */
+static int
+done_check_needed(dgift_t *g)
 {
-    jsMsgMetaData *meta = NULL;
-    dgift_t       *g;
-    droute_t       rt;
-    droute_rc      rc;
-    int64_t        now = gift_mono_us();
-    const Gift__V1__GiftEvent *e;
+    const char *id = NULL;
 
-    if (natsMsg_GetMetaData(&meta, m) != NATS_OK) {
-        gift_log(GIFT_LOG_WARN, "a message without JetStream metadata on %s;"
-                 " dropped", natsMsg_GetSubject(m));
-        natsMsg_Destroy(m);
-        d->credit_back++;
+    g->replay = natsMsgHeader_Get(g->msg, "Nats-Msg-Id", &id) == NATS_OK
+                && id != NULL && strstr(id, ":replay:") != NULL;
+    return g->delivered > 1 || g->replay;
+}
+
+/* Queue a routed gift for its device, or finish it when it has nothing
+ * to turn. */
+static void
+gift_queue(dsp_t *d, dgift_t *g)
+{
+    const Gift__V1__GiftEvent *e = g->ev;
+
+    gift_log(GIFT_LOG_DEBUG, "event %s (seq %" PRIu64 ", delivery %" PRIu64
+             "): %s x%u%s -> %s, %" PRIu64 " rounds", e->event_id, g->seq,
+             g->delivered, e->gift_name, e->quantity,
+             e->streak_id && e->streak_id[0] ? " (streak frame)" : "",
+             g->dev->name, g->rounds);
+    if (g->rounds == 0) {
+        /* nothing to turn: acknowledged without a command */
+        gift_ok(d, g, 0);
         return;
     }
+    g->state = GIFT_QUEUED;
+    queue_push_tail(g->dev, g);
+    device_kick(d, g->dev);
+}
 
-    if ((g = dmap_get(&d->by_seq, meta->Sequence.Stream)) != NULL) {
-        /* The ack wait ran out while we held it (a long device queue, a
-         * broker outage): keep the newest delivery, whose ack counts. */
-        natsMsg_Destroy(g->msg);
-        g->msg = m;
-        g->delivered = meta->NumDelivered;
-        held_touch(d, g, now);
-        jsMsgMetaData_Destroy(meta);
-        d->st.duplicates++;
-        d->credit_back++;
-        return;
-    }
-    if (d->stopping) {
-        natsMsg_Nak(m, NULL);
-        natsMsg_Destroy(m);
-        jsMsgMetaData_Destroy(meta);
-        d->st.released++;
-        d->credit_back++;
-        return;
-    }
+/*
+ * Route a decoded gift: its device and multiplier by the rules, then its
+ * rounds; a streak frame's rounds wait for the KV thread to say what the
+ * frame adds (dispatch_kv).
+ */
+static void
+gift_route(dsp_t *d, dgift_t *g)
+{
+    const Gift__V1__GiftEvent *e = g->ev;
+    droute_t                   rt;
+    droute_rc                  rc;
+    dkvjob_t                  *j;
+    int                        streak = e->streak_id && e->streak_id[0];
+    size_t                     n;
 
-    g = calloc(1, sizeof(*g));
-    if (g == NULL) {
-        natsMsg_Destroy(m);         /* redelivered after the ack wait */
-        jsMsgMetaData_Destroy(meta);
-        d->credit_back++;
-        return;
-    }
-    g->msg = m;
-    g->seq = meta->Sequence.Stream;
-    g->delivered = meta->NumDelivered;
-    jsMsgMetaData_Destroy(meta);
-    d->nheld++;
-    d->st.received++;
-    held_touch(d, g, now);
-    dmap_put(&d->by_seq, g->seq, g);
-
-    g->ev = gift__v1__gift_event__unpack(NULL,
-                (size_t) natsMsg_GetDataLength(m),
-                (const uint8_t *) natsMsg_GetData(m));
-    e = g->ev;
-    if (e == NULL || e->event_id == NULL || e->event_id[0] == '\0') {
-        gift_dead_letter(d, g, "undecodable", NULL);
-        return;
-    }
-
+    /* a frame's own quantity is a running total: route it as 1 (the
+     * overflow check of what it adds comes with its increment) */
     rc = rules_route(d->conf->rules, e->platform, e->room_id, e->gift_id,
-                     e->gift_name, e->diamond, e->quantity, &rt);
+                     e->gift_name, e->diamond, streak ? 1 : e->quantity, &rt);
     g->diamond = rt.diamond;
+    g->multiplier = rt.multiplier;
     if (rc == ROUTE_NO_DEVICE) {
         gift_dead_letter(d, g, "no_route", e->gift_name);
         return;
@@ -647,35 +872,279 @@ dispatch_msg(dsp_t *d, natsMsg *m)
         gift_dead_letter(d, g, "overflow", NULL);
         return;
     }
-    g->rounds = rt.rounds;
-    gift_log(GIFT_LOG_DEBUG, "event %s (seq %" PRIu64 ", delivery %" PRIu64
-             "): %s x%u -> %s, %" PRIu64 " rounds", e->event_id, g->seq,
-             g->delivered, e->gift_name, e->quantity, g->dev->name,
-             g->rounds);
-
-    if (g->rounds == 0) {
-        /* nothing to turn: acknowledged without a command */
-        gift_ok(d, g, 0);
+    if (!streak) {
+        g->rounds = rt.rounds;
+        gift_queue(d, g);
         return;
     }
-    g->state = GIFT_QUEUED;
-    queue_push_tail(g->dev, g);
-    device_kick(d, g->dev);
+
+    STAT_ADD(d, streak_frames, 1);
+    j = kv_job_new(KVJ_STREAK, g->seq);
+    if (j == NULL) {
+        gift_release(d, g, 1000);
+        return;
+    }
+    j->count = e->streak_count ? e->streak_count : e->quantity;
+    j->eh = streak_event_hash(e->event_id);
+    n = GIFT_KVKEY_SIZE(strlen(e->streak_id)) + 2;
+    j->key = malloc(n);
+    if (j->key != NULL) {
+        memcpy(j->key, "s.", 2);
+        if (gift_kvkey_encode(e->streak_id, j->key + 2, n - 2) < 0) {
+            free(j->key);
+            j->key = NULL;
+        }
+    }
+    n = GIFT_KVKEY_SIZE(strlen(e->event_id)) + 2;
+    j->ckey = malloc(n);
+    if (j->ckey != NULL) {
+        memcpy(j->ckey, "e.", 2);
+        if (gift_kvkey_encode(e->event_id, j->ckey + 2, n - 2) < 0) {
+            free(j->ckey);
+            j->ckey = NULL;
+        }
+    }
+    if (j->key == NULL || j->ckey == NULL || kv_submit(d, j) != 0) {
+        kv_job_free(j);
+        gift_release(d, g, 1000);
+        return;
+    }
+    g->state = GIFT_KV;
+    g->job = j;
+}
+
+/*
+ * The completion marker of g exists: the device already turned for it.
+ * Publish the GiftAck stored in the marker again (its Nats-Msg-Id makes
+ * GIFT_ACKS drop it if the first one was stored) and ack on its PubAck.
+ */
+static int
+gift_done_again(dsp_t *d, dgift_t *g, const void *val, size_t len)
+{
+    Gift__V1__GiftAck *a;
+    char               subject[sizeof(GIFT_SUBJ_ACKS_PREFIX) + DSP_DEVICE_MAX
+                               + 8];
+    char               msg_id[2 * GIFT_ID_MAX + 64];
+
+    a = gift__v1__gift_ack__unpack(NULL, len, val);
+    if (a == NULL || a->device_id == NULL
+        || !rules_device_valid(a->device_id)
+        || a->status != GIFT__V1__ACK_STATUS__ACK_STATUS_OK)
+    {
+        if (a != NULL) {
+            gift__v1__gift_ack__free_unpacked(a, NULL);
+        }
+        gift_log(GIFT_LOG_WARN, "event %s: its GIFT_DONE marker is not a "
+                 "GiftAck; handling the gift as new", event_id(g));
+        return -1;
+    }
+    gift_log(GIFT_LOG_INFO, "event %s (seq %" PRIu64 ", delivery %" PRIu64
+             ") was done already (%s, %" PRIu64 " rounds): acknowledged "
+             "without a command", event_id(g), g->seq, g->delivered,
+             a->device_id, a->rounds);
+    snprintf(subject, sizeof(subject), GIFT_SUBJ_ACKS_PREFIX "%s",
+             a->device_id);
+    msg_id_stem(g, msg_id, sizeof(msg_id) - 4);
+    strcat(msg_id, ":ack");
+    gift__v1__gift_ack__free_unpacked(a, NULL);
+    STAT_ADD(d, done_hits, 1);
+    g->state = GIFT_PUBLISHING;
+    nats_in_publish(d, g, subject, val, len, msg_id, NULL);
+    if (g->pubs == 0) {
+        gift_release(d, g, 0);
+    }
+    return 0;
 }
 
 void
-dispatch_puback(dsp_t *d, dpuback_t *p)
+dispatch_kv(dsp_t *d, dkvjob_t *j)
 {
-    dgift_t  *g = dmap_del(&d->by_pub, (uint64_t) (uintptr_t) p->m);
-    uint64_t  quiet;
+    dgift_t  *g = dmap_get(&d->by_seq, j->seq);
+    uint64_t  rounds;
 
+    d->kv.pending--;
+    if (g == NULL || g->job != j) {
+        kv_job_free(j);             /* released meanwhile */
+        return;
+    }
+    g->job = NULL;
+    if (g->msg == NULL) {
+        gift_free(d, g);            /* abandoned at the stop deadline */
+        kv_job_free(j);
+        return;
+    }
+    if (j->failed || d->stopping) {
+        gift_release(d, g, 0);
+        STAT_ADD(d, released, 1);
+        kv_job_free(j);
+        return;
+    }
+    if (j->kind == KVJ_DONE) {
+        if (j->found && j->val == NULL) {
+            /* the probe found its GiftAck in GIFT_ACKS: done */
+            gift_log(GIFT_LOG_INFO, "event %s (seq %" PRIu64 ", delivery %"
+                     PRIu64 ") was done already (its GiftAck is stored): "
+                     "acknowledged without a command", event_id(g), g->seq,
+                     g->delivered);
+            STAT_ADD(d, done_hits, 1);
+            kv_job_free(j);
+            gift_ack_and_free(d, g);
+            return;
+        }
+        if (!j->found || gift_done_again(d, g, j->val, j->len) != 0) {
+            gift_route(d, g);
+        }
+        kv_job_free(j);
+        return;
+    }
+
+    /* a streak frame: what it adds */
+    STAT_ADD(d, streak_conflicts, (uint64_t) j->conflicts);
+    switch (j->how) {
+    case STREAK_NEW:
+        STAT_ADD(d, streak_new, 1);
+        break;
+    case STREAK_KNOWN:
+        STAT_ADD(d, streak_known, 1);
+        break;
+    case STREAK_STALE:
+        STAT_ADD(d, streak_stale, 1);
+        break;
+    }
+    g->streak_inc = j->inc;
+    gift_log(GIFT_LOG_DEBUG, "event %s: streak %s at %u adds %u (%s)",
+             event_id(g), g->ev->streak_id, j->count, j->inc,
+             j->how == STREAK_NEW ? "new" : j->how == STREAK_KNOWN
+             ? "claimed before" : "nothing new");
+    kv_job_free(j);
+    if (rules_rounds(d->conf->rules, g->diamond, g->streak_inc,
+                     g->multiplier, &rounds) != 0)
+    {
+        gift_dead_letter(d, g, "overflow", NULL);
+        return;
+    }
+    g->rounds = rounds;
+    gift_queue(d, g);
+}
+
+
+void
+dispatch_msg(dsp_t *d, natsMsg *m)
+{
+    uint64_t       sseq, delivered, pending;
+    dgift_t       *g;
+    dkvjob_t      *j;
+    int64_t        now = gift_mono_us();
+    const Gift__V1__GiftEvent *e;
+
+    if (js_ack_meta(natsMsg_GetReply(m), &sseq, &delivered, &pending) != 0) {
+        gift_log(GIFT_LOG_WARN, "a message without JetStream metadata on %s;"
+                 " dropped", natsMsg_GetSubject(m));
+        natsMsg_Destroy(m);
+        d->credit_back++;
+        return;
+    }
+
+    if ((g = dmap_get(&d->by_seq, sseq)) != NULL) {
+        /* The ack wait ran out while we held it (a long device queue, a
+         * broker outage): keep the newest delivery, whose ack counts. */
+        natsMsg_Destroy(g->msg);
+        g->msg = m;
+        g->delivered = delivered;
+        held_touch(d, g, now);
+        STAT_ADD(d, duplicates, 1);
+        d->credit_back++;
+        return;
+    }
+    if (d->stopping) {
+        natsMsg_Nak(m, NULL);
+        natsMsg_Destroy(m);
+        STAT_ADD(d, released, 1);
+        d->credit_back++;
+        return;
+    }
+
+    g = gift_new((size_t) natsMsg_GetDataLength(m));
+    if (g == NULL) {
+        natsMsg_Destroy(m);         /* redelivered after the ack wait */
+        d->credit_back++;
+        return;
+    }
+    g->msg = m;
+    g->seq = sseq;
+    g->delivered = delivered;
+    STAT_SET(d, consumer_pending, pending);
+    d->nheld++;
+    STAT_ADD(d, received, 1);
+    held_touch(d, g, now);
+    dmap_put(&d->by_seq, g->seq, g);
+
+    g->ev = gift__v1__gift_event__unpack(&g->pa,
+                (size_t) natsMsg_GetDataLength(m),
+                (const uint8_t *) natsMsg_GetData(m));
+    e = g->ev;
+    if (e == NULL || e->event_id == NULL || e->event_id[0] == '\0') {
+        gift_dead_letter(d, g, "undecodable", NULL);
+        return;
+    }
+
+    if (done_check_needed(g)) {
+        /* did an earlier delivery complete?  (a crash between the
+         * device's answer and the ack) */
+        j = kv_job_new(KVJ_DONE, g->seq);
+        if (j != NULL && !d->conf->done_markers) {
+            char stem[2 * GIFT_ID_MAX + 64];
+
+            msg_id_stem(g, stem, sizeof(stem) - 4);
+            strcat(stem, ":ack");
+            j->probe_id = strdup(stem);
+        }
+        if (j != NULL
+            && (d->conf->done_markers
+                ? (j->key = malloc(GIFT_KVKEY_SIZE(strlen(e->event_id))))
+                  != NULL
+                  && gift_kvkey_encode(e->event_id, j->key,
+                         GIFT_KVKEY_SIZE(strlen(e->event_id))) > 0
+                : j->probe_id != NULL)
+            && kv_submit(d, j) == 0)
+        {
+            g->state = GIFT_KV;
+            g->job = j;
+            STAT_ADD(d, done_checks, 1);
+            return;
+        }
+        /* no check possible: the device's event-id window still keeps
+         * it from turning twice */
+        kv_job_free(j);
+    }
+    gift_route(d, g);
+}
+
+void
+dispatch_puback(dsp_t *d, void *item)
+{
+    dpuback_t  ok, *p;
+    dgift_t   *g;
+    uint64_t   quiet;
+
+    if ((uintptr_t) item & 1) {
+        /* success, posted as the tagged message pointer alone */
+        ok.m = (natsMsg *) ((uintptr_t) item & ~(uintptr_t) 1);
+        ok.err = NATS_OK;
+        p = &ok;
+    } else {
+        p = item;
+    }
+    g = dmap_del(&d->by_pub, (uint64_t) (uintptr_t) p->m);
     if (g == NULL) {
         natsMsg_Destroy(p->m);
-        free(p);
+        if (p != &ok) {
+            free(p);
+        }
         return;
     }
     if (p->err != NATS_OK) {
-        d->st.pub_errors++;
+        STAT_ADD(d, pub_errors, 1);
         if (rlimit_ok(&rl_pub, gift_mono_us(), &quiet)) {
             gift_log(GIFT_LOG_WARN, "publish to %s for %s failed: %s (js "
                      "error %d); retrying every %d ms (%" PRIu64 " more "
@@ -711,7 +1180,9 @@ dispatch_puback(dsp_t *d, dpuback_t *p)
         return;
     }
     natsMsg_Destroy(p->m);
-    free(p);
+    if (p != &ok) {
+        free(p);
+    }
     if (--g->pubs > 0) {
         return;
     }
@@ -738,7 +1209,7 @@ dispatch_timers(dsp_t *d, int64_t now)
     /* RPCs past their deadline */
     while ((r = d->rpcs) != NULL && r->deadline_us <= now) {
         dmap_del(&d->by_rpc, r->n);
-        d->st.rpc_timeouts++;
+        STAT_ADD(d, rpc_timeouts, 1);
         if (rlimit_ok(&rl_rpc, now, &quiet)) {
             gift_log(GIFT_LOG_WARN, "device %s: RPC %" PRIu64 " (%zu gifts) "
                      "timed out after %d ms (%" PRIu64 " more RPC failures "
@@ -771,6 +1242,34 @@ dispatch_timers(dsp_t *d, int64_t now)
         next = d->retries->due_us;
     }
 
+    /* rate-limited devices whose minute has room again */
+    if (d->nwaiting > 0 && now >= d->wake_min_us) {
+        size_t     i;
+        ddevice_t *dev;
+
+        d->wake_min_us = 0;
+        for (i = 0; i < d->devcap; i++) {
+            dev = d->dev[i];
+            if (dev == NULL || dev->wake_us == 0) {
+                continue;
+            }
+            if (dev->wake_us <= now) {
+                dev->wake_us = 0;
+                d->nwaiting--;
+                if (!d->stopping) {
+                    device_kick(d, dev);      /* may wait again */
+                }
+            } else if (d->wake_min_us == 0 || dev->wake_us < d->wake_min_us) {
+                d->wake_min_us = dev->wake_us;
+            }
+        }
+    }
+    if (d->nwaiting > 0 && d->wake_min_us < next) {
+        next = d->wake_min_us;
+    }
+    STAT_SET(d, held, d->nheld);
+    STAT_SET(d, mqtt_up, (uint64_t) d->mqtt.ready);
+
     /* InProgress for gifts held a third of the ack wait: they wait for a
      * busy device or a broker; without it the server would redeliver */
     every = d->nats.ack_wait_us / 3;
@@ -780,8 +1279,10 @@ dispatch_timers(dsp_t *d, int64_t now)
     for (k = d->nheld; k > 0 && (g = d->held) != NULL
          && now - g->touched_us >= every; k--)
     {
-        natsMsg_InProgress(g->msg, NULL);
-        d->st.in_progress++;
+        if (g->msg != NULL) {
+            natsMsg_InProgress(g->msg, NULL);
+        }
+        STAT_ADD(d, in_progress, 1);
         held_touch(d, g, now);
     }
     if (d->held != NULL && d->held->touched_us + every < next) {
@@ -809,7 +1310,7 @@ dispatch_stop(dsp_t *d)
             n++;
         }
     }
-    d->st.released += n;
+    STAT_ADD(d, released, n);
     gift_log(GIFT_LOG_INFO, "stopping: released %zu queued gifts; waiting for"
              " %zu RPCs and publishes in flight (up to %d ms)", n, d->nheld,
              d->conf->shutdown_timeout_ms);
@@ -845,7 +1346,7 @@ dispatch_abandon(dsp_t *d)
             n++;
         }
     }
-    d->st.released += n;
+    STAT_ADD(d, released, n);
     gift_log(GIFT_LOG_WARN, "stop deadline reached: released %zu gifts "
              "unfinished (they will be redelivered)", n);
 }
@@ -873,6 +1374,119 @@ dispatch_log_stats(const dsp_t *d)
              d->ndev);
 }
 
+/* ------------------------------------------------------------ switches */
+
+void
+dispatch_ctl(dsp_t *d, dctl_t *c)
+{
+    ddevice_t *dev = device_get(d, c->device);
+
+    if (dev != NULL) {
+        if (c->what == CTL_PAUSED) {
+            dev->kv_paused = (int) c->value;
+        } else {
+            dev->kv_rpm = c->value;
+        }
+        device_limits(d, dev);
+        if (dev->wake_us != 0) {            /* the limit may have changed */
+            dev->wake_us = 0;
+            d->nwaiting--;
+        }
+        if (!d->stopping) {
+            device_kick(d, dev);
+        }
+    }
+    free(c);
+}
+
+void
+dispatch_limits_reload(dsp_t *d)
+{
+    const drules_t *ru = d->conf->rules;
+    size_t          i;
+
+    /* every device the configuration names exists from now on (limits
+     * and /metrics show it before its first gift) */
+    for (i = 0; i < d->conf->ndevconf; i++) {
+        device_get(d, d->conf->devconf[i].id);
+    }
+    for (i = 0; i < ru->nrule; i++) {
+        device_get(d, ru->rule[i].device);
+    }
+    if (ru->default_device != NULL) {
+        device_get(d, ru->default_device);
+    }
+    for (i = 0; i < d->devcap; i++) {
+        if (d->dev[i] != NULL) {
+            device_limits(d, d->dev[i]);
+            if (d->dev[i]->wake_us != 0) {
+                d->dev[i]->wake_us = 0;
+                d->nwaiting--;
+            }
+        }
+    }
+    if (!d->stopping) {
+        dispatch_kick_all(d);
+    }
+}
+
+size_t
+dispatch_device_metrics(const dsp_t *d, char *buf, size_t cap)
+{
+    static const char *const head =
+        "# HELP gift_dispatcher_device_inflight RPCs in flight per device.\n"
+        "# TYPE gift_dispatcher_device_inflight gauge\n"
+        "# HELP gift_dispatcher_device_queued Gifts waiting for the device.\n"
+        "# TYPE gift_dispatcher_device_queued gauge\n"
+        "# HELP gift_dispatcher_device_paused 1 when the device is paused.\n"
+        "# TYPE gift_dispatcher_device_paused gauge\n"
+        "# HELP gift_dispatcher_device_rate_limit Rounds per minute allowed "
+        "(0: no limit).\n"
+        "# TYPE gift_dispatcher_device_rate_limit gauge\n"
+        "# HELP gift_dispatcher_device_rpcs_total RPCs sent per device.\n"
+        "# TYPE gift_dispatcher_device_rpcs_total counter\n"
+        "# HELP gift_dispatcher_device_rounds_total Rounds the device "
+        "confirmed.\n"
+        "# TYPE gift_dispatcher_device_rounds_total counter\n";
+    size_t           o, i, k;
+    int              w;
+    const ddevice_t *dev;
+    const char      *names[6] = { "inflight", "queued", "paused",
+                                  "rate_limit", "rpcs_total",
+                                  "rounds_total" };
+
+    w = snprintf(buf, cap, "%s", head);
+    if (w < 0 || (size_t) w >= cap) {
+        return 0;
+    }
+    o = (size_t) w;
+    for (k = 0; k < 6; k++) {
+        for (i = 0; i < d->devcap; i++) {
+            uint64_t v;
+
+            if ((dev = d->dev[i]) == NULL) {
+                continue;
+            }
+            switch (k) {
+            case 0: v = (uint64_t) dev->inflight; break;
+            case 1: v = dev->queued; break;
+            case 2: v = (uint64_t) dev->paused; break;
+            case 3: v = dev->rpm; break;
+            case 4: v = dev->rpcs; break;
+            default: v = dev->rounds_ok; break;
+            }
+            w = snprintf(buf + o, cap - o, "gift_dispatcher_device_%s"
+                         "{device=\"%s\"} %" PRIu64 "\n", names[k],
+                         dev->name, v);
+            if (w < 0 || (size_t) w >= cap - o) {
+                return o;
+            }
+            o += (size_t) w;
+        }
+    }
+    return o;
+}
+
 /* ------------------------------------------------------------ lifetime */
 
 int
@@ -887,6 +1501,8 @@ dispatch_init(dsp_t *d)
     {
         return -1;
     }
+    dispatch_limits_reload(d);
+    failpoint_init();
     return 0;
 }
 
@@ -916,6 +1532,7 @@ dispatch_destroy(dsp_t *d)
     }
     for (i = 0; i < d->devcap; i++) {
         if (d->dev != NULL && d->dev[i] != NULL) {
+            rate_free(&d->dev[i]->rate);
             free(d->dev[i]->name);
             free(d->dev[i]);
         }

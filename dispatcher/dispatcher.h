@@ -13,6 +13,12 @@
  *   mqtt_out.c  the libmosquitto client driven by the main loop
  *   dispatch.c  the state of every gift held: device queues, RPCs in
  *               flight, coalescing, outcomes (ack, retry, dead letter)
+ *   streaks.c   streak arithmetic: what a frame adds (pure; unit-tested)
+ *   limits.c    rounds-per-minute windows (pure; unit-tested)
+ *   kv.c        the KV thread: GIFT_DONE lookups and GIFT_STREAKS
+ *               compare-and-set; the GIFT_DEVICES watcher (pause, rates)
+ *   ctl.c       `gift-dispatcher ctl ...`: the operator's switches in KV
+ *   metrics.c   /metrics (libmicrohttpd, its own thread; atomics only)
  *
  * Every object has one owner and a create/destroy pair.  Everything in
  * dsp_t is owned by the main thread, except what is marked "shared".
@@ -100,6 +106,13 @@ droute_rc rules_route(const drules_t *r, const char *platform,
     const char *room, const char *gift_id, const char *gift_name,
     uint32_t diamond, uint32_t quantity, droute_t *out);
 
+/*
+ * rounds = diamond x quantity x multiplier, checked against 64 bits and
+ * max_rounds (0: DSP_ROUNDS_JSON_MAX).  0, or -1 on overflow.
+ */
+int rules_rounds(const drules_t *r, uint32_t diamond, uint32_t quantity,
+    uint32_t multiplier, uint64_t *rounds);
+
 /* Catalogue lookup by gift id: the entry or NULL. */
 const dcat_entry_t *rules_catalogue(const drules_t *r, const char *gift_id);
 
@@ -115,6 +128,13 @@ void rules_free(drules_t *r);
 int rules_device_valid(const char *s);
 
 /* ------------------------------------------------------------ configuration */
+
+/* devices.device = ( { id = ...; rounds_per_minute = ...; paused = ...; } ) */
+typedef struct {
+    char        *id;
+    int64_t      rounds_per_minute;    /* -1: the default */
+    int          paused;
+} ddevconf_t;
 
 typedef struct {
     char        *path;                 /* the file given with -c */
@@ -143,6 +163,7 @@ typedef struct {
     int64_t     *retry_delays_ms;      /* NakWithDelay by delivery count */
     size_t       nretry_delays;
     int          shutdown_timeout_ms;
+    int          done_markers;         /* write GIFT_DONE markers */
 
     /* mqtt { } */
     char        *mqtt_host;
@@ -173,6 +194,13 @@ typedef struct {
     int          coalesce_max_events;  /* gifts per RPC */
     uint64_t     coalesce_max_rounds;  /* rounds per RPC (a lone gift may
                                           exceed it; it is never split) */
+    uint64_t     rounds_per_minute;    /* default limit; 0: none */
+    ddevconf_t  *devconf;              /* devices.device: per device */
+    size_t       ndevconf;
+    int          control;              /* watch KV GIFT_DEVICES */
+
+    /* metrics { } */
+    char        *metrics_listen;       /* "ADDR:PORT"; NULL: off */
 
     /* rules { } */
     drules_t    *rules;
@@ -254,6 +282,92 @@ void     rpc_ids_init(drpc_ids_t *ids, int bits, int64_t instance_id,
 /* The next id: tag | counter (the counter wraps within its bits). */
 uint64_t rpc_ids_next(drpc_ids_t *ids);
 
+/* ------------------------------------------------------------------ streaks */
+
+#define STREAK_RECENT     16      /* claims remembered in the value */
+#define STREAK_VALUE_MAX  512     /* "v1 <counted>" + 16 x " <hash>=<inc>" */
+
+typedef struct {
+    uint64_t  h;                  /* streak_event_hash(event id) */
+    uint32_t  inc;                /* what that frame added */
+} dclaim_t;
+
+/* The state of one streak (the value of "s.<streak id>"). */
+typedef struct {
+    uint32_t  counted;            /* the highest count counted so far */
+    size_t    n;
+    dclaim_t  recent[STREAK_RECENT];   /* oldest first */
+} dstreak_t;
+
+typedef enum {
+    STREAK_NEW = 0,               /* a new claim: *inc > 0, s changed */
+    STREAK_KNOWN,                 /* this event claimed before: its *inc */
+    STREAK_STALE                  /* adds nothing (*inc 0), unless an old
+                                     claim of this event exists elsewhere */
+} dstreak_rc;
+
+/* 64 bits of SHA-256(event id): how claims are remembered. */
+uint64_t   streak_event_hash(const char *event_id);
+/* Parse a value (len bytes).  0, or -1 when malformed (s is then empty). */
+int        streak_parse(const char *v, size_t len, dstreak_t *s);
+/* Write a value; its length, or 0 when cap is too small. */
+size_t     streak_format(const dstreak_t *s, char *out, size_t cap);
+/*
+ * What a frame with running total `count` of event hash `eh` adds: the
+ * claim recorded for eh if any (KNOWN), else count - counted when
+ * positive (NEW: counted = count, the claim appended, the oldest dropped
+ * beyond STREAK_RECENT), else 0 (STALE: a repeat or a late frame).
+ */
+dstreak_rc streak_apply(dstreak_t *s, uint64_t eh, uint32_t count,
+    uint32_t *inc);
+
+/* ------------------------------------------------------------------ limits */
+
+#define RATE_WINDOW_US   60000000LL    /* rounds per minute: a sliding minute */
+#define RATE_MERGE_US    100000LL      /* sends closer than this share an entry */
+
+typedef struct {
+    int64_t   t_us;
+    uint64_t  rounds;
+} drate_ev_t;
+
+/* Rounds sent in the last minute, as a ring of (time, rounds). */
+typedef struct {
+    drate_ev_t  *ev;
+    size_t       cap, head, n;
+    uint64_t     sum;
+} drate_t;
+
+/*
+ * May `rounds` more go now under `limit` rounds per minute (0: no limit)?
+ * Yes when the last minute's sum plus rounds stays within the limit, or
+ * when nothing at all went in the last minute (a single gift above the
+ * limit goes alone, then the device rests until the minute has passed).
+ */
+int     rate_fits(drate_t *r, uint64_t limit, int64_t now_us, uint64_t rounds);
+/* The earliest time at which rate_fits(rounds) becomes true. */
+int64_t rate_next(drate_t *r, uint64_t limit, int64_t now_us, uint64_t rounds);
+/* Record rounds sent at now_us.  0, or -1 (memory: not recorded). */
+int     rate_add(drate_t *r, int64_t now_us, uint64_t rounds);
+/* Rounds sent in the minute before now_us. */
+uint64_t rate_sum(drate_t *r, int64_t now_us);
+void    rate_free(drate_t *r);
+
+/*
+ * Coalescing: may the next RPC, holding `taken` gifts of `taken_rounds`
+ * rounds, take one more of `next_rounds`?  The first always goes (a gift
+ * larger than a cap goes alone); then up to max_events gifts and
+ * max_rounds rounds, and within `room` (what the device's rate limit
+ * leaves in its minute; UINT64_MAX without a limit).
+ */
+int     coalesce_more(size_t taken, uint64_t taken_rounds,
+    uint64_t next_rounds, size_t max_events, uint64_t max_rounds,
+    uint64_t room);
+
+/* The NakWithDelay of a failed delivery number `delivered` (1-based):
+ * delays[delivered - 1], the last one repeating. */
+int64_t retry_delay_ms(const int64_t *delays, size_t n, uint64_t delivered);
+
 /* ------------------------------------------------------------------ util */
 
 /* dmap: uint64_t -> void* open-addressing hash (linear probing, backward
@@ -279,6 +393,8 @@ typedef struct {
     pthread_mutex_t  mu;
     void           **items;
     size_t           n, cap;
+    void           **spare;        /* the other array, for the next turn */
+    size_t           spare_cap, taken_cap;
     int              wake_fd;
 } dchan_t;
 
@@ -288,8 +404,16 @@ int    dchan_init(dchan_t *c, int wake_fd);
 void   dchan_destroy(dchan_t *c);
 int    dchan_push(dchan_t *c, void *item);               /* -1: no memory */
 int    dchan_push_many(dchan_t *c, void **items, size_t n);
-/* Swap the queue's contents out: *items and *n (the caller frees *items). */
+/* Swap the queue's contents out: *items and *n.  One taker (the main
+ * thread); it hands *items back with dchan_done() (or frees it). */
 void   dchan_take(dchan_t *c, void ***items, size_t *n);
+void   dchan_done(dchan_t *c, void **items);
+
+/* A delivery's stream sequence, delivery count and the consumer's pending
+ * count, parsed from its "$JS.ACK...." reply subject.  0, or -1 when the
+ * subject is not one. */
+int    js_ack_meta(const char *reply, uint64_t *sseq, uint64_t *delivered,
+    uint64_t *pending);
 
 /* ------------------------------------------------------------- dispatcher */
 
@@ -298,10 +422,13 @@ typedef struct drpc    drpc_t;
 typedef struct ddevice ddevice_t;
 typedef struct dsp     dsp_t;
 
+typedef struct dkvjob  dkvjob_t;
+
 typedef enum {
     GIFT_QUEUED = 0,           /* in its device's queue */
     GIFT_SENT,                 /* in an RPC in flight */
     GIFT_PUBLISHING,           /* GiftAck (and DLQ) publishes awaiting PubAck */
+    GIFT_KV                    /* waiting for the KV thread (marker, streak) */
 } dgift_state;
 
 struct dgift {
@@ -312,13 +439,24 @@ struct dgift {
     ddevice_t             *dev;
     uint64_t               rounds;
     uint32_t               diamond;      /* effective */
+    uint32_t               multiplier;   /* of the rule that routed it */
+    uint32_t               streak_inc;   /* streak frames: what it added */
     dgift_state            state;
+    int                    replay;       /* a DLQ replay (giftctl dlq) */
     drpc_t                *rpc;
+    dkvjob_t              *job;          /* GIFT_KV: the job out */
     int                    pubs;         /* publishes awaiting PubAck */
     int64_t                touched_us;   /* fetched or last InProgress */
     int64_t                rpc_latency_us;
     dgift_t               *qnext, *qprev;   /* device queue or RPC list */
     dgift_t               *hnext, *hprev;   /* dsp.held, by touched_us */
+    /* ev lives in mem[] (a bump allocator for protobuf-c: one allocation
+     * per gift instead of one per string field); what does not fit is
+     * malloc'd and counted in spilled */
+    ProtobufCAllocator     pa;
+    size_t                 mem_cap, mem_used;
+    int                    spilled;
+    max_align_t            mem[];
 };
 
 struct drpc {
@@ -338,6 +476,14 @@ struct ddevice {
     size_t         queued;
     int            inflight;       /* RPCs in flight */
     uint64_t       rpcs, gifts_ok, rounds_ok;
+
+    /* limits: the configuration's, overridden by KV GIFT_DEVICES */
+    int            paused;         /* effective */
+    uint64_t       rpm;            /* effective rounds per minute; 0: none */
+    int            kv_paused;      /* -1: not set in KV */
+    int64_t        kv_rpm;         /* -1: not set in KV */
+    drate_t        rate;           /* rounds sent in the last minute */
+    int64_t        wake_us;        /* rate-limited: kick again then (0: no) */
 };
 
 /* A publish whose PubAck failed, waiting to be sent again. */
@@ -348,7 +494,11 @@ typedef struct dretry {
     struct dretry  *next;
 } dretry_t;
 
-/* What the PubAck handler (a cnats thread) posts to the main thread. */
+/* What the PubAck handler (a cnats thread) posts to the main thread: on
+ * success the published message's pointer with its low bit set
+ * (PUBACK_OK), else a dpuback_t. */
+#define PUBACK_OK(m)  ((void *) ((uintptr_t) (m) | 1))
+
 typedef struct {
     natsMsg     *m;            /* the message we published (ours to free) */
     natsStatus   err;          /* NATS_OK on success */
@@ -370,6 +520,7 @@ typedef struct {
     pthread_mutex_t    mu;
     pthread_cond_t     cond;
     int                credit;     /* gifts the fetch thread may still pull */
+    int                low;        /* it waits until credit reaches this */
     int                stop;       /* the fetch thread must exit */
     int                done;       /* ... and it has */
 
@@ -395,11 +546,107 @@ typedef struct {
     drpc_ids_t         ids;
 } dmqtt_t;
 
+/* A job for the KV thread (kv.c).  Created by main, owned by the KV
+ * thread while queued there, handed back to main with its answer. */
+typedef enum {
+    KVJ_DONE = 1,              /* is there a GIFT_DONE marker for the event? */
+    KVJ_STREAK                 /* claim a streak frame's increment */
+} dkvjob_kind;
+
+struct dkvjob {
+    dkvjob_kind     kind;
+    uint64_t        seq;       /* the gift's stream sequence (by_seq) */
+    char           *key;       /* DONE: the marker's key (NULL: probe);
+                                  STREAK: "s.<id>" */
+    char           *probe_id;  /* DONE without markers: "<stem>:ack" */
+    char           *ckey;      /* STREAK: "e.<event id>" */
+    uint64_t        eh;        /* STREAK: streak_event_hash(event id) */
+    uint32_t        count;     /* STREAK: the frame's running total */
+    /* answers */
+    int             failed;    /* no answer (stopping) */
+    int             found;     /* DONE: a marker exists ... */
+    void           *val;       /* ... its value (malloc'd; a GiftAck); NULL
+                                  when a probe found the GiftAck stored */
+    size_t          len;
+    uint32_t        inc;       /* STREAK: what the frame adds */
+    dstreak_rc      how;
+    int             conflicts; /* STREAK: lost compare-and-sets */
+    int64_t         lat_us;    /* time spent in the KV thread */
+    dkvjob_t       *next;
+};
+
+/* A device switch changed in KV GIFT_DEVICES (watcher -> main). */
+typedef enum { CTL_PAUSED = 1, CTL_RPM } dctl_what;
+
+typedef struct {
+    char        device[DSP_DEVICE_MAX + 1];
+    dctl_what   what;
+    int64_t     value;         /* -1: deleted (the configuration applies) */
+} dctl_t;
+
+#define GIFT_KV_DEVICES  "GIFT_DEVICES"   /* pause and rate switches */
+
+typedef struct {
+    int               inited;
+    jsCtx            *js;              /* for the GIFT_ACKS probes */
+    kvStore          *streaks, *done, *devices;
+    kvWatcher        *watch;
+    pthread_t         tid, ctl_tid;
+    int               started, ctl_started;
+    pthread_mutex_t   mu;
+    pthread_cond_t    cond;
+    dkvjob_t         *head, *tail;     /* queued for the thread, under mu */
+    int               stop;            /* under mu */
+    dchan_t           out;             /* dkvjob_t* answered */
+    dchan_t           ctl;             /* dctl_t* from the watcher */
+    size_t            pending;         /* main: jobs not yet answered */
+    char              lease_key[64];   /* "_rpc_tag.<tag>"; "" when none */
+    char              lease_val[384];
+} dkv_t;
+
+#define KV_LEASE_REFRESH_S  60
+#define KV_LEASE_STALE_S    300
+
+/*
+ * Counters.  Written by the main thread only, read by the metrics thread:
+ * every update is a relaxed atomic store of the new value (STAT_ADD), so
+ * a reader never sees a torn value and the writer never takes a lock.
+ */
 typedef struct {
     uint64_t  received, duplicates, acked_ok, dead_letters, released, retried;
     uint64_t  rpcs_sent, rpc_ok, rpc_errors, rpc_timeouts, replies_unknown;
     uint64_t  pub_errors, in_progress;
+    uint64_t  coalesced;           /* gifts that shared an RPC with others */
+    uint64_t  rounds_ok;
+    uint64_t  zero_rounds;         /* acknowledged without a command */
+    uint64_t  done_hits;           /* redeliveries found done in GIFT_DONE */
+    uint64_t  done_checks;
+    uint64_t  streak_frames, streak_new, streak_known, streak_stale;
+    uint64_t  streak_conflicts;
+    uint64_t  rate_waits;          /* times a device waited for its rate */
+    uint64_t  kv_jobs;
+    uint64_t  naks;                /* naks sent (retries and releases) */
+    uint64_t  rpc_lat_le[16];      /* RPC latency histogram (cumulative) */
+    uint64_t  rpc_lat_count;
+    uint64_t  rpc_lat_sum_us;
+    uint64_t  consumer_pending;    /* NumPending of the last delivery */
+    uint64_t  held;                /* gauge */
+    uint64_t  mqtt_up;             /* gauge: 1 when ready */
 } dstats_t;
+
+#define STAT_ADD(d, f, v) \
+    __atomic_store_n(&(d)->st.f, (d)->st.f + (v), __ATOMIC_RELAXED)
+#define STAT_SET(d, f, v) \
+    __atomic_store_n(&(d)->st.f, (v), __ATOMIC_RELAXED)
+#define STAT_GET(d, f) \
+    __atomic_load_n(&(d)->st.f, __ATOMIC_RELAXED)
+
+/* RPC latency histogram bounds (ms), in dstats_t.rpc_lat_le order. */
+#define DSP_LAT_BUCKETS  { 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, \
+                           5000, 10000, 30000 }
+#define DSP_NLAT_BUCKETS 14
+
+typedef struct dmetrics dmetrics_t;
 
 struct dsp {
     dconf_t           *conf;       /* replaced on SIGHUP (rules part) */
@@ -424,6 +671,11 @@ struct dsp {
     int64_t            stop_deadline_us;
     int64_t            next_tick_us;
     dstats_t           st;
+
+    dkv_t              kv;
+    size_t             nwaiting;   /* devices with wake_us set */
+    int64_t            wake_min_us;
+    dmetrics_t        *metrics;
 };
 
 /* Flags set by signal handlers (main.c); the loop acts on them. */
@@ -444,8 +696,9 @@ void dispatch_msg(dsp_t *d, natsMsg *m);
  * ignored: they belong to another instance or to an RPC that timed out). */
 void dispatch_reply(dsp_t *d, uint64_t n, const char *payload, size_t len);
 
-/* A PubAck (or its failure) from the handler thread.  Takes `pa`. */
-void dispatch_puback(dsp_t *d, dpuback_t *pa);
+/* A PubAck (or its failure) from the handler thread: PUBACK_OK(msg) or
+ * a dpuback_t.  Takes it. */
+void dispatch_puback(dsp_t *d, void *item);
 
 /* Send what device queues allow (after MQTT became ready, or a reload). */
 void dispatch_kick_all(dsp_t *d);
@@ -463,6 +716,20 @@ void dispatch_abandon(dsp_t *d);
 /* 1 when nothing is held and nothing is in flight. */
 int  dispatch_idle(const dsp_t *d);
 
+/* An answer from the KV thread.  Takes `job`. */
+void dispatch_kv(dsp_t *d, dkvjob_t *job);
+
+/* A device switch changed in KV GIFT_DEVICES.  Takes `c`. */
+void dispatch_ctl(dsp_t *d, dctl_t *c);
+
+/* Recompute every device's limits from the configuration (after a
+ * reload) and kick those that may send now. */
+void dispatch_limits_reload(dsp_t *d);
+
+/* Per-device state for /metrics, as Prometheus text lines, into buf
+ * (cap bytes): the length written (truncated at a line boundary). */
+size_t dispatch_device_metrics(const dsp_t *d, char *buf, size_t cap);
+
 /* One info line with the counters (SIGUSR1, and at exit). */
 void dispatch_log_stats(const dsp_t *d);
 
@@ -472,6 +739,10 @@ void dispatch_log_stats(const dsp_t *d);
  * provisioning, the JetStream context with its PubAck handler, the pull
  * subscription bound to the durable consumer.  0, or -1 (logged). */
 int  nats_in_start(dsp_t *d);
+
+/* Options for a connection to c's servers with c's credentials and TLS
+ * (no callbacks).  The caller destroys *out. */
+natsStatus nats_options_base(const dconf_t *c, natsOptions **out);
 
 /* Start the fetch thread (credit = max_inflight). */
 int  nats_in_fetch_start(dsp_t *d);
@@ -487,12 +758,16 @@ int  nats_in_fetch_done(dsp_t *d);
 
 /*
  * Publish `data` to `subject` through JetStream asynchronously with
- * Nats-Msg-Id `msg_id` (and the extra headers, NULL-terminated key/value
- * pairs).  The PubAck arrives through dispatch_puback().  The published
+ * Nats-Msg-Id `msg_id` (none when NULL), and the extra headers
+ * (NULL-terminated key/value pairs).  The PubAck arrives through dispatch_puback().  The published
  * message is recorded in d->by_pub -> g.  0 or -1 (not sent; g untouched).
  */
 int  nats_in_publish(dsp_t *d, dgift_t *g, const char *subject,
     const void *data, size_t len, const char *msg_id, const char **hdrs);
+
+/* A plain (core) publish, no PubAck awaited: the GIFT_DONE markers. */
+void nats_in_publish_core(dsp_t *d, const char *subject, const void *data,
+    size_t len);
 
 /* Publish an existing message again (after a PubAck failure).  0 / -1. */
 int  nats_in_republish(dsp_t *d, dgift_t *g, natsMsg *m);
@@ -505,6 +780,50 @@ void nats_in_fetch_join(dsp_t *d);
  * destroy all.  Every gift must have been freed before (acks use the
  * subscription). */
 void nats_in_stop(dsp_t *d);
+
+/* kv.c ------------------------------------------------------------------ */
+
+/* The KV buckets (GIFT_STREAKS, GIFT_DONE; GIFT_DEVICES, created when
+ * missing, with devices.control), the device switches' initial state
+ * (applied through dispatch_ctl before any gift arrives), then the KV
+ * thread and the watcher thread.  Retries until it works or SIGTERM.
+ * 0, or -1. */
+int  kv_start(dsp_t *d);
+
+/* Lease an RPC id tag no live dispatcher holds (when mqtt.instance_id is
+ * not set): sets d->mqtt.ids.tag.  Before the KV thread starts.  0, or -1
+ * (the random tag stays). */
+int  kv_claim_tag(dsp_t *d);
+
+/* Queue a job for the KV thread (main).  0, or -1 (not started). */
+int  kv_submit(dsp_t *d, dkvjob_t *job);
+
+/* A new job (main); NULL on memory. */
+dkvjob_t *kv_job_new(dkvjob_kind kind, uint64_t seq);
+void      kv_job_free(dkvjob_t *job);
+
+/* Stop and join both threads; every queued job comes back failed
+ * through d->kv.out. */
+void kv_stop(dsp_t *d);
+
+/* Free the KV handles and queues (after kv_stop and the last drain). */
+void kv_destroy(dsp_t *d);
+
+/* ctl.c ----------------------------------------------------------------- */
+
+/* `gift-dispatcher -c FILE ctl ARGS...`: set, clear or show the device
+ * switches in KV GIFT_DEVICES.  Returns the exit status. */
+int  ctl_main(const dconf_t *c, int argc, char **argv);
+
+/* metrics.c ------------------------------------------------------------- */
+
+/* Serve /metrics on conf->metrics_listen from libmicrohttpd's own thread.
+ * 0, or -1 (logged; the address is taken, for instance). */
+int  metrics_start(dsp_t *d);
+/* Refresh what the metrics thread shows that main owns (per-device text):
+ * never waits for the metrics thread (a busy lock skips this turn). */
+void metrics_tick(dsp_t *d, int64_t now_us);
+void metrics_stop(dsp_t *d);
 
 /* mqtt_out.c ------------------------------------------------------------ */
 

@@ -1,18 +1,24 @@
-# gift-dispatcher (issue 5): the daemon and its unit tests.
+# gift-dispatcher (issues 5, 6, 10): the daemon and its unit tests.
 # Included by the top-level Makefile, which provides CC, CFLAGS, LDFLAGS,
 # OBJ, BUILD, COMMON_OBJS, LIBS_NATS, CHECK_LIBS and the $(OBJ)/%.o rule.
 
-DISPATCHER_LIBS     := -lmosquitto -lconfig
+DISPATCHER_LIBS     := -lmosquitto -lconfig -lmicrohttpd
 # The pure parts (no connection, no thread): what the unit tests link.
 DISPATCHER_LIB_OBJS := $(OBJ)/dispatcher/conf.o $(OBJ)/dispatcher/rules.o \
-                       $(OBJ)/dispatcher/rpc.o $(OBJ)/dispatcher/util.o
+                       $(OBJ)/dispatcher/rpc.o $(OBJ)/dispatcher/util.o \
+                       $(OBJ)/dispatcher/streaks.o $(OBJ)/dispatcher/limits.o \
+                       $(OBJ)/common/gift_kvkey.o
 DISPATCHER_OBJS     := $(DISPATCHER_LIB_OBJS) $(OBJ)/dispatcher/main.o \
                        $(OBJ)/dispatcher/dispatch.o \
-                       $(OBJ)/dispatcher/nats_in.o $(OBJ)/dispatcher/mqtt_out.o
+                       $(OBJ)/dispatcher/nats_in.o $(OBJ)/dispatcher/mqtt_out.o \
+                       $(OBJ)/dispatcher/kv.o $(OBJ)/dispatcher/ctl.o \
+                       $(OBJ)/dispatcher/metrics.o
 
 BINS        += $(BUILD)/gift-dispatcher
-UNIT_TESTS  += $(BUILD)/tests/test_rules $(BUILD)/tests/test_dconf \
-               $(BUILD)/tests/test_rpc
+DISPATCHER_TESTS := $(BUILD)/tests/test_rules $(BUILD)/tests/test_dconf \
+                    $(BUILD)/tests/test_rpc $(BUILD)/tests/test_streaks \
+                    $(BUILD)/tests/test_limits
+UNIT_TESTS  += $(DISPATCHER_TESTS)
 
 $(DISPATCHER_OBJS): dispatcher/dispatcher.h
 
@@ -20,8 +26,6 @@ $(BUILD)/gift-dispatcher: $(DISPATCHER_OBJS) $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS_NATS) $(DISPATCHER_LIBS)
 
 # Explicit rules: these tests need the dispatcher's objects too.
-DISPATCHER_TESTS := $(BUILD)/tests/test_rules $(BUILD)/tests/test_dconf \
-                    $(BUILD)/tests/test_rpc
 $(DISPATCHER_TESTS): $(BUILD)/tests/test_%: tests/test_%.c \
                      $(DISPATCHER_LIB_OBJS) $(COMMON_OBJS) dispatcher/dispatcher.h
 	@mkdir -p $(@D)

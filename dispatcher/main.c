@@ -18,6 +18,12 @@
  *             has no asynchronous pull) within a credit of free slots
  *             (nats.max_inflight minus gifts held), and posts the messages
  *             to the inbox queue.  It takes no other lock than the credit's.
+ *   kv        ours (kv.c): the synchronous KV calls -- GIFT_DONE lookups
+ *             for redeliveries, GIFT_STREAKS compare-and-set for streak
+ *             frames -- taken from a queue, answered through another.
+ *   watch     ours (kv.c): follows KV GIFT_DEVICES (pause, rate limits).
+ *   metrics   libmicrohttpd's: serves /metrics from atomic counters and a
+ *             snapshot main refreshes with a trylock (metrics.c).
  *   cnats     the library's own: socket reader, flusher, timers, and the
  *             delivery thread of the JetStream publish-reply subscription,
  *             which runs our PubAck handler; that handler only posts to the
@@ -116,12 +122,18 @@ usage(FILE *f)
 {
     fprintf(f,
         "usage: " DSP_PROGRAM " [-c FILE] [-t] [-v]\n"
+        "       " DSP_PROGRAM " [-c FILE] ctl pause|resume|clear DEVICE\n"
+        "       " DSP_PROGRAM " [-c FILE] ctl rate DEVICE N|default\n"
+        "       " DSP_PROGRAM " [-c FILE] ctl show\n"
         "       " DSP_PROGRAM " --version\n"
         "  -c FILE    configuration file (default /etc/gift/gift-dispatcher.conf)\n"
         "  -t         check the configuration and exit (0: valid)\n"
         "  -v         log at debug level (overrides log_level)\n"
         "  --version  print the version and exit\n"
-        "Signals: TERM/INT stop (drain), HUP reloads the rules, USR1 logs counters.\n");
+        "  ctl ...    set the device switches in KV " GIFT_KV_DEVICES " (every\n"
+        "             dispatcher follows them): pause, resume, rate limit\n"
+        "Signals: TERM/INT stop (drain), HUP reloads the rules and device\n"
+        "limits, USR1 logs counters.\n");
 }
 
 static void
@@ -153,8 +165,9 @@ log_lines(gift_log_level_t lvl, const char *prefix, const char *text)
 }
 
 /*
- * SIGHUP: read the whole file again; on success take its rules (and its
- * log level), on failure keep everything and say why.  Gifts already
+ * SIGHUP: read the whole file again; on success take its rules, its
+ * device limits (devices.rounds_per_minute, devices.device) and its log
+ * level; on failure keep everything and say why.  Gifts already
  * routed keep their device; the new rules apply to the next delivery.
  * Other settings need a restart (they shape connections and threads).
  */
@@ -172,6 +185,16 @@ reload(dsp_t *d)
     old = d->conf->rules;
     d->conf->rules = nc->rules;
     nc->rules = old;
+    {
+        ddevconf_t *dc = d->conf->devconf;
+        size_t      n = d->conf->ndevconf;
+
+        d->conf->devconf = nc->devconf;
+        d->conf->ndevconf = nc->ndevconf;
+        nc->devconf = dc;
+        nc->ndevconf = n;
+        d->conf->rounds_per_minute = nc->rounds_per_minute;
+    }
     d->conf->log_level = verbose ? GIFT_LOG_DEBUG : nc->log_level;
     gift_log_set_level(d->conf->log_level);
     gift_log(GIFT_LOG_INFO, "reloaded %s: %zu rules, %zu catalogue entries,"
@@ -180,6 +203,7 @@ reload(dsp_t *d)
              d->conf->rules->default_device ? d->conf->rules->default_device
                                             : "none");
     dconf_free(nc);
+    dispatch_limits_reload(d);
 }
 
 static void
@@ -193,12 +217,24 @@ drain_queues(dsp_t *d)
     for (i = 0; i < n; i++) {
         dispatch_puback(d, items[i]);
     }
-    free(items);
+    dchan_done(&d->nats.acks, items);
+    if (d->kv.inited) {
+        dchan_take(&d->kv.ctl, &items, &n);
+        for (i = 0; i < n; i++) {
+            dispatch_ctl(d, items[i]);
+        }
+        dchan_done(&d->kv.ctl, items);
+        dchan_take(&d->kv.out, &items, &n);
+        for (i = 0; i < n; i++) {
+            dispatch_kv(d, items[i]);
+        }
+        dchan_done(&d->kv.out, items);
+    }
     dchan_take(&d->nats.inbox, &items, &n);
     for (i = 0; i < n; i++) {
         dispatch_msg(d, items[i]);
     }
-    free(items);
+    dchan_done(&d->nats.inbox, items);
 }
 
 static int
@@ -246,6 +282,7 @@ run(dsp_t *d, const sigset_t *unblocked)
         }
 
         next = dispatch_timers(d, now);
+        metrics_tick(d, now);
         t = mqtt_out_misc(d, now);
         if (t < next) {
             next = t;
@@ -327,7 +364,8 @@ main(int argc, char **argv)
     d.wake_fd = -1;
     gift_log_set_program(DSP_PROGRAM);
 
-    while ((opt = getopt_long(argc, argv, "c:tvh", longopts, NULL)) != -1) {
+    /* "+": stop at the first non-option (ctl's arguments) */
+    while ((opt = getopt_long(argc, argv, "+c:tvh", longopts, NULL)) != -1) {
         switch (opt) {
         case 'c':
             path = optarg;
@@ -348,6 +386,15 @@ main(int argc, char **argv)
             usage(stderr);
             return 2;
         }
+    }
+    if (optind < argc && strcmp(argv[optind], "ctl") == 0 && !test) {
+        if (dconf_load(path, &d.conf, err, sizeof(err)) != 0) {
+            fputs(err, stderr);
+            return 1;
+        }
+        rc = ctl_main(d.conf, argc - optind - 1, argv + optind + 1);
+        dconf_free(d.conf);
+        return rc;
     }
     if (optind != argc) {
         usage(stderr);
@@ -400,6 +447,17 @@ main(int argc, char **argv)
         }
         goto out;
     }
+    if (kv_start(&d) != 0) {
+        if (dsp_sig_term) {
+            gift_log(GIFT_LOG_INFO, "stopped before KV was reachable");
+            rc = 0;
+        }
+        goto out;
+    }
+    if (metrics_start(&d) != 0) {
+        /* gifts matter more than their metrics: run without */
+        gift_log(GIFT_LOG_WARN, "running without /metrics");
+    }
     mqtt_out_connect(&d, gift_mono_us());
     if (nats_in_fetch_start(&d) != 0) {
         goto out;
@@ -415,6 +473,8 @@ main(int argc, char **argv)
 out:
     /* 6. teardown, in reverse */
     nats_in_fetch_join(&d);
+    metrics_stop(&d);
+    kv_stop(&d);                     /* jobs still out come back failed */
     if (!d.stopping) {
         d.stopping = 1;              /* late arrivals are naked, not sent */
     }
@@ -423,6 +483,7 @@ out:
     }
     mqtt_out_disconnect(&d);
     dispatch_destroy(&d);
+    kv_destroy(&d);
     if (d.nats.inited) {
         nats_in_stop(&d);
     }

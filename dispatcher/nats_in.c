@@ -107,19 +107,25 @@ on_puback(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae,
     dpuback_t  *p;
 
     (void) js;
+    if (pa != NULL) {
+        /* the common case: the message pointer alone, tagged (messages
+         * are aligned), spares an allocation per publish */
+        if (dchan_push(&d->nats.acks, PUBACK_OK(msg)) != 0) {
+            gift_log(GIFT_LOG_ERR, "out of memory in the PubAck handler");
+            abort();
+        }
+        return;
+    }
     p = calloc(1, sizeof(*p));
     if (p == NULL) {
         gift_log(GIFT_LOG_ERR, "out of memory in the PubAck handler");
         abort();      /* nothing was acked: every gift will be redelivered */
     }
     p->m = msg;
-    if (pa == NULL) {
-        p->err = pae ? pae->Err : NATS_ERR;
-        p->jerr = pae ? (int) pae->ErrCode : 0;
-        snprintf(p->text, sizeof(p->text), "%s",
-                 pae && pae->ErrText ? pae->ErrText
-                                     : natsStatus_GetText(p->err));
-    }
+    p->err = pae ? pae->Err : NATS_ERR;
+    p->jerr = pae ? (int) pae->ErrCode : 0;
+    snprintf(p->text, sizeof(p->text), "%s",
+             pae && pae->ErrText ? pae->ErrText : natsStatus_GetText(p->err));
     if (dchan_push(&d->nats.acks, p) != 0) {
         gift_log(GIFT_LOG_ERR, "out of memory in the PubAck handler");
         abort();
@@ -142,10 +148,9 @@ pause_ms(int ms)
     ppoll(NULL, 0, &ts, &none);
 }
 
-static int
-build_options(dsp_t *d)
+natsStatus
+nats_options_base(const dconf_t *c, natsOptions **out)
 {
-    dconf_t     *c = d->conf;
     natsOptions *o = NULL;
     natsStatus   s;
 
@@ -176,6 +181,21 @@ build_options(dsp_t *d)
                                                   c->nats_tls_key);
         }
     }
+    if (s != NATS_OK) {
+        natsOptions_Destroy(o);
+        return s;
+    }
+    *out = o;
+    return NATS_OK;
+}
+
+static int
+build_options(dsp_t *d)
+{
+    natsOptions *o = NULL;
+    natsStatus   s;
+
+    s = nats_options_base(d->conf, &o);
     if (s == NATS_OK) {
         s = natsOptions_SetMaxReconnect(o, -1);
     }
@@ -382,6 +402,9 @@ fetch_main(void *arg)
     if (low < 1) {
         low = 1;
     }
+    pthread_mutex_lock(&n->mu);
+    n->low = low;
+    pthread_mutex_unlock(&n->mu);
 
     for (;;) {
         pthread_mutex_lock(&n->mu);
@@ -487,9 +510,16 @@ nats_in_release(dsp_t *d, int k)
 {
     dnats_t *n = &d->nats;
 
+    int      before;
+
     pthread_mutex_lock(&n->mu);
+    before = n->credit;
     n->credit += k;
-    pthread_cond_signal(&n->cond);
+    /* wake it only when it waits for this: every wake-up is a context
+     * switch, and gifts finish by the thousand per second */
+    if (before < n->low && n->credit >= n->low) {
+        pthread_cond_signal(&n->cond);
+    }
     pthread_mutex_unlock(&n->mu);
 }
 
@@ -536,6 +566,11 @@ publish(dsp_t *d, dgift_t *g, natsMsg **m, const char *msg_id)
     s = js_PublishMsgAsync(d->nats.js, m, &po);
     if (s != NATS_OK) {
         dmap_del(&d->by_pub, (uint64_t) (uintptr_t) keep);
+        if (msg_id != NULL) {
+            /* cnats sets it from po.MsgId when it sends; a retry later
+             * reads it back from the message */
+            natsMsgHeader_Set(keep, "Nats-Msg-Id", msg_id);
+        }
         gift_log(GIFT_LOG_DEBUG, "NATS: publish to %s: %s",
                  natsMsg_GetSubject(keep), nats_GetLastError(NULL));
         return -1;
@@ -577,9 +612,7 @@ nats_in_publish(dsp_t *d, dgift_t *g, const char *subject, const void *data,
     for (; s == NATS_OK && hdrs != NULL && hdrs[0] != NULL; hdrs += 2) {
         s = natsMsgHeader_Set(m, hdrs[0], hdrs[1]);
     }
-    if (s == NATS_OK) {
-        s = natsMsgHeader_Set(m, "Nats-Msg-Id", msg_id);
-    }
+
     if (s != NATS_OK) {
         natsMsg_Destroy(m);
         gift_log(GIFT_LOG_ERR, "cannot build a message for %s", subject);
@@ -591,6 +624,19 @@ nats_in_publish(dsp_t *d, dgift_t *g, const char *subject, const void *data,
         retry_later(d, g, m);
     }
     return 0;
+}
+
+void
+nats_in_publish_core(dsp_t *d, const char *subject, const void *data,
+    size_t len)
+{
+    natsStatus s;
+
+    s = natsConnection_Publish(d->nats.nc, subject, data, (int) len);
+    if (s != NATS_OK) {
+        gift_log(GIFT_LOG_DEBUG, "NATS: publish to %s: %s", subject,
+                 natsStatus_GetText(s));
+    }
 }
 
 int
@@ -669,11 +715,16 @@ nats_in_stop(dsp_t *d)
     free(items);
     dchan_take(&n->acks, &items, &k);
     for (i = 0; i < k; i++) {
-        dpuback_t *p = items[i];
+        natsMsg *m;
 
-        dmap_del(&d->by_pub, (uint64_t) (uintptr_t) p->m);
-        natsMsg_Destroy(p->m);
-        free(p);
+        if ((uintptr_t) items[i] & 1) {
+            m = (natsMsg *) ((uintptr_t) items[i] & ~(uintptr_t) 1);
+        } else {
+            m = ((dpuback_t *) items[i])->m;
+            free(items[i]);
+        }
+        dmap_del(&d->by_pub, (uint64_t) (uintptr_t) m);
+        natsMsg_Destroy(m);
     }
     free(items);
     dchan_destroy(&n->inbox);

@@ -94,7 +94,7 @@ rules_route(const drules_t *r, const char *platform, const char *room,
 {
     const dcat_entry_t *ce;
     const drule_t      *ru = NULL;
-    uint64_t            rounds, limit;
+    uint64_t            rounds;
     size_t              i;
 
     memset(out, 0, sizeof(*out));
@@ -129,17 +129,29 @@ rules_route(const drules_t *r, const char *platform, const char *room,
         return ROUTE_NO_DEVICE;
     }
 
-    limit = r->max_rounds ? r->max_rounds : DSP_ROUNDS_JSON_MAX;
-    if (__builtin_mul_overflow((uint64_t) diamond, (uint64_t) quantity,
-                               &rounds)
-        || __builtin_mul_overflow(rounds, (uint64_t) out->multiplier,
-                                  &rounds)
-        || rounds > limit)
-    {
+    if (rules_rounds(r, diamond, quantity, out->multiplier, &rounds) != 0) {
         return ROUTE_OVERFLOW;
     }
     out->rounds = rounds;
     return ROUTE_OK;
+}
+
+int
+rules_rounds(const drules_t *r, uint32_t diamond, uint32_t quantity,
+    uint32_t multiplier, uint64_t *out)
+{
+    uint64_t rounds, limit;
+
+    limit = r->max_rounds ? r->max_rounds : DSP_ROUNDS_JSON_MAX;
+    if (__builtin_mul_overflow((uint64_t) diamond, (uint64_t) quantity,
+                               &rounds)
+        || __builtin_mul_overflow(rounds, (uint64_t) multiplier, &rounds)
+        || rounds > limit)
+    {
+        return -1;
+    }
+    *out = rounds;
+    return 0;
 }
 
 static void

@@ -265,6 +265,55 @@ START_TEST(values_are_taken)
 }
 END_TEST
 
+START_TEST(device_limits_and_metrics)
+{
+    dconf_t *c;
+
+    ck_assert_int_eq(load(
+        "devices = {\n"                                            /* 1 */
+        "  rounds_per_minute = -1;\n"                              /* 2 */
+        "  device = (\n"                                           /* 3 */
+        "    { id = \"motor 1\"; },\n"                             /* 4 */
+        "    { rounds_per_minute = 5; },\n"                         /* 5 */
+        "    { id = \"m2\"; paused = 1; },\n"                      /* 6 */
+        "    { id = \"m3\"; pause = true; },\n"                    /* 7 */
+        "    { id = \"m3\"; }\n"                                   /* 8 */
+        "  );\n"
+        "};\n"
+        "metrics = { listen = \"127.0.0.1\"; };\n", &c), -1);    /* 11 */
+    has_error(2, "devices.rounds_per_minute: -1 is out of range");
+    has_error(4, "devices.device[0].id: \"motor 1\" is not a device id");
+    has_error(5, "devices.device[1]: missing id");
+    has_error(6, "devices.device[2].paused: expected true or false");
+    has_error(7, "devices.device[3].pause: unknown setting");
+    has_error(8, "devices.device[4].id: device \"m3\" is listed twice");
+    has_error(11, "metrics.listen: \"127.0.0.1\" is not ADDRESS:PORT");
+
+    ck_assert_int_eq(load(
+        "devices = { rounds_per_minute = 600; control = false;\n"
+        "  device = ( { id = \"m1\"; rounds_per_minute = 0; },\n"
+        "             { id = \"m2\"; paused = true; } ); };\n"
+        "metrics = { listen = \"0.0.0.0:9100\"; };\n", &c), 0);
+    ck_assert_uint_eq(c->rounds_per_minute, 600);
+    ck_assert_int_eq(c->control, 0);
+    ck_assert_uint_eq(c->ndevconf, 2);
+    ck_assert_int_eq(c->devconf[0].rounds_per_minute, 0);
+    ck_assert_int_eq(c->devconf[1].rounds_per_minute, -1);
+    ck_assert_int_eq(c->devconf[1].paused, 1);
+    ck_assert_str_eq(c->metrics_listen, "0.0.0.0:9100");
+    dconf_free(c);
+
+    ck_assert_int_eq(load("metrics = { enabled = false; };\n", &c), 0);
+    ck_assert_ptr_null(c->metrics_listen);
+    dconf_free(c);
+    ck_assert_int_eq(load("# defaults\n", &c), 0);
+    ck_assert_str_eq(c->metrics_listen, "127.0.0.1:19464");
+    ck_assert_int_eq(c->control, 1);
+    ck_assert_uint_eq(c->rounds_per_minute, 0);
+    dconf_free(c);
+}
+END_TEST
+
 static Suite *
 suite(void)
 {
@@ -282,6 +331,7 @@ suite(void)
     tcase_add_test(t, missing_file);
     tcase_add_test(t, tls_and_ids);
     tcase_add_test(t, values_are_taken);
+    tcase_add_test(t, device_limits_and_metrics);
     suite_add_tcase(s, t);
     return s;
 }

@@ -206,6 +206,32 @@ START_TEST(dmap_churn)
 }
 END_TEST
 
+START_TEST(ack_subject_metadata)
+{
+    uint64_t sseq = 0, dlv = 0, pend = 0;
+
+    ck_assert_int_eq(js_ack_meta("$JS.ACK.GIFTS.dispatcher.3.1234.99."
+                                 "1700000000000000000.42", &sseq, &dlv,
+                                 &pend), 0);
+    ck_assert_uint_eq(sseq, 1234);
+    ck_assert_uint_eq(dlv, 3);
+    ck_assert_uint_eq(pend, 42);
+    /* the newer form: domain and account hash, and a random token */
+    ck_assert_int_eq(js_ack_meta("$JS.ACK.hub.ACCHASH.GIFTS.dispatcher.1."
+                                 "77.5.1700000000000000000.0.xyz", &sseq,
+                                 &dlv, &pend), 0);
+    ck_assert_uint_eq(sseq, 77);
+    ck_assert_uint_eq(dlv, 1);
+    ck_assert_uint_eq(pend, 0);
+    ck_assert_int_eq(js_ack_meta(NULL, &sseq, &dlv, &pend), -1);
+    ck_assert_int_eq(js_ack_meta("_INBOX.x.y", &sseq, &dlv, &pend), -1);
+    ck_assert_int_eq(js_ack_meta("$JS.ACK.GIFTS.dispatcher.x.1.1.1.1",
+                                 &sseq, &dlv, &pend), -1);
+    ck_assert_int_eq(js_ack_meta("$JS.ACK.GIFTS.dispatcher.1.1.1.1", &sseq,
+                                 &dlv, &pend), -1);
+}
+END_TEST
+
 static Suite *
 suite(void)
 {
@@ -220,6 +246,7 @@ suite(void)
     tcase_add_test(t, reply_parse);
     tcase_add_test(t, ids_fit_thingsboard);
     tcase_add_test(t, dmap_churn);
+    tcase_add_test(t, ack_subject_metadata);
     suite_add_tcase(s, t);
     return s;
 }

@@ -17,6 +17,13 @@
  * One thread: ppoll() over the broker socket (libmosquitto driven with
  * mosquitto_loop_read/write/misc) and a timer heap of replies due, so
  * latency never serializes RPCs.
+ *
+ * At run time (tests bring a device back, or break one): with --control
+ * FILE, SIGUSR2 makes it read FILE, one command a line:
+ *   offline D1,D2     these devices stop answering
+ *   online D1,D2      ... and answer again
+ *   latency A[-B]     a new reply latency (ms)
+ *   error-rate P      a new error rate
  */
 #include <errno.h>
 #include <getopt.h>
@@ -55,19 +62,22 @@ static struct {
     size_t       window;
     const char  *out;
     int          verbose;
+    const char  *control;
 } opt = {
     "127.0.0.1", 1883, NULL, NULL, NULL, "v1/devices/me/rpc/request/+",
     "v1/devices/me/rpc/response/{n}", "rotate", 1, 0, 0, 0.0, NULL, 0, 0,
-    65536, NULL, 0
+    65536, NULL, 0, NULL
 };
 
-static volatile sig_atomic_t sig_term, sig_usr1;
+static volatile sig_atomic_t sig_term, sig_usr1, sig_usr2;
 
 static void
 on_signal(int sig)
 {
     if (sig == SIGUSR1) {
         sig_usr1 = 1;
+    } else if (sig == SIGUSR2) {
+        sig_usr2 = 1;
     } else {
         sig_term = 1;
     }
@@ -235,6 +245,64 @@ device_free(device_t *d)
     free(d->bucket);
     free(d->name);
     free(d);
+}
+
+/* ------------------------------------------------------------ control */
+
+static int parse_latency(const char *s);
+
+/* SIGUSR2: apply the commands of the --control file (see the top). */
+static void
+read_control(void)
+{
+    FILE     *f;
+    char      line[4096], *cmd, *arg, *tok, *save;
+    device_t *d;
+
+    if (opt.control == NULL || (f = fopen(opt.control, "r")) == NULL) {
+        gift_log(GIFT_LOG_WARN, "control file %s: %s",
+                 opt.control ? opt.control : "(none: --control)",
+                 strerror(errno));
+        return;
+    }
+    while (fgets(line, sizeof(line), f) != NULL) {
+        cmd = strtok_r(line, " \t\r\n", &save);
+        arg = cmd ? strtok_r(NULL, " \t\r\n", &save) : NULL;
+        if (cmd == NULL || cmd[0] == '#') {
+            continue;
+        }
+        if (arg == NULL) {
+            gift_log(GIFT_LOG_WARN, "control: %s needs an argument", cmd);
+            continue;
+        }
+        if (strcmp(cmd, "offline") == 0 || strcmp(cmd, "online") == 0) {
+            char *s2 = NULL;
+
+            for (tok = strtok_r(arg, ",", &s2); tok;
+                 tok = strtok_r(NULL, ",", &s2))
+            {
+                if ((d = device_get(tok)) != NULL) {
+                    d->offline = cmd[1] == 'f';
+                    gift_log(GIFT_LOG_INFO, "device %s is %s", d->name, cmd);
+                }
+            }
+        } else if (strcmp(cmd, "latency") == 0) {
+            if (parse_latency(arg) == 0) {
+                gift_log(GIFT_LOG_INFO, "latency %d-%d ms", opt.lat_min_ms,
+                         opt.lat_max_ms);
+            }
+        } else if (strcmp(cmd, "error-rate") == 0) {
+            double p = strtod(arg, NULL);
+
+            if (p >= 0 && p <= 1) {
+                opt.error_rate = p;
+                gift_log(GIFT_LOG_INFO, "error rate %.3f", p);
+            }
+        } else {
+            gift_log(GIFT_LOG_WARN, "control: unknown command %s", cmd);
+        }
+    }
+    fclose(f);
 }
 
 /* ------------------------------------------------------------ replies */
@@ -644,6 +712,8 @@ usage(FILE *f)
         "  --seed N               random seed (time and pid)\n"
         "  --window N             event ids remembered per device (65536)\n"
         "  --out FILE             totals as JSON on SIGUSR1 and at exit (stdout)\n"
+        "  --control FILE         on SIGUSR2 apply FILE's lines: offline D1,D2 |\n"
+        "                         online D1,D2 | latency A[-B] | error-rate P\n"
         "  -v                     log every RPC\n");
 }
 
@@ -666,6 +736,7 @@ main(int argc, char **argv)
         { "seed", required_argument, NULL, 's' },
         { "window", required_argument, NULL, 'w' },
         { "out", required_argument, NULL, 'O' },
+        { "control", required_argument, NULL, 'C' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 }
     };
@@ -712,6 +783,7 @@ main(int argc, char **argv)
         case 's': rng_state = strtoull(optarg, NULL, 10); break;
         case 'w': opt.window = (size_t) strtoull(optarg, NULL, 10); break;
         case 'O': opt.out = optarg; break;
+        case 'C': opt.control = optarg; break;
         case 'v': opt.verbose = 1; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
@@ -733,16 +805,19 @@ main(int argc, char **argv)
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGUSR2, &sa, NULL);
     sa.sa_handler = SIG_IGN;
     sigaction(SIGPIPE, &sa, NULL);
     sigemptyset(&block);
     sigaddset(&block, SIGTERM);
     sigaddset(&block, SIGINT);
     sigaddset(&block, SIGUSR1);
+    sigaddset(&block, SIGUSR2);
     sigprocmask(SIG_BLOCK, &block, &unblocked);
     sigdelset(&unblocked, SIGTERM);
     sigdelset(&unblocked, SIGINT);
     sigdelset(&unblocked, SIGUSR1);
+    sigdelset(&unblocked, SIGUSR2);
 
     mosquitto_lib_init();
     if (opt.client_id == NULL) {
@@ -769,6 +844,10 @@ main(int argc, char **argv)
 
     while (!sig_term) {
         now = gift_mono_us();
+        if (sig_usr2) {
+            sig_usr2 = 0;
+            read_control();
+        }
         if (sig_usr1) {
             sig_usr1 = 0;
             write_totals();

@@ -9,6 +9,7 @@ package GiftDispatch;
 use strict;
 use warnings;
 
+use HTTP::Tiny;
 use IO::Socket::INET;
 use JSON::PP ();
 use Time::HiRes qw(sleep time);
@@ -117,6 +118,20 @@ sub rounds {
     return { map { $_ => $t->{devices}{$_}{rounds} } keys %{$t->{devices}} };
 }
 
+# Change devices at run time: write the control file, then SIGUSR2
+# (lines "offline D1,D2", "online D1,D2", "latency A[-B]", "error-rate P").
+sub control {
+    my ($self, @lines) = @_;
+    GiftTest::spurt("$self->{dir}/tbsim-$self->{id}.control",
+        join('', map { "$_\n" } @lines));
+    my $n = () = $self->log_text =~ /device \S+ is (?:on|off)line|latency \d|error rate/g;
+    kill 'USR2', $self->{pid};
+    GiftTest::wait_until(5, sub {
+        my $m = () = $self->log_text =~ /device \S+ is (?:on|off)line|latency \d|error rate/g;
+        $m > $n;
+    }, 0.02);
+}
+
 # Stop; returns the final totals written at exit.
 sub stop {
     my ($self) = @_;
@@ -141,6 +156,7 @@ sub start_tbsim {
     $self->{pid} = GiftTest::spawn('tbsim', $self->log,
         GiftDispatch::bin('tbsim'), '--host', '127.0.0.1', '--port',
         $a{mqtt_port}, '--out', $self->out, '--seed', $a{seed} // 1,
+        '--control', "$self->{dir}/tbsim-$self->{id}.control",
         @{$a{args} // []});
     GiftTest::wait_until(10, sub {
         GiftTest::slurp($self->log) =~ /serving/
@@ -154,6 +170,8 @@ package GiftDispatch::Dispatcher;
 
 sub pid { $_[0]{pid} }
 sub conf { $_[0]{conf} }
+sub metrics_port { $_[0]{metrics_port} }
+sub metrics_url { "http://127.0.0.1:$_[0]{metrics_port}/metrics" }
 sub log { "$_[0]{dir}/dispatcher-$_[0]{id}.log" }
 sub log_text { GiftTest::slurp($_[0]->log) }
 
@@ -184,6 +202,33 @@ sub stop {
 sub signal {
     my ($self, $sig) = @_;
     kill $sig, $self->{pid};
+}
+
+# `gift-dispatcher -c CONF ctl ARGS`: (output, exit status).
+sub ctl {
+    my ($self, @args) = @_;
+    my $cmd = join ' ', map { "'$_'" } GiftDispatch::bin('gift-dispatcher'),
+        '-c', $self->{conf}, 'ctl', @args;
+    my $out = `$cmd 2>&1`;
+    return ($out, $? >> 8);
+}
+
+# GET /metrics: (status, body).
+sub metrics {
+    my ($self) = @_;
+    my $r = HTTP::Tiny->new(timeout => 5)->get($self->metrics_url);
+    return ($r->{status}, $r->{content});
+}
+
+# One sample of /metrics: metric('name{labels}') or metric('name').
+sub metric {
+    my ($self, $name) = @_;
+    my ($st, $text) = $self->metrics;
+    return undef unless $st == 200;
+    for (split /\n/, $text) {
+        return $1 if /^\Q$name\E (\S+)$/;
+    }
+    return undef;
 }
 
 package GiftDispatch;
@@ -223,6 +268,9 @@ mqtt = {
 devices = {
     $a{extra_devices}
 };
+metrics = {
+    listen = "127.0.0.1:$a{metrics_port}";
+};
 rules = {
 $rules
 };
@@ -238,8 +286,10 @@ sub start_dispatcher {
     $a{shutdown_timeout_ms} //= 10000;
     $a{rpc_timeout_ms} //= 3000;
     $a{$_} //= '' for qw(extra_nats extra_mqtt extra_devices);
+    $a{metrics_port} //= GiftTest::free_port();
     my $self = bless {
         dir => $a{dir}, id => ++$disp_seq, args => $a{args} // [],
+        metrics_port => $a{metrics_port},
     }, 'GiftDispatch::Dispatcher';
     $self->{conf} = "$a{dir}/dispatcher-$self->{id}.conf";
     GiftTest::spurt($self->{conf}, $a{conf_text} // dispatcher_conf(%a));
@@ -250,7 +300,8 @@ sub start_dispatcher {
 
 # A GiftEvent in protobuf (proto/gift.proto), from a canonical-shaped hash
 # (eventId, platform, roomId, userId, userName, giftId, giftName, diamond,
-# quantity, timestamp).
+# quantity, timestamp, and for streak frames streakId, streakCount,
+# streakEnd).
 sub _varint {
     my ($v) = @_;
     my $s = '';
@@ -281,7 +332,8 @@ sub gift_event_pb {
         . _pb_str(5, $g->{userName}) . _pb_str(6, $g->{giftId})
         . _pb_str(7, $g->{giftName}) . _pb_int(8, $g->{diamond})
         . _pb_int(9, $g->{quantity}) . _pb_int(10, $g->{timestamp})
-        . _pb_int(11, int(time * 1000));
+        . _pb_int(11, int(time * 1000)) . _pb_str(12, $g->{streakId})
+        . _pb_int(13, $g->{streakCount}) . _pb_int(14, $g->{streakEnd} ? 1 : 0);
 }
 
 # Store @gifts in GIFTS the way nginx does (subject gift.events.<platform>,

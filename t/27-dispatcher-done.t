@@ -1,0 +1,109 @@
+#!/usr/bin/perl
+# A crash exactly between a device's answer and the ack, with real
+# processes: the failpoint GIFT_DISPATCHER_FAILPOINT=exit_before_ack=N makes
+# the dispatcher _exit just before its N-th ack, when that gift's GiftAck
+# (and completion marker) are stored.  After a restart, the redelivered
+# gifts that were done are acknowledged without a second command:
+#  - found by their marker in KV GIFT_DONE (the default), their GiftAck
+#    published again and deduplicated by GIFT_ACKS;
+#  - with nats.done_markers = false, found by a probe of GIFT_ACKS'
+#    duplicate window (nothing written per gift).
+# Either way the motors' totals are exact and each gift has one GiftAck.
+
+use strict;
+use warnings;
+use Test::More;
+use Time::HiRes qw(time sleep);
+use lib 't/lib';
+use GiftTest;
+use GiftDispatch;
+
+my $dir = GiftTest::tempdir();
+my $nats = GiftTest::start_nats(dir => $dir);
+my $mq = GiftDispatch::start_mosquitto(dir => $dir);
+my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
+    args => [ '--latency-ms', '2-6' ]);
+
+my $rules = "    rule = (\n" . join(",\n", map {
+    qq(        { gift = "G$_"; device = "motor_0$_"; })
+} 1 .. 8) . "\n    );\n";
+my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port,
+    rules => $rules, rpc_timeout_ms => 1000,
+    extra_nats => 'ack_wait_ms = 2000; publish_timeout_ms = 1000; '
+        . 'publish_retry_ms = 200; retry_delays_ms = [ 200 ];',
+    extra_devices => 'coalesce_max_events = 16;');
+
+my (%want, %accepted);
+my $motors = sub {
+    my $t = $tb->totals->{devices};
+    return { map { $_ => $t->{$_}{rounds} } keys %$t };
+};
+my $sum = sub { my $s = 0; $s += $_ for values %{$_[0]}; $s };
+srand(3);
+
+sub crash_and_recover {
+    my ($what, $extra, $tag) = @_;
+    my $d;
+    {
+        local $ENV{GIFT_DISPATCHER_FAILPOINT} = 'exit_before_ack=300';
+        $d = GiftDispatch::start_dispatcher(%dconf,
+            extra_nats => $dconf{extra_nats} . $extra);
+    }
+    my @g;
+    for my $i (1 .. 800) {
+        my $k = 1 + int(rand(8));
+        my $g = GiftDispatch::gift(giftName => "G$k",
+            diamond => 1 + int(rand(9)), quantity => 1, eventId => "$tag-$i");
+        $want{"motor_0$k"} += $g->{diamond};
+        $accepted{$g->{eventId}} = 1;
+        push @g, $g;
+    }
+    my $dup0 = $tb->totals->{totals}{duplicates};
+    is(GiftDispatch::js_publish_gifts($nats->url, @g), 800,
+        "$what: 800 gifts stored");
+    ok(GiftTest::wait_until(20, sub { !GiftTest::alive($d->pid) }, 0.05),
+        "$what: the failpoint crashed the dispatcher");
+    my ($victim) = $d->log_text =~
+        /failpoint: exiting before the ack of ($tag-\d+)/;
+    ok($victim, "$what: ... just before acking $victim");
+    $d->stop('KILL', 5);
+
+    $d = GiftDispatch::start_dispatcher(%dconf,
+        extra_nats => $dconf{extra_nats} . $extra);
+    ok(GiftTest::wait_until(30, sub {
+        $sum->($motors->()) >= $sum->(\%want)
+    }, 0.1), "$what: the motors finished");
+    is_deeply($motors->(), \%want, "$what: per-device rounds exact");
+    is($tb->totals->{totals}{events}, scalar(keys %accepted),
+        "$what: each gift executed once");
+    my @acks;
+    GiftTest::wait_until(20, sub {
+        @acks = GiftDispatch::acks($nats->url);
+        @acks >= keys %accepted;
+    }, 0.1);
+    my %seen;
+    $seen{$_->{ack}{event_id}}++ for @acks;
+    is(scalar @acks, scalar(keys %accepted), "$what: one GiftAck per gift");
+    is(scalar(grep { !$seen{$_} } keys %accepted), 0, "$what: none missing");
+    ok(GiftTest::wait_until(10, sub {
+        ($d->metric('gift_dispatcher_done_hits_total') // 0) > 0 }, 0.1),
+        "$what: redeliveries found done were acked without a command");
+    like($d->log_text, qr/event \Q$victim\E .*was done already/,
+        "$what: ... $victim among them");
+    is(scalar(grep { $_->{ack}{event_id} eq $victim } @acks), 1,
+        "$what: ... its GiftAck is there once");
+    diag "$what: found done " . $d->metric('gift_dispatcher_done_hits_total')
+        . '; commands repeated and ignored by the motors (RPCs in flight at '
+        . 'the crash): ' . ($tb->totals->{totals}{duplicates} - $dup0);
+    is($d->stop('TERM', 15), 0, "$what: SIGTERM: exit 0");
+}
+
+crash_and_recover('GIFT_DONE markers', '', 'mk');
+crash_and_recover('GIFT_ACKS probe', ' done_markers = false;', 'pr');
+
+ok(GiftTest::wait_until(10, sub {
+    GiftDispatch::consumer_state($nats->url)->{num_ack_pending} == 0
+}, 0.1), 'nothing left unacked');
+is_deeply([ GiftDispatch::sanitizer_reports(GiftTest::slurp($_)) ], [],
+    "no sanitizer report in $_") for glob("$dir/dispatcher-*.log");
+done_testing();
