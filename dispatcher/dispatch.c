@@ -39,6 +39,7 @@
 
 #include "dispatcher.h"
 #include "gift_kvkey.h"
+#include "gift_json.h"
 #include "gift_normalize.h"
 #include "gift_util.h"
 
@@ -466,6 +467,17 @@ publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a, int marker)
         return;
     }
     gift__v1__gift_ack__pack(a, buf);
+
+    /* one line per outcome (log_level "warning" silences them) */
+    gift_log(GIFT_LOG_INFO, "event %s: %s%s%s, device %s, %" PRIu64
+             " rounds, attempt %" PRIu32 ", rpc %" PRIu64 ".%03" PRIu64
+             " ms, %" PRId64 " ms since the webhook", a->event_id,
+             gift_ack_status_name(a->status),
+             a->reason && a->reason[0] ? " " : "",
+             a->reason ? a->reason : "", a->device_id, a->rounds,
+             a->attempts, a->rpc_latency_us / 1000, a->rpc_latency_us % 1000,
+             a->received_at_ms > 0 ? a->completed_at_ms - a->received_at_ms
+                                   : (int64_t) 0);
 
     if (marker && event_id(g)[0] != '\0') {
         n = snprintf(ksubj, sizeof(ksubj), "$KV." GIFT_KV_DONE ".");
