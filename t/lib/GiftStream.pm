@@ -188,28 +188,21 @@ sub publish_ack {
 
 sub close { close $_[0]{sock} }
 
-# ------------------------------------------------------------ SSE
+# ------------------------------------------------------------ HTTP clients
 
-package GiftStream::SSE;
+# What the SSE and WebSocket clients share: a connection to nginx on
+# loopback, and reading whatever has arrived into $self->{raw}.
+package GiftStream::Conn;
 
 use IO::Select;
-use Time::HiRes qw(time);
 
-# GiftStream::SSE->new(port => P, path => '/gift/events?...', headers => {})
-sub new {
-    my ($class, %a) = @_;
+sub _connect {
+    my ($port, $what) = @_;
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
-        PeerPort => $a{port}, Proto => 'tcp', Timeout => 5)
-        or die "sse connect: $!";
+        PeerPort => $port, Proto => 'tcp', Timeout => 5)
+        or die "$what connect: $!";
     $s->autoflush(1);
-    my $h = join '', map { "$_: $a{headers}{$_}\r\n" }
-        keys %{$a{headers} // {}};
-    print $s "GET " . ($a{path} // '/gift/events') . " HTTP/1.1\r\n"
-        . "Host: 127.0.0.1\r\nAccept: text/event-stream\r\n$h\r\n";
-    my $self = bless { sock => $s, raw => '', body => '', events => [],
-        chunked => 0 }, $class;
-    $self->_read_head;
-    return $self;
+    return $s;
 }
 
 sub _fill {
@@ -223,6 +216,29 @@ sub _fill {
     }
     $self->{raw} .= $chunk;
     return 1;
+}
+
+# ------------------------------------------------------------ SSE
+
+package GiftStream::SSE;
+
+use parent -norequire, 'GiftStream::Conn';
+
+use IO::Select;
+use Time::HiRes qw(time);
+
+# GiftStream::SSE->new(port => P, path => '/gift/events?...', headers => {})
+sub new {
+    my ($class, %a) = @_;
+    my $s = GiftStream::Conn::_connect($a{port}, 'sse');
+    my $h = join '', map { "$_: $a{headers}{$_}\r\n" }
+        keys %{$a{headers} // {}};
+    print $s "GET " . ($a{path} // '/gift/events') . " HTTP/1.1\r\n"
+        . "Host: 127.0.0.1\r\nAccept: text/event-stream\r\n$h\r\n";
+    my $self = bless { sock => $s, raw => '', body => '', events => [],
+        chunked => 0 }, $class;
+    $self->_read_head;
+    return $self;
 }
 
 sub _read_head {
@@ -340,6 +356,8 @@ sub close { close $_[0]{sock} }
 
 package GiftStream::WS;
 
+use parent -norequire, 'GiftStream::Conn';
+
 use Digest::SHA qw(sha1_base64);
 use IO::Select;
 use MIME::Base64 qw(encode_base64);
@@ -349,10 +367,7 @@ use Time::HiRes qw(time);
 # Performs the handshake; ->status is 101 on success.
 sub new {
     my ($class, %a) = @_;
-    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
-        PeerPort => $a{port}, Proto => 'tcp', Timeout => 5)
-        or die "ws connect: $!";
-    $s->autoflush(1);
+    my $s = GiftStream::Conn::_connect($a{port}, 'ws');
     my $key = encode_base64(join('', map { chr(int(rand(256))) } 1 .. 16), '');
     my %h = ('Upgrade' => 'websocket', 'Connection' => 'Upgrade',
         'Sec-WebSocket-Key' => $key, 'Sec-WebSocket-Version' => 13,
@@ -391,19 +406,6 @@ sub expected_accept {
     my ($self) = @_;
     my $a = sha1_base64($self->{key} . '258EAFA5-E914-47DA-95CA-C5AB0DC85B11');
     return $a . '=';
-}
-
-sub _fill {
-    my ($self, $timeout) = @_;
-    my $sel = IO::Select->new($self->{sock});
-    return 0 unless $sel->can_read($timeout);
-    my $n = sysread($self->{sock}, my $chunk, 65536);
-    if (!$n) {
-        $self->{eof} = 1;
-        return 0;
-    }
-    $self->{raw} .= $chunk;
-    return 1;
 }
 
 # A client frame; masked unless $opt{unmasked}; $opt{rsv}, $opt{fin}.
