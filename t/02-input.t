@@ -31,7 +31,13 @@ my $ngx = GiftTest::start_nginx(
     workers => 2,
     webhook => 'gift_webhook_max_body 64k; client_body_buffer_size 64k; '
         . 'client_max_body_size 1m;',
+    # short enough for the slowloris section to see nginx cut them off
+    http => 'client_header_timeout 2s;',
     server => <<'EOF',
+        location = /gift-slow {
+            gift_webhook;
+            client_body_timeout 2s;
+        }
         location = /gift-big {
             gift_webhook;
             gift_webhook_max_body 2m;
@@ -771,6 +777,96 @@ for my $ct ('text/plain', 'application/x-www-form-urlencoded',
     ($st, $d) = raw_http(chunked_request('/gift', 'text/plain', canon()));
     is_deeply([$st, ref $d && $d->{error}], [415, 'unsupported_media_type'],
         'chunked text/plain: 415');
+}
+
+# ------------------------------------------------------------ slowloris
+# Connections that hold a worker's attention without finishing a request:
+# headers dripped a byte at a time (client_header_timeout bounds the whole
+# header, however steadily it drips), headers that stop half way, and
+# bodies that stop (client_body_timeout, per read).  nginx closes each
+# without an answer; meanwhile gifts and other requests are served as
+# usual, and nothing of theirs is published.
+{
+    my $fds = sub { my @f = glob("/proc/$_[0]/fd/*"); scalar @f };
+    my @workers = $ngx->workers;
+    my %fd0 = map { $_ => $fds->($_) } @workers;
+    my $head = "POST /gift HTTP/1.1\r\nHost: localhost\r\n"
+        . "Content-Type: application/json\r\nX-Slow: "
+        . ('a' x 200) . "\r\n\r\n";
+    my $body_head = "POST /gift-slow HTTP/1.1\r\nHost: localhost\r\n"
+        . "Content-Type: application/json\r\nContent-Length: 400\r\n\r\n";
+    my (@drip, @stall, @body);
+    my $open = sub {
+        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+            PeerPort => $port, Proto => 'tcp', Timeout => 5, Blocking => 0)
+            or die "connect: $!";
+        return { s => $s, off => 0, got => '', closed => undef };
+    };
+    local $SIG{PIPE} = 'IGNORE';
+    my $t0 = time;
+    for (1 .. 50) {
+        my $c = $open->();
+        push @drip, $c;
+        $c = $open->();
+        syswrite($c->{s}, substr($head, 0, 40));
+        push @stall, $c;
+        $c = $open->();
+        syswrite($c->{s}, $body_head . '{"event":"gift","eventId":"slow-');
+        push @body, $c;
+    }
+    my $sel = IO::Select->new(map { $_->{s} } @drip, @stall, @body);
+    my %by = map { ($_->{s} => $_) } @drip, @stall, @body;
+    my ($served, $static) = (0, 0);
+    my $end = time + 10;
+    while (time < $end && $sel->count) {
+        # one more header byte on each dripping connection, every 0.25 s
+        for my $c (grep { !defined $_->{closed} } @drip) {
+            next if $c->{off} >= length($head) - 4;
+            syswrite($c->{s}, substr($head, $c->{off}, 1)) and $c->{off}++;
+        }
+        # the worker still serves gifts and static requests meanwhile
+        if (time - $t0 < 1.5) {
+            my ($st, $d) = post(canon());
+            if ($st == 202 && ref $d) {
+                $served++;
+                $good{$d->{id}} = $d->{seq};
+            }
+            $static++ if HTTP::Tiny->new(timeout => 2)
+                ->get($ngx->url('/static'))->{status} == 200;
+        }
+        for my $s ($sel->can_read(0.25)) {
+            my $c = $by{$s};
+            my $r = sysread($s, $c->{got}, 4096, length $c->{got});
+            next if !defined $r && $!{EAGAIN};
+            if (!$r) {
+                $c->{closed} = time - $t0;
+                $sel->remove($s);
+                close $s;
+            }
+        }
+    }
+    for my $case ([ 'headers dripped a byte every 0.25 s', \@drip ],
+                  [ 'headers stopped half way', \@stall ],
+                  [ 'body stopped after 32 of 400 bytes', \@body ])
+    {
+        my ($what, $conns) = @$case;
+        my @open = grep { !defined $_->{closed} } @$conns;
+        my @early = grep { defined $_->{closed} && $_->{closed} < 1.5 }
+            @$conns;
+        my @said = grep { length $_->{got} } @$conns;
+        is(scalar @open, 0, "slowloris, $what: nginx closed all 50");
+        is(scalar @early, 0, "... none before the 2 s timeout");
+        is(scalar @said, 0, '... without an answer (nginx logs it: '
+            . '"client timed out")');
+        $_->{s} && close $_->{s} for @open;
+    }
+    cmp_ok($served, '>', 0, "gifts accepted meanwhile ($served)");
+    cmp_ok($static, '>', 0, "static requests served meanwhile ($static)");
+    like(GiftTest::slurp($ngx->error_log), qr/client timed out/,
+        'the error log says "client timed out"');
+    ok(GiftTest::wait_until(5, sub {
+        !grep { $fds->($_) > $fd0{$_} } @workers
+    }), "the workers' open files are back to where they were");
 }
 
 # ------------------------------------------------------------ afterwards
