@@ -196,6 +196,14 @@ build_options(dsp_t *d)
     natsStatus   s;
 
     s = nats_options_base(d->conf, &o);
+    /*
+     * Write each publish (GiftAck, marker, ack, pull request) at once:
+     * cnats's flusher thread would sleep a millisecond before writing,
+     * which a gift would pay two or three times on its way.
+     */
+    if (s == NATS_OK) {
+        s = natsOptions_SetSendAsap(o, true);
+    }
     if (s == NATS_OK) {
         s = natsOptions_SetMaxReconnect(o, -1);
     }
