@@ -18,6 +18,8 @@ static char *ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
 static char *ngx_http_gift_nats_url(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static ngx_int_t ngx_http_gift_nats_server(ngx_conf_t *cf,
+    ngx_http_gift_main_conf_t *gmcf, ngx_str_t *value);
 static char *ngx_http_gift_handler(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -266,6 +268,10 @@ ngx_http_gift_init_process(ngx_cycle_t *cycle)
         return NGX_ERROR;
     }
 
+    if (ngx_http_gift_publisher_init_process(cycle, gmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     return ngx_http_gift_nats_init_process(cycle, gmcf);
 }
 
@@ -273,6 +279,7 @@ ngx_http_gift_init_process(ngx_cycle_t *cycle)
 static void
 ngx_http_gift_exit_process(ngx_cycle_t *cycle)
 {
+    ngx_http_gift_publisher_exit_process(cycle);
     ngx_http_gift_nats_exit_process(cycle);
     ngx_http_gift_fanout_exit_process(cycle);
 }
@@ -452,9 +459,82 @@ ngx_http_gift_nats_url(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         /* cnats wants NUL-terminated strings; conf values are */
         *url = value[i];
+
+        if (value[i].data[0] == 't') {
+            gmcf->nats_tls = 1;
+        }
+
+        if (ngx_http_gift_nats_server(cf, gmcf, &value[i]) != NGX_OK) {
+            return NGX_CONF_ERROR;
+        }
     }
 
     return NGX_CONF_OK;
+}
+
+
+/*
+ * scheme://[user:password@ | token@]host[:port] into a server: resolved
+ * now (as nginx resolves its upstream servers), so that a bad name fails
+ * at start and the workers never resolve.
+ */
+static ngx_int_t
+ngx_http_gift_nats_server(ngx_conf_t *cf, ngx_http_gift_main_conf_t *gmcf,
+    ngx_str_t *value)
+{
+    u_char                       *at, *colon, *host;
+    ngx_url_t                     u;
+    ngx_http_gift_nats_server_t  *srv;
+
+    if (gmcf->nats_servers == NULL) {
+        gmcf->nats_servers = ngx_array_create(cf->pool, 4,
+                                          sizeof(ngx_http_gift_nats_server_t));
+        if (gmcf->nats_servers == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    srv = ngx_array_push(gmcf->nats_servers);
+    if (srv == NULL) {
+        return NGX_ERROR;
+    }
+    ngx_memzero(srv, sizeof(ngx_http_gift_nats_server_t));
+    srv->url = *value;
+
+    host = (u_char *) ngx_strstr(value->data, "://") + 3;
+    at = ngx_strlchr(host, value->data + value->len, '@');
+
+    if (at != NULL) {
+        colon = ngx_strlchr(host, at, ':');
+        if (colon != NULL) {
+            srv->user.data = host;
+            srv->user.len = colon - host;
+            srv->pass.data = colon + 1;
+            srv->pass.len = at - colon - 1;
+        } else {
+            srv->token.data = host;
+            srv->token.len = at - host;
+        }
+        host = at + 1;
+    }
+
+    ngx_memzero(&u, sizeof(ngx_url_t));
+    u.url.data = host;
+    u.url.len = value->data + value->len - host;
+    u.default_port = 4222;
+
+    if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.naddrs == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid NATS URL \"%V\"%s%s",
+                           value, u.err ? ": " : "", u.err ? u.err : "");
+        return NGX_ERROR;
+    }
+
+    srv->addrs = u.addrs;
+    srv->naddrs = u.naddrs;
+    srv->name.data = host;
+    srv->name.len = u.url.len;
+
+    return NGX_OK;
 }
 
 

@@ -4,7 +4,10 @@
  *
  * Files, one concern each:
  *   ngx_http_gift_module.c   directives, configuration, init hooks
- *   ngx_http_gift_nats.c     the per-worker bridge to NATS (its own thread)
+ *   ngx_http_gift_publisher.c  webhook publishes: a NATS client on the
+ *                            worker's event loop
+ *   ngx_http_gift_nats.c     the cnats bridge (its own thread): follows
+ *                            GIFT_ACKS; publishes too for tls:// URLs
  *   ngx_http_gift_webhook.c  POST handler: read, check, publish, answer
  *   ngx_http_gift_fanout.c   acknowledgements to clients: ring, filters,
  *                            shared frames, backlog, heartbeats
@@ -26,10 +29,25 @@
 
 
 #define NGX_HTTP_GIFT_SUBJECT_PREFIX  "gift.events."
+#define NGX_HTTP_GIFT_VERSION         "0.1.0"
+
+
+/* One server of gift_nats_url, parsed and resolved at configuration. */
+typedef struct {
+    ngx_str_t                  url;             /* as given (cnats) */
+    ngx_str_t                  name;            /* host:port, for logs */
+    ngx_addr_t                *addrs;
+    ngx_uint_t                 naddrs;
+    ngx_str_t                  user;            /* nats://user:pass@... */
+    ngx_str_t                  pass;
+    ngx_str_t                  token;           /* nats://token@... */
+} ngx_http_gift_nats_server_t;
 
 
 typedef struct {
     ngx_array_t               *nats_urls;       /* of ngx_str_t */
+    ngx_array_t               *nats_servers;    /* of ..._nats_server_t */
+    ngx_flag_t                 nats_tls;        /* a tls:// URL: cnats */
     ngx_uint_t                 queue_size;
     ngx_msec_t                 reconnect_wait;
     ngx_flag_t                 used;            /* a location needs NATS */
@@ -152,19 +170,37 @@ typedef enum {
 extern ngx_module_t  ngx_http_gift_module;
 
 
+/* ngx_http_gift_publisher.c */
+ngx_int_t ngx_http_gift_publisher_init_process(ngx_cycle_t *cycle,
+    ngx_http_gift_main_conf_t *gmcf);
+void ngx_http_gift_publisher_exit_process(ngx_cycle_t *cycle);
+
 /* ngx_http_gift_nats.c */
 ngx_int_t ngx_http_gift_nats_init_process(ngx_cycle_t *cycle,
     ngx_http_gift_main_conf_t *gmcf);
 void ngx_http_gift_nats_exit_process(ngx_cycle_t *cycle);
 
+/* The bridge's own publish path, used for tls:// URLs. */
+ngx_uint_t ngx_http_gift_bridge_connected(void);
+ngx_int_t ngx_http_gift_bridge_publish(ngx_http_gift_pending_t *p,
+    const char *subject, const char *msg_id, const u_char *data, size_t len,
+    ngx_log_t *log);
+void ngx_http_gift_bridge_cancel(ngx_http_gift_pending_t *p);
+
+/* A JetStream publish reply (PubAck or error) into res (its id kept). */
+void ngx_http_gift_puback_parse(const char *data, size_t len,
+    ngx_http_gift_pub_result_t *res);
+
+/* ngx_http_gift_publisher.c, or the bridge for tls:// URLs */
+
 /* Whether this worker's connection to NATS is up right now. */
 ngx_uint_t ngx_http_gift_nats_connected(void);
 
 /*
- * Hand one message to the bridge.  Returns NGX_OK (p is registered and its
- * handler will be called exactly once, unless cancelled), NGX_DECLINED
- * (NATS is not connected) or NGX_BUSY (the bridge's queue is full).
- * Never blocks.
+ * Publish one message as a JetStream request.  Returns NGX_OK (p is
+ * registered and its handler will be called exactly once, unless
+ * cancelled), NGX_DECLINED (NATS is not connected) or NGX_BUSY (the queue
+ * of publishes not yet written is full).  Never blocks.
  */
 ngx_int_t ngx_http_gift_nats_publish(ngx_http_gift_pending_t *p,
     const char *subject, const char *msg_id, const u_char *data, size_t len,

@@ -1,5 +1,8 @@
 /*
- * The bridge between a worker's event loop and NATS.
+ * The bridge between a worker's event loop and cnats: it follows GIFT_ACKS
+ * for the locations that stream acknowledgements, and publishes webhooks
+ * when gift_nats_url has a tls:// URL (otherwise ngx_http_gift_publisher.c
+ * publishes them on the event loop itself).
  *
  * cnats keeps threads of its own, and its reconnect thread holds the
  * connection lock while it dials: any cnats call that takes that lock can
@@ -91,6 +94,7 @@ typedef struct {
     natsConnection             *nc;
     natsSubscription           *sub;
     ngx_uint_t                  follow_acks;
+    ngx_uint_t                  publish;        /* tls://: webhooks too */
     ngx_uint_t                  replay_max;
     jsCtx                      *js;
     natsSubscription           *acks_sub;
@@ -133,6 +137,10 @@ ngx_http_gift_nats_init_process(ngx_cycle_t *cycle,
     ngx_connection_t        *c;
     ngx_http_gift_bridge_t  *b;
 
+    if (!gmcf->nats_tls && !gmcf->follow_acks) {
+        return NGX_OK;              /* the publisher does all there is */
+    }
+
     b = ngx_pcalloc(cycle->pool, sizeof(ngx_http_gift_bridge_t));
     if (b == NULL) {
         return NGX_ERROR;
@@ -144,6 +152,7 @@ ngx_http_gift_nats_init_process(ngx_cycle_t *cycle,
     b->jobs_max = gmcf->queue_size;
     b->reconnect_wait = gmcf->reconnect_wait;
     b->follow_acks = gmcf->follow_acks;
+    b->publish = gmcf->nats_tls;
     b->replay_max = gmcf->replay_max;
     b->next_id = 1;
     ngx_rbtree_init(&b->pending, &b->sentinel, ngx_rbtree_insert_value);
@@ -299,7 +308,7 @@ ngx_http_gift_nats_exit_process(ngx_cycle_t *cycle)
 
 
 ngx_uint_t
-ngx_http_gift_nats_connected(void)
+ngx_http_gift_bridge_connected(void)
 {
     return ngx_http_gift_bridge != NULL
            && atomic_load_explicit(&ngx_http_gift_bridge->connected,
@@ -316,7 +325,7 @@ ngx_http_gift_nats_acks_origin(void)
 
 
 ngx_int_t
-ngx_http_gift_nats_publish(ngx_http_gift_pending_t *p, const char *subject,
+ngx_http_gift_bridge_publish(ngx_http_gift_pending_t *p, const char *subject,
     const char *msg_id, const u_char *data, size_t len, ngx_log_t *log)
 {
     void                   **items;
@@ -409,7 +418,7 @@ ngx_http_gift_wake_bridge(ngx_event_t *ev)
 
 
 void
-ngx_http_gift_nats_cancel(ngx_http_gift_pending_t *p)
+ngx_http_gift_bridge_cancel(ngx_http_gift_pending_t *p)
 {
     if (p->queued && ngx_http_gift_bridge != NULL) {
         ngx_rbtree_delete(&ngx_http_gift_bridge->pending, &p->node);
@@ -568,6 +577,59 @@ ngx_http_gift_post_log(ngx_http_gift_bridge_t *b,
 
 
 /*
+ * A JetStream publish reply: the PubAck or an error.  Any thread.
+ *
+ *   {"stream":"GIFTS","seq":5,"duplicate":true}
+ *   {"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}
+ */
+void
+ngx_http_gift_puback_parse(const char *data, size_t len,
+    ngx_http_gift_pub_result_t *res)
+{
+    const char    *desc;
+    json_t        *root, *err, *v;
+    json_error_t   jerr;
+
+    root = json_loadb(data, len, 0, &jerr);
+    if (root == NULL) {
+        res->status = NGX_HTTP_GIFT_PUB_ERROR;
+        ngx_cpystrn((u_char *) res->error, (u_char *) "unreadable PubAck",
+                    sizeof(res->error));
+        return;
+    }
+
+    err = json_object_get(root, "error");
+    if (err != NULL) {
+        v = json_object_get(err, "description");
+        desc = json_is_string(v) ? json_string_value(v) : "JetStream error";
+        ngx_cpystrn((u_char *) res->error, (u_char *) desc,
+                    sizeof(res->error));
+
+        /* discard new: "maximum messages exceeded", "... bytes ..." */
+        res->status = (ngx_strstr(desc, "maximum") != NULL
+                       && ngx_strstr(desc, "exceeded") != NULL)
+                      ? NGX_HTTP_GIFT_PUB_STREAM_FULL
+                      : NGX_HTTP_GIFT_PUB_ERROR;
+
+        v = json_object_get(err, "code");
+        if (res->status == NGX_HTTP_GIFT_PUB_ERROR
+            && json_is_integer(v) && json_integer_value(v) == 503)
+        {
+            res->status = NGX_HTTP_GIFT_PUB_UNAVAILABLE;
+        }
+
+    } else {
+        v = json_object_get(root, "seq");
+        res->seq = json_is_integer(v) ? (uint64_t) json_integer_value(v) : 0;
+        res->duplicate = json_is_true(json_object_get(root, "duplicate"));
+        res->status = res->seq ? NGX_HTTP_GIFT_PUB_OK : NGX_HTTP_GIFT_PUB_ERROR;
+    }
+
+    json_decref(root);
+}
+
+
+/*
  * A reply on "<inbox>.<id>": JetStream's PubAck, a JetStream error, or the
  * server's "no responders" status when no stream holds the subject.
  *
@@ -580,9 +642,7 @@ ngx_http_gift_on_reply(natsConnection *nc, natsSubscription *sub,
 {
     ngx_http_gift_bridge_t *b = closure;
 
-    const char                  *subj, *dot, *desc;
-    json_t                      *root, *err, *v;
-    json_error_t                 jerr;
+    const char                  *subj, *dot;
     ngx_http_gift_pub_result_t   res;
 
     ngx_memzero(&res, sizeof(res));
@@ -606,44 +666,8 @@ ngx_http_gift_on_reply(natsConnection *nc, natsSubscription *sub,
         goto done;
     }
 
-    root = json_loadb(natsMsg_GetData(msg), natsMsg_GetDataLength(msg), 0,
-                      &jerr);
-    if (root == NULL) {
-        res.status = NGX_HTTP_GIFT_PUB_ERROR;
-        ngx_cpystrn((u_char *) res.error, (u_char *) "unreadable PubAck",
-                    sizeof(res.error));
-        ngx_http_gift_post_result(b, &res);
-        goto done;
-    }
-
-    err = json_object_get(root, "error");
-    if (err != NULL) {
-        v = json_object_get(err, "description");
-        desc = json_is_string(v) ? json_string_value(v) : "JetStream error";
-        ngx_cpystrn((u_char *) res.error, (u_char *) desc,
-                    sizeof(res.error));
-
-        /* discard new: "maximum messages exceeded", "... bytes ..." */
-        res.status = (ngx_strstr(desc, "maximum") != NULL
-                      && ngx_strstr(desc, "exceeded") != NULL)
-                     ? NGX_HTTP_GIFT_PUB_STREAM_FULL
-                     : NGX_HTTP_GIFT_PUB_ERROR;
-
-        v = json_object_get(err, "code");
-        if (res.status == NGX_HTTP_GIFT_PUB_ERROR
-            && json_is_integer(v) && json_integer_value(v) == 503)
-        {
-            res.status = NGX_HTTP_GIFT_PUB_UNAVAILABLE;
-        }
-
-    } else {
-        v = json_object_get(root, "seq");
-        res.seq = json_is_integer(v) ? (uint64_t) json_integer_value(v) : 0;
-        res.duplicate = json_is_true(json_object_get(root, "duplicate"));
-        res.status = res.seq ? NGX_HTTP_GIFT_PUB_OK : NGX_HTTP_GIFT_PUB_ERROR;
-    }
-
-    json_decref(root);
+    ngx_http_gift_puback_parse(natsMsg_GetData(msg),
+                               (size_t) natsMsg_GetDataLength(msg), &res);
     ngx_http_gift_post_result(b, &res);
 
 done:
@@ -879,13 +903,22 @@ ngx_http_gift_on_connected(natsConnection *nc, void *closure)
 
     char  url[256];
 
+    if (natsConnection_GetConnectedUrl(nc, url, sizeof(url)) != NATS_OK) {
+        url[0] = '\0';
+    }
+
+    if (!b->publish) {
+        /* the publisher's connection is the one that counts and logs */
+        atomic_store(&b->connected, 1);
+        ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_OK,
+                               "GIFT_ACKS link up (NATS %s)", url);
+        return;
+    }
+
     ngx_http_gift_stat_nats(1, atomic_exchange(&b->connected, 1) == 0
                                && b->was_connected);
     b->was_connected = 1;
 
-    if (natsConnection_GetConnectedUrl(nc, url, sizeof(url)) != NATS_OK) {
-        url[0] = '\0';
-    }
     ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_OK, "connected to NATS %s",
                            url);
 }
@@ -897,6 +930,13 @@ ngx_http_gift_on_disconnected(natsConnection *nc, void *closure)
     ngx_http_gift_bridge_t *b = closure;
 
     atomic_store(&b->connected, 0);
+
+    if (!b->publish) {
+        ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_ERROR,
+                               "GIFT_ACKS link down; reconnecting");
+        return;
+    }
+
     ngx_http_gift_stat_nats(0, 0);
     ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_ERROR,
                            "disconnected from NATS; reconnecting");
@@ -974,7 +1014,8 @@ ngx_http_gift_bridge_connect(ngx_http_gift_bridge_t *b)
 
         } else if (s == NATS_NOT_YET_CONNECTED) {
             ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_ERROR,
-                                   "NATS not reachable yet at %s; retrying",
+                                   "%sNATS not reachable yet at %s; retrying",
+                                   b->publish ? "" : "GIFT_ACKS link: ",
                                    b->urls[0]);
             s = NATS_OK;
         }
@@ -984,6 +1025,10 @@ ngx_http_gift_bridge_connect(ngx_http_gift_bridge_t *b)
 
     if (s != NATS_OK) {
         return s;
+    }
+
+    if (!b->publish) {
+        return NATS_OK;             /* acknowledgements only */
     }
 
     snprintf(subject, sizeof(subject), "%s.*", b->inbox);

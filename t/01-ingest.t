@@ -113,4 +113,36 @@ ok(GiftTest::wait_until(15, sub {
 is($ngx->stop, 0, 'nginx exits cleanly');
 is_deeply([$ngx->bad_log_lines], [], 'no [alert] or [emerg] in the error log');
 
+# --- a server that wants a user and password: the ones in the URL
+{
+    my $auth = GiftTest::start_nats(args => [ '--user', 'gift',
+        '--pass', 's3cr3t' ]);
+    (my $good = $auth->url) =~ s{^nats://}{nats://gift:s3cr3t@};
+    (my $bad = $auth->url) =~ s{^nats://}{nats://gift:wrong@};
+    my ($out, $rc) = GiftTest::giftctl($good, 'setup');
+    is($rc, 0, 'giftctl setup with a user and password') or diag $out;
+
+    my $ok = GiftTest::start_nginx(nats_url => $good, workers => 1);
+    ok(GiftTest::wait_until(10, sub {
+        GiftTest::slurp($ok->error_log) =~ /connected to NATS/
+    }), 'user and password from the URL: connected');
+    my ($st, $body) = GiftTest::post_gift($ok->port,
+        GiftTest::gift(eventId => 'evt-auth'));
+    is_deeply([$st, $body->{id}], [202, 'evt-auth'], '... and 202');
+    is($ok->stop, 0, '... nginx exits cleanly');
+
+    my $no = GiftTest::start_nginx(nats_url => $bad, workers => 1);
+    ok(GiftTest::wait_until(10, sub {
+        GiftTest::slurp($no->error_log) =~ /Authorization Violation/
+    }), 'a wrong password: the server\'s refusal is in the error log');
+    ($st, $body) = GiftTest::post_gift($no->port, GiftTest::gift());
+    is_deeply([$st, $body->{error}], [503, 'unavailable'],
+        '... and webhooks get 503 unavailable');
+    unlike(GiftTest::slurp($no->error_log), qr/connected to NATS/,
+        '... never "connected"');
+    is($no->stop, 0, '... nginx exits cleanly');
+    is(GiftTest::stream_info($good)->{GIFTS}{messages}, 1,
+        'GIFTS holds the one accepted gift');
+}
+
 done_testing();

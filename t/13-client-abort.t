@@ -157,9 +157,15 @@ is($now{threads}, $base{threads}, 'threads as before');
 # end $ROUNDS rounds 10 MB above it.
 my $allow = int($CLIENTS * 10 + 1024);
 my $max = GiftFaults::percentile(100, @rss, $now{rss});
-cmp_ok($max - $base{rss}, '<', $allow, "RSS stays within $allow kB of the "
-    . "baseline over " . $ROUNDS * $CLIENTS . " aborted requests "
-    . "(at most $max kB)");
+SKIP: {
+    # AddressSanitizer keeps freed memory in quarantine (up to 256 MB), so
+    # RSS only grows there; its use-after-free checks stand in
+    skip 'RSS bound: not under AddressSanitizer (its quarantine holds '
+        . 'freed memory)', 1 if $ENV{GIFT_NGINX_PRELOAD};
+    cmp_ok($max - $base{rss}, '<', $allow, "RSS stays within $allow kB of "
+        . "the baseline over " . $ROUNDS * $CLIENTS . " aborted requests "
+        . "(at most $max kB)");
+}
 
 is($ngx->stop, 0, 'nginx exits cleanly');
 is_deeply([$ngx->bad_log_lines], [], 'no [alert] or [emerg]');

@@ -1,0 +1,1025 @@
+/*
+ * The publisher: a NATS client on the worker's event loop, for webhooks.
+ *
+ * A webhook's publish is a JetStream request: HPUB to gift.events.<platform>
+ * with a Nats-Msg-Id header and the reply subject "<inbox>.<id>"; the
+ * PubAck comes back as a MSG on this connection's one subscription
+ * "<inbox>.*" and finds its request by id in an rbtree.  Everything happens
+ * on the event loop: the socket is an nginx connection, the publishes of
+ * one pass of the loop leave in one send() (a posted event), and the reply
+ * is parsed where it is read.  No thread, no lock, no wakeup between the
+ * request and its PubAck: on a small machine the thread hand-offs of a
+ * library client cost more CPU than the rest of the webhook together.
+ *
+ * The protocol subset: INFO, CONNECT (headers, no_responders; user and
+ * password or token from the URL), SUB, HPUB/PUB, MSG/HMSG, PING/PONG,
+ * +OK, -ERR.  The connection is kept alive with a PING every 5 s (two
+ * unanswered: dead), and re-established forever, going round the servers
+ * of gift_nats_url, with gift_nats_reconnect_wait between rounds.  While it
+ * is down, publishes are refused at once (503 unavailable); requests in
+ * flight when it drops wait for their gift_publish_timeout.
+ *
+ * tls:// URLs are served by the cnats bridge (ngx_http_gift_nats.c), which
+ * then publishes too; the functions below hand over to it.
+ */
+
+#include "ngx_http_gift_module.h"
+
+#include <netinet/tcp.h>
+
+#include <jansson.h>
+
+
+#define NGX_HTTP_GIFT_PUB_PING_INTERVAL  5000
+#define NGX_HTTP_GIFT_PUB_PINGS_MAX      2
+#define NGX_HTTP_GIFT_PUB_HANDSHAKE_MS   2000
+#define NGX_HTTP_GIFT_PUB_LINE_MAX       65536
+#define NGX_HTTP_GIFT_PUB_IN_MAX         (1024 * 1024 + 65536)
+
+
+typedef enum {
+    NGX_HTTP_GIFT_PUB_IDLE = 0,
+    NGX_HTTP_GIFT_PUB_CONNECTING,       /* TCP, then waiting for INFO */
+    NGX_HTTP_GIFT_PUB_HANDSHAKE,        /* CONNECT sent, waiting for PONG */
+    NGX_HTTP_GIFT_PUB_CONNECTED
+} ngx_http_gift_pub_state_e;
+
+
+typedef struct {
+    ngx_log_t                     *log;
+    ngx_http_gift_nats_server_t   *servers;
+    ngx_uint_t                     nservers;
+    ngx_uint_t                     server;      /* the one tried or in use */
+    ngx_uint_t                     addr;
+    ngx_msec_t                     reconnect_wait;
+    ngx_uint_t                     queue_max;
+
+    ngx_peer_connection_t          pc;
+    ngx_connection_t              *c;
+    ngx_http_gift_pub_state_e      state;
+    ngx_uint_t                     was_connected;
+    ngx_uint_t                     warned;
+    ngx_uint_t                     tried;       /* servers tried this round */
+    ngx_uint_t                     pings_out;
+    size_t                         max_payload;
+
+    ngx_event_t                    retry_ev;
+    ngx_event_t                    ping_ev;
+    ngx_event_t                    flush_ev;    /* posted once per pass */
+
+    u_char                        *in;
+    size_t                         in_size;
+    size_t                         in_len;
+
+    u_char                        *out;
+    size_t                         out_size;
+    size_t                         out_pos;     /* written up to here */
+    size_t                         out_len;
+    ngx_uint_t                     out_msgs;    /* publishes not yet sent */
+
+    u_char                         inbox[40];
+    size_t                         inbox_len;
+    uint64_t                       next_id;
+    ngx_rbtree_t                   pending;
+    ngx_rbtree_node_t              sentinel;
+} ngx_http_gift_pub_t;
+
+
+static void ngx_http_gift_pub_connect(ngx_http_gift_pub_t *p);
+static void ngx_http_gift_pub_fail(ngx_http_gift_pub_t *p, const char *why,
+    ngx_err_t err);
+static void ngx_http_gift_pub_read_handler(ngx_event_t *rev);
+static void ngx_http_gift_pub_write_handler(ngx_event_t *wev);
+static void ngx_http_gift_pub_retry_handler(ngx_event_t *ev);
+static void ngx_http_gift_pub_ping_handler(ngx_event_t *ev);
+static void ngx_http_gift_pub_flush_handler(ngx_event_t *ev);
+static void ngx_http_gift_pub_flush(ngx_http_gift_pub_t *p);
+static ngx_int_t ngx_http_gift_pub_parse(ngx_http_gift_pub_t *p);
+static ngx_int_t ngx_http_gift_pub_reserve(ngx_http_gift_pub_t *p,
+    size_t n);
+
+
+static ngx_http_gift_pub_t  *ngx_http_gift_pub;
+static ngx_uint_t            ngx_http_gift_pub_bridged;
+
+
+ngx_int_t
+ngx_http_gift_publisher_init_process(ngx_cycle_t *cycle,
+    ngx_http_gift_main_conf_t *gmcf)
+{
+    u_char               *q;
+    ngx_uint_t            i;
+    ngx_http_gift_pub_t  *p;
+
+    if (gmcf->nats_tls) {
+        ngx_http_gift_pub_bridged = 1;
+        return NGX_OK;
+    }
+
+    p = ngx_pcalloc(cycle->pool, sizeof(ngx_http_gift_pub_t));
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    p->log = cycle->log;
+    p->servers = gmcf->nats_servers->elts;
+    p->nservers = gmcf->nats_servers->nelts;
+    p->reconnect_wait = gmcf->reconnect_wait;
+    p->queue_max = gmcf->queue_size;
+    p->max_payload = 1024 * 1024;
+    p->next_id = 1;
+    ngx_rbtree_init(&p->pending, &p->sentinel, ngx_rbtree_insert_value);
+
+    /* a unique inbox: "_INBOX." and 22 random base-62 characters */
+    q = ngx_cpymem(p->inbox, "_INBOX.", 7);
+    for (i = 0; i < 22; i++) {
+        *q++ = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+               [ngx_random() % 62];
+    }
+    p->inbox_len = q - p->inbox;
+
+    p->retry_ev.handler = ngx_http_gift_pub_retry_handler;
+    p->retry_ev.data = p;
+    p->retry_ev.log = cycle->log;
+    p->retry_ev.cancelable = 1;
+
+    p->ping_ev.handler = ngx_http_gift_pub_ping_handler;
+    p->ping_ev.data = p;
+    p->ping_ev.log = cycle->log;
+    p->ping_ev.cancelable = 1;
+
+    p->flush_ev.handler = ngx_http_gift_pub_flush_handler;
+    p->flush_ev.data = p;
+    p->flush_ev.log = cycle->log;
+
+    /* start with a random server, so that workers spread over a cluster */
+    p->server = p->nservers > 1 ? (ngx_uint_t) ngx_random() % p->nservers : 0;
+
+    ngx_http_gift_pub = p;
+
+    ngx_http_gift_pub_connect(p);
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_gift_publisher_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_gift_pub_t  *p;
+
+    p = ngx_http_gift_pub;
+    if (p == NULL) {
+        return;
+    }
+
+    ngx_http_gift_pub = NULL;
+
+    if (p->c != NULL) {
+        ngx_close_connection(p->c);
+        p->c = NULL;
+    }
+
+    if (p->retry_ev.timer_set) {
+        ngx_del_timer(&p->retry_ev);
+    }
+    if (p->ping_ev.timer_set) {
+        ngx_del_timer(&p->ping_ev);
+    }
+    if (p->flush_ev.posted) {
+        ngx_delete_posted_event(&p->flush_ev);
+    }
+
+    ngx_free(p->in);
+    ngx_free(p->out);
+    p->in = p->out = NULL;
+}
+
+
+ngx_uint_t
+ngx_http_gift_nats_connected(void)
+{
+    if (ngx_http_gift_pub_bridged) {
+        return ngx_http_gift_bridge_connected();
+    }
+
+    return ngx_http_gift_pub != NULL
+           && ngx_http_gift_pub->state == NGX_HTTP_GIFT_PUB_CONNECTED;
+}
+
+
+ngx_int_t
+ngx_http_gift_nats_publish(ngx_http_gift_pending_t *pd, const char *subject,
+    const char *msg_id, const u_char *data, size_t len, ngx_log_t *log)
+{
+    u_char               *o;
+    size_t                slen, ilen, hlen, need;
+    ngx_http_gift_pub_t  *p;
+
+    if (ngx_http_gift_pub_bridged) {
+        return ngx_http_gift_bridge_publish(pd, subject, msg_id, data, len,
+                                            log);
+    }
+
+    p = ngx_http_gift_pub;
+
+    if (p == NULL || p->state != NGX_HTTP_GIFT_PUB_CONNECTED) {
+        return NGX_DECLINED;
+    }
+
+    if (p->out_msgs >= p->queue_max) {
+        return NGX_BUSY;
+    }
+
+    if (len > p->max_payload) {
+        ngx_log_error(NGX_LOG_ERR, log, 0,
+                      "gift: message of %uz bytes over the server's "
+                      "max_payload of %uz", len, p->max_payload);
+        return NGX_ERROR;
+    }
+
+    slen = ngx_strlen(subject);
+    ilen = msg_id ? ngx_strlen(msg_id) : 0;
+
+    /* "NATS/1.0\r\nNats-Msg-Id: <id>\r\n\r\n" */
+    hlen = msg_id ? sizeof("NATS/1.0\r\nNats-Msg-Id: \r\n\r\n") - 1 + ilen : 0;
+    need = sizeof("HPUB  . 18446744073709551615 4294967295 4294967295\r\n")
+           + slen + p->inbox_len + hlen + len + 2;
+
+    if (ngx_http_gift_pub_reserve(p, need) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    o = p->out + p->out_len;
+
+    if (msg_id) {
+        o = ngx_sprintf(o, "HPUB %s %*s.%uL %uz %uz\r\n"
+                        "NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n",
+                        subject, p->inbox_len, p->inbox, p->next_id,
+                        hlen, hlen + len, msg_id);
+    } else {
+        o = ngx_sprintf(o, "PUB %s %*s.%uL %uz\r\n", subject, p->inbox_len,
+                        p->inbox, p->next_id, len);
+    }
+
+    o = ngx_cpymem(o, data, len);
+    *o++ = '\r';
+    *o++ = '\n';
+
+    p->out_len = o - p->out;
+    p->out_msgs++;
+
+    /* every publish of this pass of the loop leaves in one send() */
+    if (!p->flush_ev.posted) {
+        ngx_post_event(&p->flush_ev, &ngx_posted_events);
+    }
+
+    pd->node.key = p->next_id++;
+    pd->queued = 1;
+    ngx_rbtree_insert(&p->pending, &pd->node);
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_gift_nats_cancel(ngx_http_gift_pending_t *pd)
+{
+    if (ngx_http_gift_pub_bridged) {
+        ngx_http_gift_bridge_cancel(pd);
+        return;
+    }
+
+    if (pd->queued && ngx_http_gift_pub != NULL) {
+        ngx_rbtree_delete(&ngx_http_gift_pub->pending, &pd->node);
+    }
+
+    pd->queued = 0;
+}
+
+
+/* ------------------------------------------------------------ connection */
+
+
+static void
+ngx_http_gift_pub_connect(ngx_http_gift_pub_t *p)
+{
+    int                           on;
+    ngx_int_t                     rc;
+    ngx_connection_t             *c;
+    ngx_http_gift_nats_server_t  *srv;
+
+    srv = &p->servers[p->server];
+
+    ngx_memzero(&p->pc, sizeof(ngx_peer_connection_t));
+    p->pc.sockaddr = srv->addrs[p->addr].sockaddr;
+    p->pc.socklen = srv->addrs[p->addr].socklen;
+    p->pc.name = &srv->name;
+    p->pc.get = ngx_event_get_peer;
+    p->pc.log = p->log;
+    p->pc.log_error = NGX_ERROR_INFO;
+
+    rc = ngx_event_connect_peer(&p->pc);
+
+    if (rc == NGX_ERROR || rc == NGX_BUSY || rc == NGX_DECLINED) {
+        if (p->pc.connection) {
+            ngx_close_connection(p->pc.connection);
+        }
+        ngx_http_gift_pub_fail(p, "connect() failed", ngx_socket_errno);
+        return;
+    }
+
+    c = p->pc.connection;
+    c->data = p;
+    c->read->handler = ngx_http_gift_pub_read_handler;
+    c->write->handler = ngx_http_gift_pub_write_handler;
+    c->read->cancelable = 1;
+    c->write->cancelable = 1;
+
+    on = 1;
+    (void) setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+
+    p->c = c;
+    p->state = NGX_HTTP_GIFT_PUB_CONNECTING;
+    p->in_len = 0;
+    p->out_pos = p->out_len = 0;
+    p->out_msgs = 0;
+    p->pings_out = 0;
+
+    /* the whole handshake (TCP, INFO, CONNECT, PONG) within 2 s */
+    ngx_add_timer(c->read, NGX_HTTP_GIFT_PUB_HANDSHAKE_MS);
+}
+
+
+static void
+ngx_http_gift_pub_fail(ngx_http_gift_pub_t *p, const char *why, ngx_err_t err)
+{
+    ngx_msec_t                    delay;
+    ngx_uint_t                    was;
+    ngx_http_gift_nats_server_t  *srv;
+
+    srv = &p->servers[p->server];
+    was = (p->state == NGX_HTTP_GIFT_PUB_CONNECTED);
+
+    if (p->c != NULL) {
+        ngx_close_connection(p->c);
+        p->c = NULL;
+    }
+
+    p->state = NGX_HTTP_GIFT_PUB_IDLE;
+    p->in_len = 0;
+    p->out_pos = p->out_len = 0;
+    p->out_msgs = 0;
+    p->pings_out = 0;
+
+    if (p->ping_ev.timer_set) {
+        ngx_del_timer(&p->ping_ev);
+    }
+
+    if (was) {
+        ngx_http_gift_stat_nats(0, 0);
+        ngx_log_error(NGX_LOG_WARN, p->log, err,
+                      "gift: disconnected from NATS %V (%s); reconnecting",
+                      &srv->name, why);
+        p->warned = 0;
+
+    } else if (!p->warned) {
+        ngx_log_error(NGX_LOG_WARN, p->log, err,
+                      "gift: NATS not reachable yet at %V (%s); retrying",
+                      &srv->name, why);
+        p->warned = 1;
+
+    } else {
+        ngx_log_error(NGX_LOG_INFO, p->log, err,
+                      "gift: NATS at %V: %s", &srv->name, why);
+    }
+
+    /* the next address of this server, or the next server */
+    if (++p->addr >= srv->naddrs) {
+        p->addr = 0;
+        p->server = (p->server + 1) % p->nservers;
+    }
+
+    /*
+     * Straight to the next server of the list after a loss; a pause of
+     * gift_nats_reconnect_wait (plus up to 100 ms, so that the workers do
+     * not come back in step) once the whole list failed.
+     */
+    if (was) {
+        p->tried = 0;
+    }
+
+    if (++p->tried < p->nservers) {
+        delay = 1;
+
+    } else {
+        p->tried = 0;
+        delay = p->reconnect_wait + ngx_random() % 100;
+    }
+
+    ngx_add_timer(&p->retry_ev, delay);
+}
+
+
+static void
+ngx_http_gift_pub_retry_handler(ngx_event_t *ev)
+{
+    ngx_http_gift_pub_connect(ev->data);
+}
+
+
+static void
+ngx_http_gift_pub_ping_handler(ngx_event_t *ev)
+{
+    ngx_http_gift_pub_t *p = ev->data;
+
+    if (p->state != NGX_HTTP_GIFT_PUB_CONNECTED) {
+        return;
+    }
+
+    if (p->pings_out >= NGX_HTTP_GIFT_PUB_PINGS_MAX) {
+        ngx_http_gift_pub_fail(p, "no PONG to two PINGs", 0);
+        return;
+    }
+
+    if (ngx_http_gift_pub_reserve(p, 6) != NGX_OK) {
+        return;
+    }
+
+    p->out_len = ngx_cpymem(p->out + p->out_len, "PING\r\n", 6) - p->out;
+    p->pings_out++;
+
+    ngx_http_gift_pub_flush(p);
+
+    if (p->state == NGX_HTTP_GIFT_PUB_CONNECTED) {
+        ngx_add_timer(&p->ping_ev, NGX_HTTP_GIFT_PUB_PING_INTERVAL);
+    }
+}
+
+
+static void
+ngx_http_gift_pub_write_handler(ngx_event_t *wev)
+{
+    int                   err;
+    socklen_t             len;
+    ngx_connection_t     *c;
+    ngx_http_gift_pub_t  *p;
+
+    c = wev->data;
+    p = c->data;
+
+    if (p->state == NGX_HTTP_GIFT_PUB_CONNECTING) {
+        /* the TCP connect finished; INFO comes next, on the read side */
+        err = 0;
+        len = sizeof(int);
+        if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, (void *) &err, &len) == -1)
+        {
+            err = ngx_socket_errno;
+        }
+        if (err) {
+            ngx_http_gift_pub_fail(p, "connect() failed", err);
+        }
+        return;
+    }
+
+    ngx_http_gift_pub_flush(p);
+}
+
+
+static void
+ngx_http_gift_pub_flush_handler(ngx_event_t *ev)
+{
+    ngx_http_gift_pub_flush(ev->data);
+}
+
+
+static void
+ngx_http_gift_pub_flush(ngx_http_gift_pub_t *p)
+{
+    ssize_t            n;
+    ngx_connection_t  *c;
+
+    c = p->c;
+
+    if (c == NULL || p->state == NGX_HTTP_GIFT_PUB_CONNECTING) {
+        return;
+    }
+
+    while (p->out_pos < p->out_len) {
+        n = c->send(c, p->out + p->out_pos, p->out_len - p->out_pos);
+
+        if (n == NGX_AGAIN) {
+            if (ngx_handle_write_event(c->write, 0) != NGX_OK) {
+                ngx_http_gift_pub_fail(p, "cannot wait for the socket", 0);
+            }
+            return;
+        }
+
+        if (n == NGX_ERROR) {
+            ngx_http_gift_pub_fail(p, "send() failed", 0);
+            return;
+        }
+
+        p->out_pos += n;
+    }
+
+    p->out_pos = p->out_len = 0;
+    p->out_msgs = 0;
+}
+
+
+/* Room for n more bytes at the end of the output buffer. */
+static ngx_int_t
+ngx_http_gift_pub_reserve(ngx_http_gift_pub_t *p, size_t n)
+{
+    u_char  *b;
+    size_t   size;
+
+    if (p->out_pos > 0 && p->out_size - p->out_len < n) {
+        /* drop what was written already */
+        ngx_memmove(p->out, p->out + p->out_pos, p->out_len - p->out_pos);
+        p->out_len -= p->out_pos;
+        p->out_pos = 0;
+    }
+
+    if (p->out_size - p->out_len >= n) {
+        return NGX_OK;
+    }
+
+    size = p->out_size ? p->out_size : 65536;
+    while (size - p->out_len < n) {
+        size *= 2;
+    }
+
+    b = ngx_alloc(size, p->log);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (p->out_len) {
+        ngx_memcpy(b, p->out, p->out_len);
+    }
+    ngx_free(p->out);
+
+    p->out = b;
+    p->out_size = size;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_gift_pub_read_handler(ngx_event_t *rev)
+{
+    u_char               *b;
+    size_t                size;
+    ssize_t               n;
+    ngx_connection_t     *c;
+    ngx_http_gift_pub_t  *p;
+
+    c = rev->data;
+    p = c->data;
+
+    if (rev->timedout) {
+        ngx_http_gift_pub_fail(p, "no answer within 2 s", NGX_ETIMEDOUT);
+        return;
+    }
+
+    do {
+        if (p->in_size - p->in_len < 4096) {
+            size = p->in_size ? p->in_size * 2 : 16384;
+            if (size > NGX_HTTP_GIFT_PUB_IN_MAX) {
+                ngx_http_gift_pub_fail(p, "protocol line or message too "
+                                       "long", 0);
+                return;
+            }
+
+            b = ngx_alloc(size, p->log);
+            if (b == NULL) {
+                ngx_http_gift_pub_fail(p, "out of memory", 0);
+                return;
+            }
+            if (p->in_len) {
+                ngx_memcpy(b, p->in, p->in_len);
+            }
+            ngx_free(p->in);
+            p->in = b;
+            p->in_size = size;
+        }
+
+        n = c->recv(c, p->in + p->in_len, p->in_size - p->in_len);
+
+        if (n == NGX_AGAIN) {
+            break;
+        }
+
+        if (n == 0) {
+            ngx_http_gift_pub_fail(p, "the server closed the connection", 0);
+            return;
+        }
+
+        if (n == NGX_ERROR) {
+            ngx_http_gift_pub_fail(p, "recv() failed", 0);
+            return;
+        }
+
+        p->in_len += n;
+
+        if (ngx_http_gift_pub_parse(p) != NGX_OK) {
+            return;                 /* the connection is gone */
+        }
+
+    } while (rev->ready);
+
+    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+        ngx_http_gift_pub_fail(p, "cannot wait for the socket", 0);
+    }
+}
+
+
+/* ------------------------------------------------------------ protocol */
+
+
+/* The next space-separated argument of a protocol line. */
+static u_char *
+ngx_http_gift_pub_arg(u_char **pos, u_char *end, size_t *len)
+{
+    u_char  *s;
+
+    while (*pos < end && (**pos == ' ' || **pos == '\t')) {
+        (*pos)++;
+    }
+
+    s = *pos;
+
+    while (*pos < end && **pos != ' ' && **pos != '\t') {
+        (*pos)++;
+    }
+
+    *len = *pos - s;
+
+    return *len ? s : NULL;
+}
+
+
+/*
+ * Where the value of a top-level key starts in a flat JSON object, as
+ * nats-server writes its PubAck: {"stream":"GIFTS", "seq":5,"duplicate": true}
+ */
+static u_char *
+ngx_http_gift_pub_value(u_char *data, size_t len, char *key)
+{
+    u_char  *s, *e;
+
+    s = ngx_strnstr(data, key, len);
+    if (s == NULL) {
+        return NULL;
+    }
+
+    e = data + len;
+    s += ngx_strlen(key);
+
+    while (s < e && (*s == ' ' || *s == '\t')) {
+        s++;
+    }
+    if (s == e || *s++ != ':') {
+        return NULL;
+    }
+    while (s < e && (*s == ' ' || *s == '\t')) {
+        s++;
+    }
+
+    return s;
+}
+
+
+/*
+ * A PubAck, a JetStream error, or (with headers) a status:
+ *   {"stream":"GIFTS","seq":5,"duplicate":true}
+ *   {"error":{"code":503,"err_code":10077,"description":"maximum ..."}}
+ *   NATS/1.0 503  (no responders: no stream holds the subject)
+ */
+static void
+ngx_http_gift_pub_reply(ngx_http_gift_pub_t *p, u_char *subj, size_t slen,
+    u_char *hdr, size_t hlen, u_char *data, size_t len)
+{
+    u_char                      *s, *e;
+    uint64_t                     id;
+    ngx_http_gift_pending_t     *pd;
+    ngx_rbtree_node_t           *node, *sentinel;
+    ngx_http_gift_pub_result_t   res;
+
+    if (slen <= p->inbox_len + 1
+        || ngx_strncmp(subj, p->inbox, p->inbox_len) != 0
+        || subj[p->inbox_len] != '.')
+    {
+        return;
+    }
+
+    id = 0;
+    for (s = subj + p->inbox_len + 1; s < subj + slen; s++) {
+        if (*s < '0' || *s > '9') {
+            return;
+        }
+        id = id * 10 + (*s - '0');
+    }
+
+    node = p->pending.root;
+    sentinel = p->pending.sentinel;
+
+    while (node != sentinel && node->key != id) {
+        node = id < node->key ? node->left : node->right;
+    }
+
+    if (node == sentinel) {
+        return;             /* the request timed out or went away */
+    }
+
+    pd = (ngx_http_gift_pending_t *) node;
+
+    ngx_memzero(&res, sizeof(res));
+    res.id = id;
+
+    if (hlen >= sizeof("NATS/1.0 503") - 1
+        && ngx_strncmp(hdr, "NATS/1.0 503", sizeof("NATS/1.0 503") - 1) == 0)
+    {
+        res.status = NGX_HTTP_GIFT_PUB_UNAVAILABLE;
+        ngx_cpystrn((u_char *) res.error,
+                    (u_char *) "no stream for the subject (no responders)",
+                    sizeof(res.error));
+
+    } else if (len > 0 && ngx_strnstr(data, "\"error\"", len) == NULL
+               && (s = ngx_http_gift_pub_value(data, len, "\"seq\"")) != NULL)
+    {
+        /* the common case, without a JSON parser */
+        e = data + len;
+        for ( /* void */ ; s < e && *s >= '0' && *s <= '9'; s++) {
+            res.seq = res.seq * 10 + (*s - '0');
+        }
+        s = ngx_http_gift_pub_value(data, len, "\"duplicate\"");
+        res.duplicate = s != NULL && e - s >= 4 && ngx_strncmp(s, "true", 4)
+                                                   == 0;
+        res.status = res.seq ? NGX_HTTP_GIFT_PUB_OK : NGX_HTTP_GIFT_PUB_ERROR;
+        if (res.seq == 0) {
+            ngx_cpystrn((u_char *) res.error, (u_char *) "PubAck without a "
+                        "sequence", sizeof(res.error));
+        }
+
+    } else {
+        ngx_http_gift_puback_parse((const char *) data, len, &res);
+    }
+
+    ngx_rbtree_delete(&p->pending, &pd->node);
+    pd->queued = 0;
+    pd->handler(pd, &res);
+}
+
+
+static ngx_int_t
+ngx_http_gift_pub_info(ngx_http_gift_pub_t *p, u_char *json, size_t len)
+{
+    char                         *connect;
+    u_char                        name[64];
+    json_t                       *info, *v, *co;
+    json_error_t                  jerr;
+    size_t                        need, clen;
+    u_char                       *o;
+    ngx_http_gift_nats_server_t  *srv;
+
+    info = json_loadb((const char *) json, len, 0, &jerr);
+    if (info == NULL) {
+        ngx_http_gift_pub_fail(p, "unreadable INFO", 0);
+        return NGX_ERROR;
+    }
+
+    v = json_object_get(info, "max_payload");
+    if (json_is_integer(v) && json_integer_value(v) > 0) {
+        p->max_payload = (size_t) json_integer_value(v);
+    }
+
+    if (json_is_true(json_object_get(info, "tls_required"))) {
+        json_decref(info);
+        ngx_http_gift_pub_fail(p, "the server requires TLS: use a tls:// URL",
+                               0);
+        return NGX_ERROR;
+    }
+
+    v = json_object_get(info, "headers");
+    if (v != NULL && !json_is_true(v)) {
+        json_decref(info);
+        ngx_http_gift_pub_fail(p, "the server does not support headers "
+                               "(nats-server 2.2 or newer is needed)", 0);
+        return NGX_ERROR;
+    }
+
+    json_decref(info);
+
+    if (p->state != NGX_HTTP_GIFT_PUB_CONNECTING) {
+        return NGX_OK;          /* an update from a cluster: nothing to do */
+    }
+
+    srv = &p->servers[p->server];
+
+    /* the name nats-server shows (connz): the worker's PID in it */
+    ngx_sprintf(name, "nginx-gift worker %P%Z", ngx_pid);
+
+    co = json_pack("{s:b, s:b, s:b, s:s, s:s, s:s, s:i, s:b, s:b}",
+                   "verbose", 0, "pedantic", 0, "tls_required", 0,
+                   "name", (char *) name, "lang", "C",
+                   "version", NGX_HTTP_GIFT_VERSION, "protocol", 1,
+                   "headers", 1, "no_responders", 1);
+    if (co == NULL) {
+        ngx_http_gift_pub_fail(p, "out of memory", 0);
+        return NGX_ERROR;
+    }
+
+    if (srv->user.len) {
+        json_object_set_new(co, "user", json_stringn((char *) srv->user.data,
+                                                     srv->user.len));
+        json_object_set_new(co, "pass", json_stringn((char *) srv->pass.data,
+                                                     srv->pass.len));
+    }
+    if (srv->token.len) {
+        json_object_set_new(co, "auth_token",
+                            json_stringn((char *) srv->token.data,
+                                         srv->token.len));
+    }
+
+    connect = json_dumps(co, JSON_COMPACT);
+    json_decref(co);
+
+    if (connect == NULL) {
+        ngx_http_gift_pub_fail(p, "out of memory", 0);
+        return NGX_ERROR;
+    }
+
+    clen = ngx_strlen(connect);
+    need = sizeof("CONNECT \r\nSUB .* 1\r\nPING\r\n") + clen + p->inbox_len;
+
+    if (ngx_http_gift_pub_reserve(p, need) != NGX_OK) {
+        free(connect);
+        ngx_http_gift_pub_fail(p, "out of memory", 0);
+        return NGX_ERROR;
+    }
+
+    o = p->out + p->out_len;
+    o = ngx_sprintf(o, "CONNECT %*s\r\nSUB %*s.* 1\r\nPING\r\n", clen, connect,
+                    p->inbox_len, p->inbox);
+    p->out_len = o - p->out;
+    free(connect);
+
+    p->state = NGX_HTTP_GIFT_PUB_HANDSHAKE;
+
+    ngx_http_gift_pub_flush(p);
+
+    return p->c ? NGX_OK : NGX_ERROR;
+}
+
+
+static void
+ngx_http_gift_pub_connected(ngx_http_gift_pub_t *p)
+{
+    ngx_http_gift_nats_server_t  *srv;
+
+    srv = &p->servers[p->server];
+
+    p->state = NGX_HTTP_GIFT_PUB_CONNECTED;
+    p->tried = 0;
+    p->warned = 0;
+
+    if (p->c->read->timer_set) {
+        ngx_del_timer(p->c->read);
+    }
+
+    ngx_http_gift_stat_nats(1, p->was_connected);
+    p->was_connected = 1;
+
+    ngx_add_timer(&p->ping_ev, NGX_HTTP_GIFT_PUB_PING_INTERVAL);
+
+    ngx_log_error(NGX_LOG_NOTICE, p->log, 0, "gift: connected to NATS %V",
+                  &srv->name);
+}
+
+
+/*
+ * Everything complete in the input buffer; what is left (a partial line or
+ * message) moves to its start.  NGX_ERROR when the connection was closed.
+ */
+static ngx_int_t
+ngx_http_gift_pub_parse(ngx_http_gift_pub_t *p)
+{
+    u_char   *pos, *end, *lf, *le, *a, *subj, *arg[4];
+    size_t    alen[4], slen, n, hdr, total;
+    ngx_uint_t  i, na, hmsg;
+
+    pos = p->in;
+    end = p->in + p->in_len;
+
+    while (pos < end) {
+        lf = ngx_strlchr(pos, end, '\n');
+
+        if (lf == NULL) {
+            if ((size_t) (end - pos) > NGX_HTTP_GIFT_PUB_LINE_MAX) {
+                ngx_http_gift_pub_fail(p, "protocol line too long", 0);
+                return NGX_ERROR;
+            }
+            break;
+        }
+
+        le = (lf > pos && lf[-1] == '\r') ? lf - 1 : lf;
+
+        if (le - pos >= 4 && (ngx_strncmp(pos, "MSG ", 4) == 0
+                              || ngx_strncmp(pos, "HMSG", 4) == 0))
+        {
+            hmsg = (pos[0] == 'H');
+            a = pos + (hmsg ? 5 : 4);
+
+            subj = ngx_http_gift_pub_arg(&a, le, &slen);
+            for (na = 0; na < 4; na++) {
+                arg[na] = ngx_http_gift_pub_arg(&a, le, &alen[na]);
+                if (arg[na] == NULL) {
+                    break;
+                }
+            }
+
+            /* MSG subj sid [reply] size; HMSG subj sid [reply] hdr total */
+            if (subj == NULL || na < (hmsg ? 3 : 2)) {
+                ngx_http_gift_pub_fail(p, "unreadable MSG line", 0);
+                return NGX_ERROR;
+            }
+
+            total = 0;
+            hdr = 0;
+            for (i = 0; i < alen[na - 1]; i++) {
+                total = total * 10 + (arg[na - 1][i] - '0');
+            }
+            if (hmsg) {
+                for (i = 0; i < alen[na - 2]; i++) {
+                    hdr = hdr * 10 + (arg[na - 2][i] - '0');
+                }
+            }
+
+            if (hdr > total || total > NGX_HTTP_GIFT_PUB_IN_MAX - 8192) {
+                ngx_http_gift_pub_fail(p, "MSG of an impossible size", 0);
+                return NGX_ERROR;
+            }
+
+            n = (lf + 1 - pos) + total + 2;
+            if ((size_t) (end - pos) < n) {
+                break;              /* the rest of the message is to come */
+            }
+
+            ngx_http_gift_pub_reply(p, subj, slen, lf + 1, hdr,
+                                    lf + 1 + hdr, total - hdr);
+            pos += n;
+            continue;
+        }
+
+        if (le - pos >= 4 && ngx_strncmp(pos, "PING", 4) == 0) {
+            if (ngx_http_gift_pub_reserve(p, 6) == NGX_OK) {
+                p->out_len = ngx_cpymem(p->out + p->out_len, "PONG\r\n", 6)
+                             - p->out;
+                if (!p->flush_ev.posted) {
+                    ngx_post_event(&p->flush_ev, &ngx_posted_events);
+                }
+            }
+
+        } else if (le - pos >= 4 && ngx_strncmp(pos, "PONG", 4) == 0) {
+            p->pings_out = 0;
+            if (p->state == NGX_HTTP_GIFT_PUB_HANDSHAKE) {
+                ngx_http_gift_pub_connected(p);
+            }
+
+        } else if (le - pos >= 5 && ngx_strncmp(pos, "INFO ", 5) == 0) {
+            if (ngx_http_gift_pub_info(p, pos + 5, le - pos - 5) != NGX_OK) {
+                return NGX_ERROR;
+            }
+
+        } else if (le - pos >= 4 && ngx_strncmp(pos, "-ERR", 4) == 0) {
+            ngx_log_error(NGX_LOG_ERR, p->log, 0, "gift: NATS %V: %*s",
+                          &p->servers[p->server].name, le - pos, pos);
+            if (p->state != NGX_HTTP_GIFT_PUB_CONNECTED) {
+                ngx_http_gift_pub_fail(p, "refused by the server", 0);
+                return NGX_ERROR;
+            }
+            /* a fatal one is followed by the server closing */
+
+        } else if (!(le - pos >= 3 && ngx_strncmp(pos, "+OK", 3) == 0)
+                   && le > pos)
+        {
+            ngx_http_gift_pub_fail(p, "unknown protocol line", 0);
+            return NGX_ERROR;
+        }
+
+        pos = lf + 1;
+    }
+
+    if (pos > p->in) {
+        p->in_len = end - pos;
+        if (p->in_len) {
+            ngx_memmove(p->in, pos, p->in_len);
+        }
+    }
+
+    return NGX_OK;
+}
