@@ -20,6 +20,7 @@ static char *ngx_http_gift_nats_url(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_int_t ngx_http_gift_nats_server(ngx_conf_t *cf,
     ngx_http_gift_main_conf_t *gmcf, ngx_str_t *value);
+
 static char *ngx_http_gift_handler(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -482,7 +483,7 @@ static ngx_int_t
 ngx_http_gift_nats_server(ngx_conf_t *cf, ngx_http_gift_main_conf_t *gmcf,
     ngx_str_t *value)
 {
-    u_char                       *at, *colon, *host;
+    u_char                       *at, *colon, *host, *p;
     ngx_url_t                     u;
     ngx_http_gift_nats_server_t  *srv;
 
@@ -502,7 +503,18 @@ ngx_http_gift_nats_server(ngx_conf_t *cf, ngx_http_gift_main_conf_t *gmcf,
     srv->url = *value;
 
     host = (u_char *) ngx_strstr(value->data, "://") + 3;
-    at = ngx_strlchr(host, value->data + value->len, '@');
+
+    /*
+     * The last '@': a password may hold one.  Taken as written, without
+     * percent-decoding, as cnats (the dispatcher, giftctl) takes it.
+     */
+    at = NULL;
+    for (p = value->data + value->len; p > host; p--) {
+        if (p[-1] == '@') {
+            at = p - 1;
+            break;
+        }
+    }
 
     if (at != NULL) {
         colon = ngx_strlchr(host, at, ':');
@@ -524,8 +536,10 @@ ngx_http_gift_nats_server(ngx_conf_t *cf, ngx_http_gift_main_conf_t *gmcf,
     u.default_port = 4222;
 
     if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.naddrs == 0) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid NATS URL \"%V\"%s%s",
-                           value, u.err ? ": " : "", u.err ? u.err : "");
+        /* the host part only: the credentials stay out of the log */
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid NATS URL (host \"%V\")%s%s", &u.url,
+                           u.err ? ": " : "", u.err ? u.err : "");
         return NGX_ERROR;
     }
 

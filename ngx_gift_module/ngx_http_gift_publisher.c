@@ -47,6 +47,7 @@ typedef enum {
 
 typedef struct {
     ngx_log_t                     *log;
+    ngx_log_t                      quiet_log;   /* retries: not each one */
     ngx_http_gift_nats_server_t   *servers;
     ngx_uint_t                     nservers;
     ngx_uint_t                     server;      /* the one tried or in use */
@@ -122,6 +123,9 @@ ngx_http_gift_publisher_init_process(ngx_cycle_t *cycle,
     }
 
     p->log = cycle->log;
+    p->quiet_log = *cycle->log;
+    p->quiet_log.log_level = NGX_LOG_CRIT;
+    p->quiet_log.next = NULL;
     p->servers = gmcf->nats_servers->elts;
     p->nservers = gmcf->nats_servers->nelts;
     p->reconnect_wait = gmcf->reconnect_wait;
@@ -231,18 +235,19 @@ ngx_http_gift_nats_publish(ngx_http_gift_pending_t *pd, const char *subject,
         return NGX_BUSY;
     }
 
-    if (len > p->max_payload) {
-        ngx_log_error(NGX_LOG_ERR, log, 0,
-                      "gift: message of %uz bytes over the server's "
-                      "max_payload of %uz", len, p->max_payload);
-        return NGX_ERROR;
-    }
-
     slen = ngx_strlen(subject);
     ilen = msg_id ? ngx_strlen(msg_id) : 0;
 
     /* "NATS/1.0\r\nNats-Msg-Id: <id>\r\n\r\n" */
     hlen = msg_id ? sizeof("NATS/1.0\r\nNats-Msg-Id: \r\n\r\n") - 1 + ilen : 0;
+
+    /* the server counts the headers in: over it, it closes the connection */
+    if (hlen + len > p->max_payload) {
+        ngx_log_error(NGX_LOG_ERR, log, 0,
+                      "gift: message of %uz bytes over the server's "
+                      "max_payload of %uz", hlen + len, p->max_payload);
+        return NGX_ERROR;
+    }
     need = sizeof("HPUB  . 18446744073709551615 4294967295 4294967295\r\n")
            + slen + p->inbox_len + hlen + len + 2;
 
@@ -316,7 +321,8 @@ ngx_http_gift_pub_connect(ngx_http_gift_pub_t *p)
     p->pc.socklen = srv->addrs[p->addr].socklen;
     p->pc.name = &srv->name;
     p->pc.get = ngx_event_get_peer;
-    p->pc.log = p->log;
+    /* nginx logs a refused connect() itself: once, not every retry */
+    p->pc.log = p->warned ? &p->quiet_log : p->log;
     p->pc.log_error = NGX_ERROR_INFO;
 
     rc = ngx_event_connect_peer(&p->pc);
@@ -394,27 +400,25 @@ ngx_http_gift_pub_fail(ngx_http_gift_pub_t *p, const char *why, ngx_err_t err)
                       "gift: NATS at %V: %s", &srv->name, why);
     }
 
-    /* the next address of this server, or the next server */
-    if (++p->addr >= srv->naddrs) {
-        p->addr = 0;
-        p->server = (p->server + 1) % p->nservers;
-    }
-
     /*
-     * Straight to the next server of the list after a loss; a pause of
+     * After a loss, the same address first.  Otherwise the next address of
+     * this server, or the next server: straight on, and a pause of
      * gift_nats_reconnect_wait (plus up to 100 ms, so that the workers do
-     * not come back in step) once the whole list failed.
+     * not come back in step) once every server of the list failed.
      */
+    delay = 1;
+
     if (was) {
         p->tried = 0;
-    }
 
-    if (++p->tried < p->nservers) {
-        delay = 1;
+    } else if (++p->addr >= srv->naddrs) {
+        p->addr = 0;
+        p->server = (p->server + 1) % p->nservers;
 
-    } else {
-        p->tried = 0;
-        delay = p->reconnect_wait + ngx_random() % 100;
+        if (++p->tried >= p->nservers) {
+            p->tried = 0;
+            delay = p->reconnect_wait + ngx_random() % 100;
+        }
     }
 
     ngx_add_timer(&p->retry_ev, delay);
@@ -443,6 +447,7 @@ ngx_http_gift_pub_ping_handler(ngx_event_t *ev)
     }
 
     if (ngx_http_gift_pub_reserve(p, 6) != NGX_OK) {
+        ngx_http_gift_pub_fail(p, "out of memory", 0);
         return;
     }
 
@@ -478,11 +483,20 @@ ngx_http_gift_pub_write_handler(ngx_event_t *wev)
         }
         if (err) {
             ngx_http_gift_pub_fail(p, "connect() failed", err);
+            return;
         }
-        return;
+
+    } else {
+        ngx_http_gift_pub_flush(p);
+        if (p->c == NULL) {
+            return;
+        }
     }
 
-    ngx_http_gift_pub_flush(p);
+    /* off again with level-triggered methods (poll, select) */
+    if (ngx_handle_write_event(wev, 0) != NGX_OK) {
+        ngx_http_gift_pub_fail(p, "cannot wait for the socket", 0);
+    }
 }
 
 
@@ -525,6 +539,13 @@ ngx_http_gift_pub_flush(ngx_http_gift_pub_t *p)
 
     p->out_pos = p->out_len = 0;
     p->out_msgs = 0;
+
+    /* a burst's buffer goes back once it is written */
+    if (p->out_size > 1024 * 1024) {
+        ngx_free(p->out);
+        p->out = NULL;
+        p->out_size = 0;
+    }
 }
 
 
@@ -833,7 +854,7 @@ ngx_http_gift_pub_info(ngx_http_gift_pub_t *p, u_char *json, size_t len)
         return NGX_ERROR;
     }
 
-    if (srv->user.len) {
+    if (srv->user.len || srv->pass.len) {
         json_object_set_new(co, "user", json_stringn((char *) srv->user.data,
                                                      srv->user.len));
         json_object_set_new(co, "pass", json_stringn((char *) srv->pass.data,
@@ -890,6 +911,10 @@ ngx_http_gift_pub_connected(ngx_http_gift_pub_t *p)
     if (p->c->read->timer_set) {
         ngx_del_timer(p->c->read);
     }
+
+    p->c->log = p->log;
+    p->c->read->log = p->log;
+    p->c->write->log = p->log;
 
     ngx_http_gift_stat_nats(1, p->was_connected);
     p->was_connected = 1;

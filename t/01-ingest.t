@@ -115,9 +115,10 @@ is_deeply([$ngx->bad_log_lines], [], 'no [alert] or [emerg] in the error log');
 
 # --- a server that wants a user and password: the ones in the URL
 {
+    # an '@' in the password, as written (cnats takes it so too)
     my $auth = GiftTest::start_nats(args => [ '--user', 'gift',
-        '--pass', 's3cr3t' ]);
-    (my $good = $auth->url) =~ s{^nats://}{nats://gift:s3cr3t@};
+        '--pass', 's3@cr3t' ]);
+    (my $good = $auth->url) =~ s{^nats://}{nats://gift:s3\@cr3t@};
     (my $bad = $auth->url) =~ s{^nats://}{nats://gift:wrong@};
     my ($out, $rc) = GiftTest::giftctl($good, 'setup');
     is($rc, 0, 'giftctl setup with a user and password') or diag $out;
