@@ -4,10 +4,10 @@
  *
  * Files, one concern each:
  *   ngx_http_gift_module.c   directives, configuration, init hooks
- *   ngx_http_gift_publisher.c  webhook publishes: a NATS client on the
- *                            worker's event loop
- *   ngx_http_gift_nats.c     the cnats bridge (its own thread): follows
- *                            GIFT_ACKS; publishes too for tls:// URLs
+ *   ngx_http_gift_publisher.c  a NATS client on the worker's event loop:
+ *                            webhook publishes, GIFT_ACKS followed
+ *   ngx_http_gift_nats.c     the cnats bridge (its own thread), the same
+ *                            for tls:// URLs; GiftAck framing
  *   ngx_http_gift_webhook.c  POST handler: read, check, publish, answer
  *   ngx_http_gift_fanout.c   acknowledgements to clients: ring, filters,
  *                            shared frames, backlog, heartbeats
@@ -186,6 +186,12 @@ ngx_int_t ngx_http_gift_bridge_publish(ngx_http_gift_pending_t *p,
     const char *subject, const char *msg_id, const u_char *data, size_t len,
     ngx_log_t *log);
 void ngx_http_gift_bridge_cancel(ngx_http_gift_pending_t *p);
+
+uint64_t ngx_http_gift_bridge_acks_origin(void);
+
+/* One GiftAck framed for every protocol (refs 1, malloc'ed); any thread. */
+ngx_http_gift_frame_t *ngx_http_gift_frame_create(uint64_t seq,
+    const u_char *data, size_t len);
 
 /* A JetStream publish reply (PubAck or error) into res (its id kept). */
 void ngx_http_gift_puback_parse(const char *data, size_t len,

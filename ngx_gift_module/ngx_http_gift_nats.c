@@ -1,8 +1,9 @@
 /*
- * The bridge between a worker's event loop and cnats: it follows GIFT_ACKS
- * for the locations that stream acknowledgements, and publishes webhooks
- * when gift_nats_url has a tls:// URL (otherwise ngx_http_gift_publisher.c
- * publishes them on the event loop itself).
+ * The bridge between a worker's event loop and cnats, for tls:// URLs in
+ * gift_nats_url: it publishes webhooks and follows GIFT_ACKS.  (With
+ * nats:// URLs, ngx_http_gift_publisher.c does both on the event loop
+ * itself, and this file only lends it ngx_http_gift_frame_create() and
+ * ngx_http_gift_puback_parse().)
  *
  * cnats keeps threads of its own, and its reconnect thread holds the
  * connection lock while it dials: any cnats call that takes that lock can
@@ -137,7 +138,7 @@ ngx_http_gift_nats_init_process(ngx_cycle_t *cycle,
     ngx_connection_t        *c;
     ngx_http_gift_bridge_t  *b;
 
-    if (!gmcf->nats_tls && !gmcf->follow_acks) {
+    if (!gmcf->nats_tls) {
         return NGX_OK;              /* the publisher does all there is */
     }
 
@@ -317,7 +318,7 @@ ngx_http_gift_bridge_connected(void)
 
 
 uint64_t
-ngx_http_gift_nats_acks_origin(void)
+ngx_http_gift_bridge_acks_origin(void)
 {
     return ngx_http_gift_bridge == NULL
            ? 0 : atomic_load(&ngx_http_gift_bridge->acks_origin);
@@ -677,50 +678,30 @@ done:
 
 
 /*
- * One message of GIFT_ACKS from the ordered consumer: decode it, frame it
- * once for every protocol, and hand the frame to the loop.  Runs on the
- * subscription's cnats thread; the frame is one malloc'ed block.
+ * One GiftAck, stream sequence `seq`, decoded and framed once for every
+ * protocol (JSON, SSE, SSE as an HTTP chunk, WebSocket) into one malloc'ed
+ * block with refs = 1.  NULL if the bytes are not a GiftAck (or no memory).
+ * Any thread: it touches nothing but its arguments.
  */
-static void
-ngx_http_gift_on_ack(natsConnection *nc, natsSubscription *sub, natsMsg *msg,
-    void *closure)
+ngx_http_gift_frame_t *
+ngx_http_gift_frame_create(uint64_t seq, const u_char *data, size_t len)
 {
-    ngx_http_gift_bridge_t *b = closure;
-
     u_char                 *p;
     char                    json[GIFT_JSON_MAX];
-    size_t                  jlen, dlen, rlen, slen, wlen, hlen, clen, cap;
+    size_t                  jlen, dlen, rlen, slen, wlen, hlen, clen;
     u_char                  sid[64], chunk[24];
-    void                  **items;
-    uint64_t                seq, one = 1;
-    ngx_uint_t              was_empty;
-    jsMsgMetaData          *meta;
     Gift__V1__GiftAck      *ack;
     ngx_http_gift_frame_t  *f;
 
-    meta = NULL;
-    if (natsMsg_GetMetaData(&meta, msg) != NATS_OK) {
-        natsMsg_Destroy(msg);
-        return;
-    }
-    seq = meta->Sequence.Stream;
-    jsMsgMetaData_Destroy(meta);
-
-    ack = gift__v1__gift_ack__unpack(NULL, natsMsg_GetDataLength(msg),
-                                     (const uint8_t *) natsMsg_GetData(msg));
-    natsMsg_Destroy(msg);
-
+    ack = gift__v1__gift_ack__unpack(NULL, len, data);
     if (ack == NULL) {
-        ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_ERROR,
-                               "GIFT_ACKS #%llu is not a GiftAck; skipped",
-                               (unsigned long long) seq);
-        return;
+        return NULL;
     }
 
     jlen = gift_ack_json(ack, seq, json, sizeof(json));
     if (jlen == 0) {
         gift__v1__gift_ack__free_unpacked(ack, NULL);
-        return;
+        return NULL;
     }
 
     dlen = strlen(ack->device_id);
@@ -735,7 +716,7 @@ ngx_http_gift_on_ack(natsConnection *nc, natsSubscription *sub, natsMsg *msg,
                + dlen + rlen + 2);
     if (f == NULL) {
         gift__v1__gift_ack__free_unpacked(ack, NULL);
-        return;
+        return NULL;
     }
 
     f->refs = 1;
@@ -791,6 +772,47 @@ ngx_http_gift_on_ack(natsConnection *nc, natsSubscription *sub, natsMsg *msg,
     ngx_memcpy(p, ack->room_id, rlen + 1);
 
     gift__v1__gift_ack__free_unpacked(ack, NULL);
+
+    return f;
+}
+
+
+/*
+ * One message of GIFT_ACKS from the ordered consumer (tls:// URLs): framed
+ * on the subscription's cnats thread and handed to the loop.
+ */
+static void
+ngx_http_gift_on_ack(natsConnection *nc, natsSubscription *sub, natsMsg *msg,
+    void *closure)
+{
+    ngx_http_gift_bridge_t *b = closure;
+
+    size_t                  cap;
+    void                  **items;
+    uint64_t                seq, one = 1;
+    ngx_uint_t              was_empty;
+    jsMsgMetaData          *meta;
+    ngx_http_gift_frame_t  *f;
+
+    meta = NULL;
+    if (natsMsg_GetMetaData(&meta, msg) != NATS_OK) {
+        natsMsg_Destroy(msg);
+        return;
+    }
+    seq = meta->Sequence.Stream;
+    jsMsgMetaData_Destroy(meta);
+
+    f = ngx_http_gift_frame_create(seq,
+                                   (const u_char *) natsMsg_GetData(msg),
+                                   (size_t) natsMsg_GetDataLength(msg));
+    natsMsg_Destroy(msg);
+
+    if (f == NULL) {
+        ngx_http_gift_post_log(b, NGX_HTTP_GIFT_PUB_ERROR,
+                               "GIFT_ACKS #%llu is not a GiftAck; skipped",
+                               (unsigned long long) seq);
+        return;
+    }
 
     pthread_mutex_lock(&b->res_lock);
 

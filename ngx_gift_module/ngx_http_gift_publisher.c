@@ -45,6 +45,14 @@ typedef enum {
 } ngx_http_gift_pub_state_e;
 
 
+typedef enum {
+    NGX_HTTP_GIFT_FOLLOW_IDLE = 0,
+    NGX_HTTP_GIFT_FOLLOW_INFO,          /* STREAM.INFO sent */
+    NGX_HTTP_GIFT_FOLLOW_CREATE,        /* CONSUMER.CREATE sent */
+    NGX_HTTP_GIFT_FOLLOW_ACTIVE
+} ngx_http_gift_follow_state_e;
+
+
 typedef struct {
     ngx_log_t                     *log;
     ngx_log_t                      quiet_log;   /* retries: not each one */
@@ -83,6 +91,27 @@ typedef struct {
     uint64_t                       next_id;
     ngx_rbtree_t                   pending;
     ngx_rbtree_node_t              sentinel;
+
+    /* GIFT_ACKS, followed when a location streams acknowledgements */
+    ngx_uint_t                     follow;
+    ngx_uint_t                     replay_max;
+    ngx_http_gift_follow_state_e   fstate;
+    uint64_t                       fctl;        /* JetStream API request */
+    uint64_t                       fgen;        /* deliver subject */
+    uint64_t                       fsub;        /* the one subscribed */
+    u_char                         consumer[128];
+    size_t                         consumer_len;
+    ngx_uint_t                     started;     /* origin is set */
+    uint64_t                       origin;
+    uint64_t                       last_sseq;
+    uint64_t                       next_cseq;
+    ngx_uint_t                     followed;    /* "following" logged */
+    ngx_uint_t                     fwarned;
+    ngx_msec_t                     fseen;       /* last message, heartbeat */
+    ngx_event_t                    follow_ev;
+    ngx_http_gift_frame_t        **frames;      /* read, not yet delivered */
+    size_t                         nframes;
+    size_t                         frames_cap;
 } ngx_http_gift_pub_t;
 
 
@@ -90,6 +119,7 @@ static void ngx_http_gift_pub_connect(ngx_http_gift_pub_t *p);
 static void ngx_http_gift_pub_fail(ngx_http_gift_pub_t *p, const char *why,
     ngx_err_t err);
 static void ngx_http_gift_pub_read_handler(ngx_event_t *rev);
+static void ngx_http_gift_pub_read(ngx_http_gift_pub_t *p, ngx_event_t *rev);
 static void ngx_http_gift_pub_write_handler(ngx_event_t *wev);
 static void ngx_http_gift_pub_retry_handler(ngx_event_t *ev);
 static void ngx_http_gift_pub_ping_handler(ngx_event_t *ev);
@@ -98,6 +128,16 @@ static void ngx_http_gift_pub_flush(ngx_http_gift_pub_t *p);
 static ngx_int_t ngx_http_gift_pub_parse(ngx_http_gift_pub_t *p);
 static ngx_int_t ngx_http_gift_pub_reserve(ngx_http_gift_pub_t *p,
     size_t n);
+static void ngx_http_gift_follow_start(ngx_http_gift_pub_t *p,
+    const char *why);
+static void ngx_http_gift_follow_handler(ngx_event_t *ev);
+static void ngx_http_gift_follow_control(ngx_http_gift_pub_t *p,
+    u_char *subj, size_t slen, u_char *data, size_t len);
+static void ngx_http_gift_follow_deliver(ngx_http_gift_pub_t *p,
+    uint64_t gen, u_char *reply, size_t rlen, u_char *hdr, size_t hlen,
+    u_char *data, size_t len);
+static uint64_t ngx_http_gift_follow_num(u_char *s, size_t len);
+static void ngx_http_gift_follow_flush_frames(ngx_http_gift_pub_t *p);
 
 
 static ngx_http_gift_pub_t  *ngx_http_gift_pub;
@@ -156,6 +196,13 @@ ngx_http_gift_publisher_init_process(ngx_cycle_t *cycle,
     p->flush_ev.data = p;
     p->flush_ev.log = cycle->log;
 
+    p->follow = gmcf->follow_acks;
+    p->replay_max = gmcf->replay_max;
+    p->follow_ev.handler = ngx_http_gift_follow_handler;
+    p->follow_ev.data = p;
+    p->follow_ev.log = cycle->log;
+    p->follow_ev.cancelable = 1;
+
     /* start with a random server, so that workers spread over a cluster */
     p->server = p->nservers > 1 ? (ngx_uint_t) ngx_random() % p->nservers : 0;
 
@@ -193,6 +240,14 @@ ngx_http_gift_publisher_exit_process(ngx_cycle_t *cycle)
     if (p->flush_ev.posted) {
         ngx_delete_posted_event(&p->flush_ev);
     }
+    if (p->follow_ev.timer_set) {
+        ngx_del_timer(&p->follow_ev);
+    }
+
+    while (p->nframes) {
+        ngx_free(p->frames[--p->nframes]);
+    }
+    ngx_free(p->frames);
 
     ngx_free(p->in);
     ngx_free(p->out);
@@ -380,6 +435,15 @@ ngx_http_gift_pub_fail(ngx_http_gift_pub_t *p, const char *why, ngx_err_t err)
 
     if (p->ping_ev.timer_set) {
         ngx_del_timer(&p->ping_ev);
+    }
+
+    /* the server drops the consumer with the connection; a new one later */
+    p->fstate = NGX_HTTP_GIFT_FOLLOW_IDLE;
+    p->consumer_len = 0;
+    p->fsub = 0;
+    p->fgen++;
+    if (p->follow_ev.timer_set) {
+        ngx_del_timer(&p->follow_ev);
     }
 
     if (was) {
@@ -592,9 +656,6 @@ ngx_http_gift_pub_reserve(ngx_http_gift_pub_t *p, size_t n)
 static void
 ngx_http_gift_pub_read_handler(ngx_event_t *rev)
 {
-    u_char               *b;
-    size_t                size;
-    ssize_t               n;
     ngx_connection_t     *c;
     ngx_http_gift_pub_t  *p;
 
@@ -605,6 +666,23 @@ ngx_http_gift_pub_read_handler(ngx_event_t *rev)
         ngx_http_gift_pub_fail(p, "no answer within 2 s", NGX_ETIMEDOUT);
         return;
     }
+
+    ngx_http_gift_pub_read(p, rev);
+
+    /* the acknowledgements of this read, to the clients in one go */
+    ngx_http_gift_follow_flush_frames(p);
+}
+
+
+static void
+ngx_http_gift_pub_read(ngx_http_gift_pub_t *p, ngx_event_t *rev)
+{
+    u_char            *b;
+    size_t             size;
+    ssize_t            n;
+    ngx_connection_t  *c;
+
+    c = p->c;
 
     do {
         if (p->in_size - p->in_len < 4096) {
@@ -875,7 +953,8 @@ ngx_http_gift_pub_info(ngx_http_gift_pub_t *p, u_char *json, size_t len)
     }
 
     clen = ngx_strlen(connect);
-    need = sizeof("CONNECT \r\nSUB .* 1\r\nPING\r\n") + clen + p->inbox_len;
+    need = sizeof("CONNECT \r\nSUB .* 1\r\nSUB .c.* 2\r\nPING\r\n") + clen
+           + 2 * p->inbox_len;
 
     if (ngx_http_gift_pub_reserve(p, need) != NGX_OK) {
         free(connect);
@@ -884,8 +963,13 @@ ngx_http_gift_pub_info(ngx_http_gift_pub_t *p, u_char *json, size_t len)
     }
 
     o = p->out + p->out_len;
-    o = ngx_sprintf(o, "CONNECT %*s\r\nSUB %*s.* 1\r\nPING\r\n", clen, connect,
+    o = ngx_sprintf(o, "CONNECT %*s\r\nSUB %*s.* 1\r\n", clen, connect,
                     p->inbox_len, p->inbox);
+    if (p->follow) {
+        /* JetStream API answers */
+        o = ngx_sprintf(o, "SUB %*s.c.* 2\r\n", p->inbox_len, p->inbox);
+    }
+    o = ngx_cpymem(o, "PING\r\n", 6);
     p->out_len = o - p->out;
     free(connect);
 
@@ -923,6 +1007,8 @@ ngx_http_gift_pub_connected(ngx_http_gift_pub_t *p)
 
     ngx_log_error(NGX_LOG_NOTICE, p->log, 0, "gift: connected to NATS %V",
                   &srv->name);
+
+    ngx_http_gift_follow_start(p, "connected");
 }
 
 
@@ -994,8 +1080,31 @@ ngx_http_gift_pub_parse(ngx_http_gift_pub_t *p)
                 break;              /* the rest of the message is to come */
             }
 
-            ngx_http_gift_pub_reply(p, subj, slen, lf + 1, hdr,
-                                    lf + 1 + hdr, total - hdr);
+            /*
+             * sid 1: PubAcks; 2: JetStream API answers; d<gen>: GIFT_ACKS
+             * from the consumer of that generation
+             */
+            if (alen[0] == 1 && arg[0][0] == '1') {
+                ngx_http_gift_pub_reply(p, subj, slen, lf + 1, hdr,
+                                        lf + 1 + hdr, total - hdr);
+
+            } else if (alen[0] == 1 && arg[0][0] == '2') {
+                ngx_http_gift_follow_control(p, subj, slen, lf + 1 + hdr,
+                                             total - hdr);
+
+            } else if (alen[0] > 1 && arg[0][0] == 'd') {
+                ngx_http_gift_follow_deliver(p,
+                                     ngx_http_gift_follow_num(arg[0] + 1,
+                                                              alen[0] - 1),
+                                     na == (hmsg ? 4u : 3u) ? arg[1] : NULL,
+                                     na == (hmsg ? 4u : 3u) ? alen[1] : 0,
+                                     lf + 1, hdr, lf + 1 + hdr, total - hdr);
+            }
+
+            if (p->c == NULL) {
+                return NGX_ERROR;   /* a reply to the server failed */
+            }
+
             pos += n;
             continue;
         }
@@ -1047,4 +1156,521 @@ ngx_http_gift_pub_parse(ngx_http_gift_pub_t *p)
     }
 
     return NGX_OK;
+}
+
+
+/* ------------------------------------------------------------ GIFT_ACKS */
+
+/*
+ * An ordered consumer, as the NATS clients build it: an ephemeral push
+ * consumer (no acks, flow control, idle heartbeats every 5 s, in memory)
+ * delivering to "<inbox>.d.<gen>".  Each delivery's reply subject carries
+ * its stream and consumer sequences; a consumer sequence out of order, a
+ * heartbeat that reports more than we got, or 15 s without a message or a
+ * heartbeat, and the consumer is replaced by a new one that starts after
+ * the last stream sequence we have (a new <gen>: late deliveries of the
+ * old one are dropped).  The first one starts gift_sse_replay_max messages
+ * back, so that the replay ring is full from the start.
+ */
+
+#define NGX_HTTP_GIFT_FOLLOW_HB        5000
+#define NGX_HTTP_GIFT_FOLLOW_RETRY     1000
+
+
+/* Append one protocol line and its payload to the output. */
+static ngx_int_t
+ngx_http_gift_follow_pub(ngx_http_gift_pub_t *p, const char *subject,
+    size_t slen, ngx_uint_t reply, u_char *data, size_t len)
+{
+    u_char  *o;
+
+    if (ngx_http_gift_pub_reserve(p, sizeof("PUB   .c.18446744073709551615 "
+                                            "4294967295\r\n\r\n")
+                                     + slen + p->inbox_len + len) != NGX_OK)
+    {
+        ngx_http_gift_pub_fail(p, "out of memory", 0);
+        return NGX_ERROR;
+    }
+
+    o = p->out + p->out_len;
+    if (reply) {
+        o = ngx_sprintf(o, "PUB %*s %*s.c.%uL %uz\r\n", slen, subject,
+                        p->inbox_len, p->inbox, p->fctl, len);
+    } else {
+        o = ngx_sprintf(o, "PUB %*s %uz\r\n", slen, subject, len);
+    }
+    o = ngx_cpymem(o, data, len);
+    *o++ = '\r';
+    *o++ = '\n';
+    p->out_len = o - p->out;
+
+    if (!p->flush_ev.posted) {
+        ngx_post_event(&p->flush_ev, &ngx_posted_events);
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_gift_follow_start(ngx_http_gift_pub_t *p, const char *why)
+{
+    u_char  subj[192], json[512], *e;
+
+    if (!p->follow || p->state != NGX_HTTP_GIFT_PUB_CONNECTED) {
+        return;
+    }
+
+    if (p->consumer_len) {
+        /* the old consumer goes now, not at its inactivity threshold */
+        e = ngx_snprintf(subj, sizeof(subj),
+                         "$JS.API.CONSUMER.DELETE.GIFT_ACKS.%*s",
+                         p->consumer_len, p->consumer);
+        if (ngx_http_gift_follow_pub(p, (char *) subj, e - subj, 0, NULL, 0)
+            != NGX_OK)
+        {
+            return;
+        }
+        p->consumer_len = 0;
+
+        ngx_log_error(NGX_LOG_INFO, p->log, 0,
+                      "gift: GIFT_ACKS consumer replaced (%s)", why);
+    }
+
+    p->fgen++;
+    p->fctl++;
+
+    if (!p->started) {
+        /* where the stream is: the start of the replay */
+        p->fstate = NGX_HTTP_GIFT_FOLLOW_INFO;
+        if (ngx_http_gift_follow_pub(p,
+                          "$JS.API.STREAM.INFO.GIFT_ACKS",
+                          sizeof("$JS.API.STREAM.INFO.GIFT_ACKS") - 1, 1,
+                          NULL, 0)
+            != NGX_OK)
+        {
+            return;
+        }
+
+    } else {
+        p->fstate = NGX_HTTP_GIFT_FOLLOW_CREATE;
+        p->next_cseq = 1;
+
+        /*
+         * The deliver subject, subscribed exactly (nats-server 2.9 sees no
+         * interest in a wildcard) under a sid of its own, so that what the
+         * old consumer still sends is told apart and dropped.
+         */
+        if (ngx_http_gift_pub_reserve(p, 2 * sizeof("UNSUB d18446744073709551615\r\n")
+                                         + p->inbox_len + 32)
+            != NGX_OK)
+        {
+            ngx_http_gift_pub_fail(p, "out of memory", 0);
+            return;
+        }
+        e = p->out + p->out_len;
+        if (p->fsub) {
+            e = ngx_sprintf(e, "UNSUB d%uL\r\n", p->fsub);
+        }
+        e = ngx_sprintf(e, "SUB %*s.d.%uL d%uL\r\n", p->inbox_len, p->inbox,
+                        p->fgen, p->fgen);
+        p->out_len = e - p->out;
+        p->fsub = p->fgen;
+
+        if (p->last_sseq > 0) {
+            e = ngx_snprintf(json, sizeof(json),
+                "{\"stream_name\":\"GIFT_ACKS\",\"config\":{"
+                "\"deliver_subject\":\"%*s.d.%uL\","
+                "\"deliver_policy\":\"by_start_sequence\","
+                "\"opt_start_seq\":%uL,", p->inbox_len, p->inbox, p->fgen,
+                p->last_sseq + 1);
+        } else {
+            e = ngx_snprintf(json, sizeof(json),
+                "{\"stream_name\":\"GIFT_ACKS\",\"config\":{"
+                "\"deliver_subject\":\"%*s.d.%uL\","
+                "\"deliver_policy\":\"all\",", p->inbox_len, p->inbox,
+                p->fgen);
+        }
+
+        e = ngx_snprintf(e, json + sizeof(json) - e,
+                "\"ack_policy\":\"none\",\"max_deliver\":1,"
+                "\"replay_policy\":\"instant\",\"flow_control\":true,"
+                "\"idle_heartbeat\":%uL,\"mem_storage\":true,"
+                "\"num_replicas\":1}}",
+                (uint64_t) NGX_HTTP_GIFT_FOLLOW_HB * 1000000);
+
+        if (ngx_http_gift_follow_pub(p, "$JS.API.CONSUMER.CREATE.GIFT_ACKS",
+                          sizeof("$JS.API.CONSUMER.CREATE.GIFT_ACKS") - 1, 1,
+                          json, e - json)
+            != NGX_OK)
+        {
+            return;
+        }
+    }
+
+    /* an answer within 5 s, or again */
+    if (p->follow_ev.timer_set) {
+        ngx_del_timer(&p->follow_ev);
+    }
+    ngx_add_timer(&p->follow_ev, NGX_HTTP_GIFT_FOLLOW_HB);
+}
+
+
+/* Timer: retry, a request without an answer, or the heartbeat watchdog. */
+static void
+ngx_http_gift_follow_handler(ngx_event_t *ev)
+{
+    ngx_http_gift_pub_t *p = ev->data;
+
+    if (p->state != NGX_HTTP_GIFT_PUB_CONNECTED) {
+        return;                     /* started again once connected */
+    }
+
+    switch (p->fstate) {
+
+    case NGX_HTTP_GIFT_FOLLOW_ACTIVE:
+        if (ngx_current_msec - p->fseen < 3 * NGX_HTTP_GIFT_FOLLOW_HB) {
+            ngx_add_timer(&p->follow_ev, NGX_HTTP_GIFT_FOLLOW_HB);
+            return;
+        }
+        ngx_http_gift_follow_start(p, "no heartbeat for 15 s");
+        return;
+
+    case NGX_HTTP_GIFT_FOLLOW_IDLE:
+        ngx_http_gift_follow_start(p, "retry");
+        return;
+
+    default:
+        ngx_http_gift_follow_start(p, "no answer from JetStream");
+        return;
+    }
+}
+
+
+static void
+ngx_http_gift_follow_retry(ngx_http_gift_pub_t *p, const char *what,
+    const char *desc)
+{
+    if (!p->fwarned) {
+        ngx_log_error(NGX_LOG_WARN, p->log, 0,
+                      "gift: cannot follow GIFT_ACKS (%s: %s)%s; retrying",
+                      what, desc, ngx_strstr(desc, "not found")
+                                  ? ": run giftctl setup" : "");
+        p->fwarned = 1;
+    }
+
+    p->fstate = NGX_HTTP_GIFT_FOLLOW_IDLE;
+
+    if (p->follow_ev.timer_set) {
+        ngx_del_timer(&p->follow_ev);
+    }
+    ngx_add_timer(&p->follow_ev, NGX_HTTP_GIFT_FOLLOW_RETRY);
+}
+
+
+/* An answer of the JetStream API on "<inbox>.c.<n>". */
+static void
+ngx_http_gift_follow_control(ngx_http_gift_pub_t *p, u_char *subj,
+    size_t slen, u_char *data, size_t len)
+{
+    u_char        *s;
+    size_t         plen;
+    uint64_t       n, last, first, start;
+    json_t        *root, *err, *v, *st;
+    const char    *desc, *name;
+    json_error_t   jerr;
+
+    plen = p->inbox_len + 3;
+    if (slen <= plen || ngx_strncmp(subj + p->inbox_len, ".c.", 3) != 0) {
+        return;
+    }
+
+    n = 0;
+    for (s = subj + plen; s < subj + slen; s++) {
+        n = n * 10 + (*s - '0');
+    }
+
+    if (n != p->fctl || (p->fstate != NGX_HTTP_GIFT_FOLLOW_INFO
+                         && p->fstate != NGX_HTTP_GIFT_FOLLOW_CREATE))
+    {
+        return;                     /* an answer to an older request */
+    }
+
+    root = json_loadb((const char *) data, len, 0, &jerr);
+    if (root == NULL) {
+        ngx_http_gift_follow_retry(p, "JetStream API", "unreadable answer");
+        return;
+    }
+
+    err = json_object_get(root, "error");
+    if (err != NULL) {
+        v = json_object_get(err, "description");
+        desc = json_is_string(v) ? json_string_value(v) : "error";
+        ngx_http_gift_follow_retry(p, p->fstate == NGX_HTTP_GIFT_FOLLOW_INFO
+                                      ? "stream info" : "consumer",
+                                   desc);
+        json_decref(root);
+        return;
+    }
+
+    if (p->fstate == NGX_HTTP_GIFT_FOLLOW_INFO) {
+        st = json_object_get(root, "state");
+        v = json_object_get(st, "last_seq");
+        last = json_is_integer(v) ? (uint64_t) json_integer_value(v) : 0;
+        v = json_object_get(st, "first_seq");
+        first = json_is_integer(v) ? (uint64_t) json_integer_value(v) : 0;
+        json_decref(root);
+
+        start = last >= p->replay_max ? last - p->replay_max + 1 : 1;
+        if (start < first) {
+            start = first;
+        }
+
+        p->started = 1;
+        p->origin = last;
+        p->last_sseq = start - 1;
+
+        ngx_http_gift_follow_start(p, "stream info");
+        return;
+    }
+
+    v = json_object_get(root, "name");
+    name = json_is_string(v) ? json_string_value(v) : "";
+    p->consumer_len = ngx_cpystrn(p->consumer, (u_char *) name,
+                                  sizeof(p->consumer)) - p->consumer;
+    json_decref(root);
+
+    p->fstate = NGX_HTTP_GIFT_FOLLOW_ACTIVE;
+    p->fseen = ngx_current_msec;
+    p->fwarned = 0;
+
+    if (!p->followed) {
+        ngx_log_error(NGX_LOG_NOTICE, p->log, 0,
+                      "gift: following GIFT_ACKS after #%uL", p->origin);
+        p->followed = 1;
+
+    } else {
+        ngx_log_error(NGX_LOG_INFO, p->log, 0,
+                      "gift: GIFT_ACKS followed again from #%uL",
+                      p->last_sseq + 1);
+    }
+
+    if (p->follow_ev.timer_set) {
+        ngx_del_timer(&p->follow_ev);
+    }
+    ngx_add_timer(&p->follow_ev, NGX_HTTP_GIFT_FOLLOW_HB);
+}
+
+
+/* The value of header `name` in a NATS header block, or NULL. */
+static u_char *
+ngx_http_gift_follow_header(u_char *hdr, size_t hlen, const char *name,
+    size_t *len)
+{
+    u_char  *s, *e, *v;
+    size_t   nlen;
+
+    nlen = ngx_strlen(name);
+    e = hdr + hlen;
+
+    for (s = hdr; s < e; ) {
+        v = ngx_strlchr(s, e, '\n');
+        if (v == NULL) {
+            break;
+        }
+        if ((size_t) (v - s) > nlen + 1 && ngx_strncasecmp(s, (u_char *) name,
+                                                           nlen) == 0
+            && s[nlen] == ':')
+        {
+            s += nlen + 1;
+            while (s < v && *s == ' ') {
+                s++;
+            }
+            *len = (v > s && v[-1] == '\r') ? (size_t) (v - 1 - s)
+                                            : (size_t) (v - s);
+            return s;
+        }
+        s = v + 1;
+    }
+
+    return NULL;
+}
+
+
+static uint64_t
+ngx_http_gift_follow_num(u_char *s, size_t len)
+{
+    uint64_t  n;
+
+    for (n = 0; len && *s >= '0' && *s <= '9'; s++, len--) {
+        n = n * 10 + (*s - '0');
+    }
+
+    return n;
+}
+
+
+/*
+ * A message of the consumer of generation `gen` (its subscription's sid is
+ * "d<gen>"): a GiftAck under its own subject, or a status on the deliver
+ * subject (heartbeat, flow control).
+ */
+static void
+ngx_http_gift_follow_deliver(ngx_http_gift_pub_t *p, uint64_t gen,
+    u_char *reply, size_t rlen, u_char *hdr, size_t hlen, u_char *data,
+    size_t len)
+{
+    u_char                  *s, *e, *tok[16];
+    size_t                   vlen;
+    uint64_t                 sseq, cseq;
+    ngx_uint_t               ntok;
+    ngx_http_gift_frame_t   *f, **frames;
+
+    /*
+     * The consumer starts sending as soon as it exists: its first messages
+     * may come before the answer to CONSUMER.CREATE.
+     */
+    if (gen != p->fgen || (p->fstate != NGX_HTTP_GIFT_FOLLOW_ACTIVE
+                           && p->fstate != NGX_HTTP_GIFT_FOLLOW_CREATE))
+    {
+        return;                     /* the consumer we replaced */
+    }
+
+    p->fseen = ngx_current_msec;
+
+    if (hlen >= sizeof("NATS/1.0 100") - 1
+        && ngx_strncmp(hdr, "NATS/1.0 100", sizeof("NATS/1.0 100") - 1) == 0)
+    {
+        /* flow control: answer, or the server stops sending */
+        if (reply != NULL) {
+            ngx_log_debug0(NGX_LOG_DEBUG_HTTP, p->log, 0,
+                           "gift: GIFT_ACKS flow control");
+            (void) ngx_http_gift_follow_pub(p, (char *) reply, rlen, 0,
+                                            NULL, 0);
+            return;
+        }
+
+        s = ngx_http_gift_follow_header(hdr, hlen, "Nats-Consumer-Stalled",
+                                        &vlen);
+        if (s != NULL && vlen > 0) {
+            if (ngx_http_gift_follow_pub(p, (char *) s, vlen, 0, NULL, 0)
+                != NGX_OK)
+            {
+                return;
+            }
+        }
+
+        /* a heartbeat says what the consumer sent last */
+        s = ngx_http_gift_follow_header(hdr, hlen, "Nats-Last-Consumer",
+                                        &vlen);
+        if (s != NULL
+            && ngx_http_gift_follow_num(s, vlen) != p->next_cseq - 1)
+        {
+            ngx_http_gift_follow_start(p, "a heartbeat reports messages "
+                                          "we did not get");
+        }
+        return;
+    }
+
+    if (hlen > 0 && !(hlen >= 12 && ngx_strncmp(hdr, "NATS/1.0\r\n", 10) == 0))
+    {
+        /* another status (the consumer was deleted, ...): a new one */
+        ngx_http_gift_follow_start(p, "status from the consumer");
+        return;
+    }
+
+    /*
+     * $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+     * or, newer, with <domain>.<account hash> after ACK and a token at the
+     * end: the sequences are 4th and 3rd from the end of the first form.
+     */
+    ntok = 0;
+    if (reply != NULL) {
+        e = reply + rlen;
+        tok[ntok++] = reply;
+        for (s = reply; s < e && ntok < 16; s++) {
+            if (*s == '.') {
+                tok[ntok++] = s + 1;
+            }
+        }
+    }
+
+    if (ntok == 9) {
+        sseq = ngx_http_gift_follow_num(tok[5], rlen);
+        cseq = ngx_http_gift_follow_num(tok[6], rlen);
+
+    } else if (ntok >= 11) {
+        sseq = ngx_http_gift_follow_num(tok[7], rlen);
+        cseq = ngx_http_gift_follow_num(tok[8], rlen);
+
+    } else {
+        ngx_http_gift_follow_start(p, "a message without JetStream metadata");
+        return;
+    }
+
+    if (cseq != p->next_cseq) {
+        ngx_http_gift_follow_start(p, "a gap in the consumer's sequence");
+        return;
+    }
+
+    p->next_cseq++;
+
+    if (sseq <= p->last_sseq) {
+        return;                     /* had it already */
+    }
+
+    p->last_sseq = sseq;
+
+    f = ngx_http_gift_frame_create(sseq, data, len);
+    if (f == NULL) {
+        ngx_log_error(NGX_LOG_WARN, p->log, 0,
+                      "gift: GIFT_ACKS #%uL is not a GiftAck; skipped", sseq);
+        return;
+    }
+
+    if (p->nframes == p->frames_cap) {
+        frames = ngx_alloc((p->frames_cap ? p->frames_cap * 2 : 256)
+                           * sizeof(ngx_http_gift_frame_t *), p->log);
+        if (frames == NULL) {
+            ngx_free(f);
+            return;
+        }
+        if (p->nframes) {
+            ngx_memcpy(frames, p->frames,
+                       p->nframes * sizeof(ngx_http_gift_frame_t *));
+        }
+        ngx_free(p->frames);
+        p->frames = frames;
+        p->frames_cap = p->frames_cap ? p->frames_cap * 2 : 256;
+    }
+
+    p->frames[p->nframes++] = f;
+}
+
+
+static void
+ngx_http_gift_follow_flush_frames(ngx_http_gift_pub_t *p)
+{
+    size_t  n;
+
+    if (p->nframes == 0) {
+        return;
+    }
+
+    n = p->nframes;
+    p->nframes = 0;
+
+    ngx_http_gift_fanout_deliver(p->frames, n);
+}
+
+
+uint64_t
+ngx_http_gift_nats_acks_origin(void)
+{
+    if (ngx_http_gift_pub_bridged) {
+        return ngx_http_gift_bridge_acks_origin();
+    }
+
+    return ngx_http_gift_pub != NULL && ngx_http_gift_pub->started
+           ? ngx_http_gift_pub->origin : 0;
 }
