@@ -1122,6 +1122,9 @@ ngx_http_gift_pub_parse(ngx_http_gift_pub_t *p)
             p->pings_out = 0;
             if (p->state == NGX_HTTP_GIFT_PUB_HANDSHAKE) {
                 ngx_http_gift_pub_connected(p);
+                if (p->c == NULL) {
+                    return NGX_ERROR;
+                }
             }
 
         } else if (le - pos >= 5 && ngx_strncmp(pos, "INFO ", 5) == 0) {
@@ -1255,6 +1258,7 @@ ngx_http_gift_follow_start(ngx_http_gift_pub_t *p, const char *why)
     } else {
         p->fstate = NGX_HTTP_GIFT_FOLLOW_CREATE;
         p->next_cseq = 1;
+        p->fseen = 0;                   /* its own messages will say */
 
         /*
          * The deliver subject, subscribed exactly (nats-server 2.9 sees no
@@ -1340,7 +1344,21 @@ ngx_http_gift_follow_handler(ngx_event_t *ev)
         ngx_http_gift_follow_start(p, "retry");
         return;
 
+    case NGX_HTTP_GIFT_FOLLOW_CREATE:
+        if (ngx_current_msec - p->fseen < NGX_HTTP_GIFT_FOLLOW_HB) {
+            /* no answer yet, but its messages are coming: wait on */
+            ngx_add_timer(&p->follow_ev, NGX_HTTP_GIFT_FOLLOW_HB);
+            return;
+        }
+        /* fall through */
+
     default:
+        if (!p->fwarned) {
+            ngx_log_error(NGX_LOG_WARN, p->log, 0,
+                          "gift: no answer from JetStream in 5 s while "
+                          "setting up the GIFT_ACKS consumer; retrying");
+            p->fwarned = 1;
+        }
         ngx_http_gift_follow_start(p, "no answer from JetStream");
         return;
     }
@@ -1429,6 +1447,7 @@ ngx_http_gift_follow_control(ngx_http_gift_pub_t *p, u_char *subj,
         p->started = 1;
         p->origin = last;
         p->last_sseq = start - 1;
+        p->fwarned = 0;
 
         ngx_http_gift_follow_start(p, "stream info");
         return;
