@@ -46,9 +46,7 @@ for my $round (1, 2) {
     if ($round == 1) {
         my $nginx = GiftTest::find_bin('nginx');
         # the sanitizer build of the module loads only after the runtime
-        my $pre = $ENV{GIFT_NGINX_PRELOAD}
-            ? "env LD_PRELOAD='$ENV{GIFT_NGINX_PRELOAD}' "
-              . "ASAN_OPTIONS=detect_leaks=0 " : '';
+        my $pre = GiftTest::nginx_env();
         is(system("$pre$nginx -p $d/ -c $d/nginx.conf -e $d/error.log "
             . "-s reload 2>>$d/signal.log"), 0, 'nginx -s reload');
         ok(GiftTest::wait_until(10, sub {

@@ -205,7 +205,7 @@ $ex =~ s{/usr/share/gift/web}{$D/usr/share/gift/web}g;
 $ex =~ s{^error_log\s+\S+}{error_log $tmp/ex-error.log}m;
 $ex =~ s{^pid\s+\S+;}{pid $tmp/ex.pid;}m;
 GiftTest::spurt("$tmp/example.conf", $ex);
-$out = `'${\ GiftTest::find_bin('nginx') }' -t -c '$tmp/example.conf' -e '$tmp/ex-t.log' 2>&1`;
+$out = `${\ GiftTest::nginx_env() }'${\ GiftTest::find_bin('nginx') }' -t -c '$tmp/example.conf' -e '$tmp/ex-t.log' 2>&1`;
 is($?, 0, 'the installed nginx.conf.example passes nginx -t with the installed module')
     or diag $out;
 

@@ -45,6 +45,14 @@ END {
 sub root { $ROOT }
 sub build { $BUILD }
 
+# What an nginx command line needs in front when the module is the
+# sanitizer build: the runtime preloaded (as start() does for the server).
+sub nginx_env {
+    return '' unless $ENV{GIFT_NGINX_PRELOAD};
+    return "env LD_PRELOAD='$ENV{GIFT_NGINX_PRELOAD}' "
+        . 'ASAN_OPTIONS=detect_leaks=0 ';
+}
+
 sub find_bin {
     my ($name) = @_;
     for my $d (split(/:/, $ENV{PATH} // ''), '/usr/sbin', '/usr/bin',
