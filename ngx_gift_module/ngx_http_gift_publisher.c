@@ -35,6 +35,7 @@
 #define NGX_HTTP_GIFT_PUB_HANDSHAKE_MS   2000
 #define NGX_HTTP_GIFT_PUB_LINE_MAX       65536
 #define NGX_HTTP_GIFT_PUB_IN_MAX         (1024 * 1024 + 65536)
+#define NGX_HTTP_GIFT_PUB_DISCOVER_MAX   16
 
 
 typedef enum {
@@ -56,8 +57,10 @@ typedef enum {
 typedef struct {
     ngx_log_t                     *log;
     ngx_log_t                      quiet_log;   /* retries: not each one */
-    ngx_http_gift_nats_server_t   *servers;
+    ngx_pool_t                    *pool;        /* the cycle's */
+    ngx_http_gift_nats_server_t   *servers;     /* configured, learned */
     ngx_uint_t                     nservers;
+    ngx_uint_t                     nconf;       /* the configured ones */
     ngx_uint_t                     server;      /* the one tried or in use */
     ngx_uint_t                     addr;
     ngx_msec_t                     reconnect_wait;
@@ -118,6 +121,7 @@ typedef struct {
 static void ngx_http_gift_pub_connect(ngx_http_gift_pub_t *p);
 static void ngx_http_gift_pub_fail(ngx_http_gift_pub_t *p, const char *why,
     ngx_err_t err);
+static void ngx_http_gift_pub_discover(ngx_http_gift_pub_t *p, json_t *urls);
 static void ngx_http_gift_pub_read_handler(ngx_event_t *rev);
 static void ngx_http_gift_pub_read(ngx_http_gift_pub_t *p, ngx_event_t *rev);
 static void ngx_http_gift_pub_write_handler(ngx_event_t *wev);
@@ -166,8 +170,18 @@ ngx_http_gift_publisher_init_process(ngx_cycle_t *cycle,
     p->quiet_log = *cycle->log;
     p->quiet_log.log_level = NGX_LOG_CRIT;
     p->quiet_log.next = NULL;
-    p->servers = gmcf->nats_servers->elts;
+    /* the configured servers, and room for those a cluster announces */
     p->nservers = gmcf->nats_servers->nelts;
+    p->servers = ngx_palloc(cycle->pool, (p->nservers
+                                          + NGX_HTTP_GIFT_PUB_DISCOVER_MAX)
+                                         * sizeof(ngx_http_gift_nats_server_t));
+    if (p->servers == NULL) {
+        return NGX_ERROR;
+    }
+    ngx_memcpy(p->servers, gmcf->nats_servers->elts,
+               p->nservers * sizeof(ngx_http_gift_nats_server_t));
+    p->nconf = p->nservers;
+    p->pool = cycle->pool;
     p->reconnect_wait = gmcf->reconnect_wait;
     p->queue_max = gmcf->queue_size;
     p->max_payload = 1024 * 1024;
@@ -874,6 +888,116 @@ ngx_http_gift_pub_reply(ngx_http_gift_pub_t *p, u_char *subj, size_t slen,
 }
 
 
+/*
+ * The servers of the cluster, as INFO announces them ("connect_urls", at
+ * connect and whenever the cluster changes): added to the list the worker
+ * goes round when a connection is lost, as the NATS clients do, with the
+ * credentials of the server that announced them.  Addresses only: a name
+ * would have to be resolved, and the event loop does not wait for DNS.
+ */
+static void
+ngx_http_gift_pub_discover(ngx_http_gift_pub_t *p, json_t *urls)
+{
+    u_char                       *d;
+    size_t                        i, len;
+    json_t                       *v;
+    ngx_url_t                     u;
+    ngx_addr_t                   *addr;
+    ngx_uint_t                    k, a, known;
+    ngx_pool_t                   *tmp;
+    const char                   *str;
+    ngx_http_gift_nats_server_t  *srv, *from;
+
+    if (!json_is_array(urls) || json_array_size(urls) == 0) {
+        return;
+    }
+
+    /* parsed in a pool of its own: only what is new is kept */
+    tmp = ngx_create_pool(1024, p->log);
+    if (tmp == NULL) {
+        return;
+    }
+
+    from = &p->servers[p->server];
+
+    json_array_foreach(urls, i, v) {
+        if (!json_is_string(v)
+            || p->nservers >= p->nconf + NGX_HTTP_GIFT_PUB_DISCOVER_MAX)
+        {
+            continue;
+        }
+
+        str = json_string_value(v);
+        len = ngx_strlen(str);
+
+        if (len == 0 || !(str[0] == '[' || (str[0] >= '0' && str[0] <= '9')))
+        {
+            continue;               /* a name, not an address */
+        }
+
+        ngx_memzero(&u, sizeof(ngx_url_t));
+        u.url.data = (u_char *) str;
+        u.url.len = len;
+        u.default_port = 4222;
+
+        if (ngx_parse_url(tmp, &u) != NGX_OK || u.naddrs == 0) {
+            continue;
+        }
+
+        known = 0;
+        for (k = 0; k < p->nservers && !known; k++) {
+            for (a = 0; a < p->servers[k].naddrs; a++) {
+                if (ngx_cmp_sockaddr(p->servers[k].addrs[a].sockaddr,
+                                     p->servers[k].addrs[a].socklen,
+                                     u.addrs[0].sockaddr, u.addrs[0].socklen,
+                                     1)
+                    == NGX_OK)
+                {
+                    known = 1;
+                    break;
+                }
+            }
+        }
+
+        if (known) {
+            continue;
+        }
+
+        d = ngx_pnalloc(p->pool, len);
+        addr = ngx_palloc(p->pool, sizeof(ngx_addr_t));
+        if (d == NULL || addr == NULL) {
+            break;
+        }
+        addr->sockaddr = ngx_palloc(p->pool, u.addrs[0].socklen);
+        if (addr->sockaddr == NULL) {
+            break;
+        }
+        ngx_memcpy(d, str, len);
+        ngx_memcpy(addr->sockaddr, u.addrs[0].sockaddr, u.addrs[0].socklen);
+        addr->socklen = u.addrs[0].socklen;
+        addr->name.data = d;
+        addr->name.len = len;
+
+        srv = &p->servers[p->nservers++];
+        ngx_memzero(srv, sizeof(ngx_http_gift_nats_server_t));
+        srv->url.data = d;
+        srv->url.len = len;
+        srv->name = srv->url;
+        srv->addrs = addr;
+        srv->naddrs = 1;
+        srv->user = from->user;
+        srv->pass = from->pass;
+        srv->token = from->token;
+
+        ngx_log_error(NGX_LOG_INFO, p->log, 0,
+                      "gift: NATS server %V learned from the cluster",
+                      &srv->name);
+    }
+
+    ngx_destroy_pool(tmp);
+}
+
+
 static ngx_int_t
 ngx_http_gift_pub_info(ngx_http_gift_pub_t *p, u_char *json, size_t len)
 {
@@ -902,6 +1026,8 @@ ngx_http_gift_pub_info(ngx_http_gift_pub_t *p, u_char *json, size_t len)
                                0);
         return NGX_ERROR;
     }
+
+    ngx_http_gift_pub_discover(p, json_object_get(info, "connect_urls"));
 
     v = json_object_get(info, "headers");
     if (v != NULL && !json_is_true(v)) {
