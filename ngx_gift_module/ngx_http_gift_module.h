@@ -193,6 +193,10 @@ uint64_t ngx_http_gift_bridge_acks_origin(void);
 ngx_http_gift_frame_t *ngx_http_gift_frame_create(uint64_t seq,
     const u_char *data, size_t len);
 
+/* The publish waiting for reply `id` in an rbtree of pendings, or NULL. */
+ngx_http_gift_pending_t *ngx_http_gift_pending_find(ngx_rbtree_t *pending,
+    uint64_t id);
+
 /* A JetStream publish reply (PubAck or error) into res (its id kept). */
 void ngx_http_gift_puback_parse(const char *data, size_t len,
     ngx_http_gift_pub_result_t *res);

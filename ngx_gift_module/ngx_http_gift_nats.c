@@ -429,27 +429,20 @@ ngx_http_gift_bridge_cancel(ngx_http_gift_pending_t *p)
 }
 
 
-static ngx_http_gift_pending_t *
-ngx_http_gift_pending_find(ngx_http_gift_bridge_t *b, uint64_t id)
+/* The publish waiting for reply `id` in `pending`, or NULL. */
+ngx_http_gift_pending_t *
+ngx_http_gift_pending_find(ngx_rbtree_t *pending, uint64_t id)
 {
     ngx_rbtree_node_t  *node, *sentinel;
 
-    node = b->pending.root;
-    sentinel = b->pending.sentinel;
+    node = pending->root;
+    sentinel = pending->sentinel;
 
-    while (node != sentinel) {
-        if (id < node->key) {
-            node = node->left;
-            continue;
-        }
-        if (id > node->key) {
-            node = node->right;
-            continue;
-        }
-        return (ngx_http_gift_pending_t *) node;
+    while (node != sentinel && node->key != id) {
+        node = id < node->key ? node->left : node->right;
     }
 
-    return NULL;
+    return node == sentinel ? NULL : (ngx_http_gift_pending_t *) node;
 }
 
 
@@ -492,7 +485,7 @@ ngx_http_gift_nats_results_handler(ngx_event_t *ev)
             continue;
         }
 
-        p = ngx_http_gift_pending_find(b, res->id);
+        p = ngx_http_gift_pending_find(&b->pending, res->id);
         if (p == NULL) {
             /* the request timed out or went away; its PubAck is late */
             continue;

@@ -819,7 +819,6 @@ ngx_http_gift_pub_reply(ngx_http_gift_pub_t *p, u_char *subj, size_t slen,
     u_char                      *s, *e;
     uint64_t                     id;
     ngx_http_gift_pending_t     *pd;
-    ngx_rbtree_node_t           *node, *sentinel;
     ngx_http_gift_pub_result_t   res;
 
     if (slen <= p->inbox_len + 1
@@ -837,18 +836,10 @@ ngx_http_gift_pub_reply(ngx_http_gift_pub_t *p, u_char *subj, size_t slen,
         id = id * 10 + (*s - '0');
     }
 
-    node = p->pending.root;
-    sentinel = p->pending.sentinel;
-
-    while (node != sentinel && node->key != id) {
-        node = id < node->key ? node->left : node->right;
-    }
-
-    if (node == sentinel) {
+    pd = ngx_http_gift_pending_find(&p->pending, id);
+    if (pd == NULL) {
         return;             /* the request timed out or went away */
     }
-
-    pd = (ngx_http_gift_pending_t *) node;
 
     ngx_memzero(&res, sizeof(res));
     res.id = id;
