@@ -56,13 +56,24 @@ NGX_SRC     := $(BUILD)/nginx
 MODULE_SRCS := $(wildcard ngx_gift_module/*.c ngx_gift_module/*.h) config \
                $(INPUT_SRCS) common/gift_json.c $(wildcard common/*.h)
 
-.PHONY: all deps deps-quiet build run test unit itest bench soak fuzz clean install
-.SECONDARY:
-all: build
+.PHONY: all deps deps-quiet node-deps build run test unit itest bench soak \
+        fuzz clean install
 
--include $(wildcard dispatcher/*.mk tools/*.mk fuzz/*.mk)
+# Two steps, so that nothing the build decides (pkg-config flags, which
+# compilers and fuzz targets exist) is computed before the packages it
+# depends on are installed: an entry target installs what is missing
+# (`deps-quiet`), then re-invokes make, which only then reads the build
+# rules below.  GIFT_DEPS_DONE=1 skips the first step (the inner make).
+ENTRY_TARGETS := all build run test unit itest bench soak fuzz install
 
-build: deps-quiet $(MODULE) $(BINS) $(UNIT_TESTS)
+ifneq ($(GIFT_DEPS_DONE),1)
+
+$(ENTRY_TARGETS): deps-quiet
+	@$(MAKE) --no-print-directory GIFT_DEPS_DONE=1 $@
+
+# any other target (a single file under build/, say) also after deps
+.DEFAULT: deps-quiet
+	@$(MAKE) --no-print-directory GIFT_DEPS_DONE=1 $@
 
 # ---------------------------------------------------------------- deps
 # Quick when everything is installed (one dpkg-query); installs the rest.
@@ -77,11 +88,29 @@ FORWARDER_DEPS := tools/forwarder/node_modules/.package-lock.json
 $(FORWARDER_DEPS): tools/forwarder/package.json tools/forwarder/package-lock.json
 	cd tools/forwarder && npm ci --no-audit --no-fund
 
-deps: $(NODE_DEPS) $(FORWARDER_DEPS)
+# Debian's packages first (npm ci needs nothing from them, but the order is
+# the user's: system, then node packages).
+deps:
 	@scripts/deps.sh $(DEB_PKGS)
+	@$(MAKE) --no-print-directory node-deps
 
-deps-quiet: $(NODE_DEPS) $(FORWARDER_DEPS)
+deps-quiet:
 	@scripts/deps.sh $(DEB_PKGS) >/dev/null
+	@$(MAKE) --no-print-directory node-deps
+
+node-deps: $(NODE_DEPS) $(FORWARDER_DEPS)
+
+clean:
+	rm -rf $(BUILD)
+
+else
+
+.SECONDARY:
+all: build
+
+include $(wildcard dispatcher/*.mk tools/*.mk fuzz/*.mk)
+
+build: $(MODULE) $(BINS) $(UNIT_TESTS)
 
 # ---------------------------------------------------------------- protobuf
 # one run of protoc-c writes both files
@@ -121,7 +150,10 @@ $(MODULE): $(NGX_SRC)/objs/Makefile $(MODULE_SRCS) $(GEN)/gift.pb-c.c
 	cp $(NGX_SRC)/objs/ngx_http_gift_module.so $@.tmp && mv -f $@.tmp $@
 
 # ---------------------------------------------------------------- tests
-CHECK_LIBS  := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck)
+CHECK_LIBS  := $(shell pkg-config --libs check)
+ifeq ($(CHECK_LIBS),)
+$(error pkg-config knows no 'check': run 'make deps')
+endif
 
 $(BUILD)/tests/test_%: tests/test_%.c $(INPUT_OBJS) $(COMMON_OBJS)
 	@mkdir -p $(@D)
@@ -150,5 +182,4 @@ soak: build
 install: build
 	DESTDIR="$(DESTDIR)" BUILD="$(BUILD)" scripts/install.sh
 
-clean:
-	rm -rf $(BUILD)
+endif
