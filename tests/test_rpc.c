@@ -1,6 +1,6 @@
 /*
  * test_rpc: the MQTT side's data (dispatcher/rpc.c): topic templates, the
- * rotate payload of DESIGN.md, reply parsing, RPC ids; and dmap, the table
+ * rotate payload of docs/design.md, reply parsing, RPC ids; and dmap, the table
  * the dispatcher keys RPCs and gifts by.
  */
 #include <check.h>
