@@ -36,4 +36,34 @@ int gift_ws_parse(const uint8_t *buf, size_t len, uint64_t max_payload,
 /* Unmask a payload in place. */
 void gift_ws_unmask(uint8_t *payload, uint64_t len, const uint8_t *mask);
 
+/* Whether p[0..len) is well-formed UTF-8 (RFC 3629: no overlongs, no
+ * surrogates, nothing above U+10FFFF).  Text frames must be (else 1007). */
+int gift_ws_utf8_valid(const uint8_t *p, size_t len);
+
+/*
+ * Whether a close code received from a peer may be sent on the wire
+ * (RFC 6455 section 7.4): 1000-1003, 1007-1014 and 3000-4999.  1005, 1006
+ * and 1015 are reserved for reporting, never sent; the rest is unassigned.
+ */
+int gift_ws_close_code_valid(unsigned code);
+
+/*
+ * The action a close frame's payload calls for: 0 with *code set to the
+ * code to echo (1000 for an empty payload), else the close code to fail
+ * the connection with: 1002 (one byte, or an invalid code), 1007 (the
+ * reason is not UTF-8).
+ */
+unsigned gift_ws_close_check(const uint8_t *payload, size_t len,
+    unsigned *code);
+
+/*
+ * Whether an Origin header ("scheme://host[:port]") names the same origin
+ * as a request's Host header ("host[:port]") on a connection that is TLS
+ * (`https` 1) or not: scheme, host (any case) and port (80 or 443 when
+ * absent) all equal.  "null", paths, user info and anything malformed are
+ * not the same origin.
+ */
+int gift_ws_origin_same(const char *origin, size_t olen, const char *host,
+    size_t hlen, int https);
+
 #endif /* GIFT_WSFRAME_H */

@@ -18,6 +18,8 @@
 
 #include "ngx_http_gift_module.h"
 
+#include <sys/eventfd.h>
+
 
 typedef struct {
     ngx_http_gift_frame_t    **ring;
@@ -34,6 +36,7 @@ typedef struct {
     ngx_log_t                 *log;
     ngx_http_gift_out_t       *out_free;        /* written, reusable */
     ngx_uint_t                 nfree;
+    ngx_connection_t          *sentinel;        /* see init_process */
 } ngx_http_gift_fanout_t;
 
 
@@ -43,6 +46,9 @@ typedef struct {
  * worker, not each client's worst moment (a request pool never shrinks).
  */
 #define NGX_HTTP_GIFT_OUT_FREE_MAX  4096
+
+/* server pings a WebSocket client may leave unanswered, one a heartbeat */
+#define NGX_HTTP_GIFT_WS_MAX_PINGS  3
 
 
 static ngx_int_t ngx_http_gift_client_push(ngx_http_gift_client_t *c,
@@ -61,12 +67,18 @@ static ngx_int_t ngx_http_gift_fanout_replay(ngx_http_gift_client_t *c,
     uint64_t after, uint64_t upto, ngx_chain_t **out, ngx_chain_t ***last);
 static void ngx_http_gift_client_write_handler(ngx_http_request_t *r);
 static void ngx_http_gift_heartbeat_handler(ngx_event_t *ev);
+static void ngx_http_gift_client_end(ngx_http_gift_client_t *c,
+    ngx_int_t rc, const char *why);
+static void ngx_http_gift_fanout_shutdown(ngx_event_t *ev);
+static void ngx_http_gift_sse_end(ngx_http_gift_client_t *c);
 
 
 static ngx_http_gift_fanout_t  *ngx_http_gift_fanout;
 
 static u_char  ngx_http_gift_sse_heartbeat[] = ":\n\n";
 static u_char  ngx_http_gift_sse_heartbeat_chunk[] = "3\r\n:\n\n\r\n";
+/* the end of a chunked body */
+static u_char  ngx_http_gift_last_chunk[] = "0\r\n\r\n";
 /* a WebSocket ping with no payload */
 static u_char  ngx_http_gift_ws_ping[] = { 0x89, 0x00 };
 
@@ -75,6 +87,7 @@ ngx_int_t
 ngx_http_gift_fanout_init_process(ngx_cycle_t *cycle,
     ngx_http_gift_main_conf_t *gmcf)
 {
+    int                      fd;
     ngx_http_gift_fanout_t  *fo;
 
     fo = ngx_pcalloc(cycle->pool, sizeof(ngx_http_gift_fanout_t));
@@ -102,6 +115,35 @@ ngx_http_gift_fanout_init_process(ngx_cycle_t *cycle,
     fo->heartbeat_ev.cancelable = 1;
     ngx_add_timer(&fo->heartbeat_ev, fo->heartbeat);
 
+    /*
+     * Graceful shutdown and reload must end every stream cleanly, HTTP/2
+     * streams included.  nginx tells idle connections (c->idle) when it
+     * starts to shut down, but an HTTP/2 connection with a stream open is
+     * not idle, and its streams are no connections of the cycle: it would
+     * leave them open ("open socket left") and cut them without END_STREAM.
+     * So the worker keeps one idle connection of its own, on an eventfd
+     * that is never polled, whose read handler nginx calls at that moment:
+     * it ends SSE streams (last chunk, END_STREAM) and closes WebSockets
+     * with 1001.
+     */
+    fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fd == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "gift: eventfd() failed");
+        return NGX_ERROR;
+    }
+
+    fo->sentinel = ngx_get_connection(fd, cycle->log);
+    if (fo->sentinel == NULL) {
+        close(fd);
+        return NGX_ERROR;
+    }
+
+    fo->sentinel->idle = 1;
+    fo->sentinel->read->handler = ngx_http_gift_fanout_shutdown;
+    fo->sentinel->read->log = cycle->log;
+    fo->sentinel->data = fo;
+
     ngx_http_gift_fanout = fo;
 
     return NGX_OK;
@@ -122,6 +164,11 @@ ngx_http_gift_fanout_exit_process(ngx_cycle_t *cycle)
 
     if (fo->heartbeat_ev.timer_set) {
         ngx_del_timer(&fo->heartbeat_ev);
+    }
+
+    if (fo->sentinel != NULL) {
+        ngx_close_connection(fo->sentinel);
+        fo->sentinel = NULL;
     }
 
     for (i = 0; i < fo->n; i++) {
@@ -249,9 +296,8 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
 
         if (rc != NGX_OK) {
             conn = c->request->connection;
-            ngx_http_gift_client_close(c, rc == NGX_DECLINED ? "backlog full"
-                                          : rc == NGX_DONE ? "closed"
-                                          : "write error");
+            ngx_http_gift_client_end(c, rc, rc == NGX_DECLINED
+                                            ? "backlog full" : "write error");
             ngx_http_run_posted_requests(conn);
         }
     }
@@ -340,7 +386,9 @@ ngx_http_gift_fanout_full(void)
 {
     ngx_http_gift_fanout_t  *fo = ngx_http_gift_fanout;
 
-    return fo == NULL || fo->nclients >= fo->max_clients;
+    /* a worker that shuts down takes no new stream: it would stay open */
+    return fo == NULL || ngx_exiting || ngx_terminate
+           || fo->nclients >= fo->max_clients;
 }
 
 
@@ -370,9 +418,6 @@ ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
     ngx_http_gift_stat_add(c->kind == NGX_HTTP_GIFT_CLIENT_SSE
                            ? NGX_HTTP_GIFT_STAT_SSE_CLIENTS
                            : NGX_HTTP_GIFT_STAT_WS_CLIENTS, 1);
-
-    /* graceful shutdown and reload close streaming connections */
-    c->request->connection->idle = 1;
 
     /*
      * Events are small writes: without TCP_NODELAY, one written while the
@@ -728,6 +773,14 @@ ngx_http_gift_client_write(ngx_http_gift_client_t *c, ngx_chain_t *out)
         return NGX_DONE;
     }
 
+    if (c->out_head == NULL && c->kind == NGX_HTTP_GIFT_CLIENT_WS) {
+        /* a pong held back while the output was busy */
+        rc = ngx_http_gift_ws_drained(c);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+    }
+
     wev = r->connection->write;
 
     if (c->out_head != NULL) {
@@ -803,9 +856,32 @@ ngx_http_gift_client_write_handler(ngx_http_request_t *r)
     rc = ngx_http_gift_client_write(c, NULL);
 
     if (rc != NGX_OK) {
-        ngx_http_gift_client_close(c, rc == NGX_DONE ? "closed"
-                                                     : "write error");
+        ngx_http_gift_client_end(c, rc, "write error");
     }
+}
+
+
+/*
+ * After a write that did not return NGX_OK: NGX_DONE is a last frame
+ * written (a WebSocket close: wait for the peer's; an SSE stream's end:
+ * finalize), anything else closes with `why`.
+ */
+static void
+ngx_http_gift_client_end(ngx_http_gift_client_t *c, ngx_int_t rc,
+    const char *why)
+{
+    if (rc == NGX_DONE && c->kind == NGX_HTTP_GIFT_CLIENT_WS) {
+        ngx_http_gift_ws_close_written(c);
+        return;
+    }
+
+    if (rc == NGX_DONE && c->ending) {
+        /* the stream's end is out: a clean end (END_STREAM over HTTP/2) */
+        ngx_http_finalize_request(c->request, NGX_OK);
+        return;
+    }
+
+    ngx_http_gift_client_close(c, rc == NGX_DONE ? "closed" : why);
 }
 
 
@@ -849,23 +925,149 @@ ngx_http_gift_heartbeat_handler(ngx_event_t *ev)
             continue;       /* output is pending: the stream is not idle */
         }
 
+        conn = c->request->connection;
+
         if (c->kind == NGX_HTTP_GIFT_CLIENT_SSE) {
             rc = ngx_http_gift_fanout_send_raw(c, ngx_http_gift_sse_heartbeat,
                                           sizeof(ngx_http_gift_sse_heartbeat)
                                           - 1);
+
+        } else if (c->pings_out >= NGX_HTTP_GIFT_WS_MAX_PINGS) {
+            /* a client that answers no ping is gone, or pretends to be */
+            ngx_http_gift_client_close(c, "no pong to the last pings");
+            ngx_http_run_posted_requests(conn);
+            continue;
+
         } else {
+            c->pings_out++;
             rc = ngx_http_gift_fanout_send_raw(c, ngx_http_gift_ws_ping,
                                           sizeof(ngx_http_gift_ws_ping));
         }
 
         if (rc != NGX_OK) {
-            conn = c->request->connection;
-            ngx_http_gift_client_close(c, "write error");
+            ngx_http_gift_client_end(c, rc, "write error");
             ngx_http_run_posted_requests(conn);
         }
     }
 
     ngx_add_timer(ev, fo->heartbeat);
+}
+
+
+/*
+ * nginx starts a graceful shutdown (quit, reload): it calls idle
+ * connections' read handlers with c->close set; this is ours.
+ */
+static void
+ngx_http_gift_fanout_shutdown(ngx_event_t *ev)
+{
+    ngx_connection_t        *sentinel = ev->data;
+
+    ngx_queue_t             *q, *next;
+    ngx_connection_t        *conn;
+    ngx_http_gift_client_t  *c;
+    ngx_http_gift_fanout_t  *fo;
+
+    fo = sentinel->data;
+
+    if (!sentinel->close) {
+        return;
+    }
+
+    ngx_close_connection(sentinel);
+    fo->sentinel = NULL;
+
+    ngx_log_error(NGX_LOG_INFO, fo->log, 0,
+                  "gift: shutting down: ending %ui streams", fo->nclients);
+
+    for (q = ngx_queue_head(&fo->clients);
+         q != ngx_queue_sentinel(&fo->clients);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        c = ngx_queue_data(q, ngx_http_gift_client_t, queue);
+        conn = c->request->connection;
+
+        if (c->kind == NGX_HTTP_GIFT_CLIENT_WS) {
+            ngx_http_gift_ws_going_away(c);
+            continue;
+        }
+
+        ngx_http_gift_sse_end(c);
+        ngx_http_run_posted_requests(conn);
+    }
+}
+
+
+/*
+ * End an SSE stream the way a finished response ends: the last chunk over
+ * HTTP/1.1, END_STREAM over HTTP/2; EventSource then reconnects (to a new
+ * worker) after the retry: hint, with Last-Event-ID.
+ */
+static void
+ngx_http_gift_sse_end(ngx_http_gift_client_t *c)
+{
+    ngx_int_t            rc;
+    ngx_chain_t         *out, **last;
+    ngx_http_request_t  *r;
+#if (NGX_HTTP_V2)
+    ngx_connection_t    *hc;
+#endif
+
+    if (c->closing) {
+        return;
+    }
+
+    r = c->request;
+    r->keepalive = 0;
+    c->closing = 1;
+    c->ending = 1;
+
+    out = NULL;
+    last = &out;
+
+    if (c->chunked
+        && ngx_http_gift_client_push(c, NULL, ngx_http_gift_last_chunk,
+                                     sizeof(ngx_http_gift_last_chunk) - 1,
+                                     &last) != NGX_OK)
+    {
+        ngx_http_gift_client_close(c, "shutting down");
+        return;
+    }
+
+    if (out != NULL) {
+        rc = ngx_http_gift_client_write(c, out);
+
+    } else {
+        rc = (c->out_head == NULL) ? NGX_DONE : NGX_OK;
+    }
+
+#if (NGX_HTTP_V2)
+    if (r->stream != NULL) {
+        /*
+         * HTTP/2: the last (empty) DATA frame carries END_STREAM; then the
+         * connection is told to close, which sends GOAWAY and closes it
+         * once no stream is left (it is not idle, so nginx did not).
+         */
+        if (ngx_http_send_special(r, NGX_HTTP_LAST) == NGX_ERROR) {
+            ngx_http_gift_client_close(c, "shutting down");
+            return;
+        }
+
+        hc = r->stream->connection->connection;
+        hc->close = 1;
+        ngx_post_event(hc->read, &ngx_posted_events);
+    }
+#endif
+
+    if (rc == NGX_DONE) {
+        ngx_http_finalize_request(r, NGX_OK);
+
+    } else if (rc != NGX_OK) {
+        ngx_http_gift_client_close(c, "write error");
+    }
+
+    /* else: the rest goes out within send_timeout, then it is finalized */
 }
 
 
