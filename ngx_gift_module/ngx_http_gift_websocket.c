@@ -668,21 +668,17 @@ ngx_http_gift_ws_message(ngx_http_gift_ws_t *ws, u_char *data, size_t len)
 
     if (rc == NGX_OK && ws->filters != NULL) {
         /* what this message keeps, out of the pool about to go */
-        if (devices == ws->client.devices) {
+        if (devices != NULL && devices == ws->client.devices) {
             devices = ngx_http_gift_ws_filter_copy(pool, devices);
+            rc = (devices == NULL) ? NGX_ERROR : rc;
         }
-        if (rooms == ws->client.rooms) {
+        if (rooms != NULL && rooms == ws->client.rooms) {
             rooms = ngx_http_gift_ws_filter_copy(pool, rooms);
+            rc = (rooms == NULL) ? NGX_ERROR : rc;
         }
-        if (statuses == ws->client.statuses) {
+        if (statuses != NULL && statuses == ws->client.statuses) {
             statuses = ngx_http_gift_ws_filter_copy(pool, statuses);
-        }
-
-        if ((ws->client.devices && devices == NULL)
-            || (ws->client.rooms && rooms == NULL)
-            || (ws->client.statuses && statuses == NULL))
-        {
-            rc = NGX_ERROR;
+            rc = (statuses == NULL) ? NGX_ERROR : rc;
         }
     }
 
