@@ -615,7 +615,8 @@ ngx_http_gift_ws_message(ngx_http_gift_ws_t *ws, u_char *data, size_t len)
     ngx_http_request_t  *r;
 
     /* a ready frame: sent from static memory, never copied */
-    static u_char  bad_json[] = "\x81\x3b{\"event\":\"error\",\"error\":"
+    static u_char  bad_json[] = "\x81" "\x47"     /* 71 bytes of text */
+                                "{\"event\":\"error\",\"error\":"
                                 "\"invalid_json\",\"message\":\"send a JSON "
                                 "object\"}";
 
