@@ -260,3 +260,123 @@ gift_ws_origin_same(const char *origin, size_t olen, const char *host,
 
     return (oport ? oport : dflt) == (hport ? hport : dflt);
 }
+
+static void
+gift_ws_fail(gift_ws_event_t *ev, unsigned code, const char *reason)
+{
+    ev->type = GIFT_WS_EV_FAIL;
+    ev->code = code;
+    ev->reason = reason;
+}
+
+void
+gift_ws_read(gift_ws_reader_t *rd, uint8_t *buf, size_t len,
+    gift_ws_event_t *ev)
+{
+    int              rc;
+    uint8_t         *payload;
+    unsigned         code, fail;
+    gift_ws_frame_t  f;
+
+    memset(ev, 0, sizeof(*ev));
+
+    rc = gift_ws_parse(buf, len, rd->max_message, &f);
+
+    if (rc == GIFT_WS_MORE) {
+        ev->type = GIFT_WS_EV_MORE;
+        return;
+    }
+
+    if (rc != GIFT_WS_OK) {
+        gift_ws_fail(ev, (unsigned) rc, rc == 1009 ? "message too large"
+                                                   : "protocol error");
+        return;
+    }
+
+    payload = buf + f.header_len;
+    gift_ws_unmask(payload, f.payload_len, f.mask);
+    ev->consumed = f.header_len + (size_t) f.payload_len;
+
+    switch (f.opcode) {
+
+    case 0x1:   /* text */
+        if (rd->fragmented) {
+            gift_ws_fail(ev, 1002, "expected a continuation frame");
+            return;
+        }
+
+        if (f.fin) {
+            if (!gift_ws_utf8_valid(payload, f.payload_len)) {
+                gift_ws_fail(ev, 1007, "text is not UTF-8");
+                return;
+            }
+            ev->type = GIFT_WS_EV_TEXT;
+            ev->data = payload;
+            ev->len = f.payload_len;
+            return;
+        }
+
+        memcpy(rd->msg, payload, f.payload_len);
+        rd->msg_len = f.payload_len;
+        rd->fragmented = 1;
+        ev->type = GIFT_WS_EV_NONE;
+        return;
+
+    case 0x0:   /* continuation */
+        if (!rd->fragmented) {
+            gift_ws_fail(ev, 1002, "unexpected continuation frame");
+            return;
+        }
+
+        if (f.payload_len > rd->max_message - rd->msg_len) {
+            gift_ws_fail(ev, 1009, "message too large");
+            return;
+        }
+
+        memcpy(rd->msg + rd->msg_len, payload, f.payload_len);
+        rd->msg_len += f.payload_len;
+
+        if (!f.fin) {
+            ev->type = GIFT_WS_EV_NONE;
+            return;
+        }
+
+        rd->fragmented = 0;
+
+        if (!gift_ws_utf8_valid(rd->msg, rd->msg_len)) {
+            gift_ws_fail(ev, 1007, "text is not UTF-8");
+            return;
+        }
+
+        ev->type = GIFT_WS_EV_TEXT;
+        ev->data = rd->msg;
+        ev->len = rd->msg_len;
+        rd->msg_len = 0;
+        return;
+
+    case 0x2:   /* binary */
+        gift_ws_fail(ev, 1003, "binary messages are not accepted");
+        return;
+
+    case 0x8:   /* close */
+        fail = gift_ws_close_check(payload, f.payload_len, &code);
+        if (fail) {
+            gift_ws_fail(ev, fail, fail == 1007 ? "close reason is not UTF-8"
+                                                : "invalid close frame");
+            return;
+        }
+        ev->type = GIFT_WS_EV_CLOSE;
+        ev->code = code;
+        return;
+
+    case 0x9:   /* ping */
+        ev->type = GIFT_WS_EV_PING;
+        ev->data = payload;
+        ev->len = f.payload_len;
+        return;
+
+    default:    /* pong */
+        ev->type = GIFT_WS_EV_PONG;
+        return;
+    }
+}

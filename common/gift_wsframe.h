@@ -66,4 +66,47 @@ unsigned gift_ws_close_check(const uint8_t *payload, size_t len,
 int gift_ws_origin_same(const char *origin, size_t olen, const char *host,
     size_t hlen, int https);
 
+/*
+ * A client's frames turned into what the server must do: reassembly of
+ * fragmented text, UTF-8 and close-frame checks, control frames.  No
+ * sockets, no allocation: the caller owns the input buffer and the
+ * reassembly buffer `msg` (max_message bytes).  The module and the fuzzer
+ * share it.
+ */
+typedef struct {
+    uint8_t        *msg;
+    size_t          max_message;
+    size_t          msg_len;
+    unsigned        fragmented;
+} gift_ws_reader_t;
+
+typedef enum {
+    GIFT_WS_EV_MORE = 0,        /* no complete frame yet */
+    GIFT_WS_EV_NONE,            /* a frame taken, nothing to do (fragment) */
+    GIFT_WS_EV_TEXT,            /* a whole UTF-8 text message: data, len */
+    GIFT_WS_EV_PING,            /* answer with a pong of data, len */
+    GIFT_WS_EV_PONG,
+    GIFT_WS_EV_CLOSE,           /* the peer closes: echo `code` */
+    GIFT_WS_EV_FAIL             /* close with `code` (1002, 1003, 1007,
+                                 * 1009), `reason` for the log */
+} gift_ws_ev_type_e;
+
+typedef struct {
+    gift_ws_ev_type_e   type;
+    unsigned            code;
+    const char         *reason;
+    const uint8_t      *data;       /* in buf (unmasked) or in rd->msg */
+    size_t              len;
+    size_t              consumed;   /* bytes of buf this frame took */
+} gift_ws_event_t;
+
+/*
+ * Take the next frame from buf[0..len) (unmasking it in place).  The
+ * caller acts on *ev, then drops ev->consumed bytes from its buffer
+ * (ev->data may point into them).  After GIFT_WS_EV_FAIL the connection
+ * is failed: feed nothing more.
+ */
+void gift_ws_read(gift_ws_reader_t *rd, uint8_t *buf, size_t len,
+    gift_ws_event_t *ev);
+
 #endif /* GIFT_WSFRAME_H */

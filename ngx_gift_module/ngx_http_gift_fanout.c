@@ -20,6 +20,8 @@
 
 #include <sys/eventfd.h>
 
+#include "gift_ssereq.h"
+
 
 typedef struct {
     ngx_http_gift_frame_t    **ring;
@@ -1076,8 +1078,10 @@ static ngx_int_t
 ngx_http_gift_filter_add(ngx_http_request_t *r, ngx_array_t **arr,
     ngx_str_t *v)
 {
-    u_char     *p, *end, *comma, *dst, *src;
-    ngx_str_t  *s;
+    size_t       n;
+    u_char      *buf;
+    ngx_str_t   *s;
+    const char  *p, *end;
 
     if (*arr == NULL) {
         *arr = ngx_array_create(r->pool, 2, sizeof(ngx_str_t));
@@ -1086,36 +1090,29 @@ ngx_http_gift_filter_add(ngx_http_request_t *r, ngx_array_t **arr,
         }
     }
 
-    p = v->data;
-    end = v->data + v->len;
+    p = (const char *) v->data;
+    end = p + v->len;
 
-    while (p < end) {
-        comma = ngx_strlchr(p, end, ',');
-        if (comma == NULL) {
-            comma = end;
+    for ( ;; ) {
+        /* values only shrink when unescaped: the rest of v is room enough */
+        buf = ngx_pnalloc(r->pool, end - p + 1);
+        if (buf == NULL) {
+            return NGX_ERROR;
         }
 
-        if (comma > p) {
-            s = ngx_array_push(*arr);
-            if (s == NULL) {
-                return NGX_ERROR;
-            }
-
-            dst = ngx_pnalloc(r->pool, comma - p);
-            if (dst == NULL) {
-                return NGX_ERROR;
-            }
-
-            s->data = dst;
-            src = p;
-            ngx_unescape_uri(&dst, &src, comma - p, NGX_UNESCAPE_URI);
-            s->len = dst - s->data;
+        n = gift_filter_next(&p, end, (char *) buf);
+        if (n == (size_t) -1) {
+            return NGX_OK;
         }
 
-        p = comma + 1;
+        s = ngx_array_push(*arr);
+        if (s == NULL) {
+            return NGX_ERROR;
+        }
+
+        s->data = buf;
+        s->len = n;
     }
-
-    return NGX_OK;
 }
 
 
@@ -1123,49 +1120,35 @@ ngx_int_t
 ngx_http_gift_fanout_parse_filters(ngx_http_request_t *r,
     ngx_http_gift_client_t *c)
 {
-    u_char       *p, *end, *amp, *eq;
-    ngx_str_t     key, value;
+    size_t        klen, vlen;
+    ngx_str_t     value;
+    const char   *p, *end, *key, *val;
     ngx_array_t **arr;
 
-    p = r->args.data;
-    end = r->args.data + r->args.len;
+    p = (const char *) r->args.data;
+    end = p + r->args.len;
 
-    while (p < end) {
-        amp = ngx_strlchr(p, end, '&');
-        if (amp == NULL) {
-            amp = end;
+    while (gift_query_next(&p, end, &key, &klen, &val, &vlen)) {
+
+        if (klen == 6 && ngx_strncmp(key, "device", 6) == 0) {
+            arr = &c->devices;
+
+        } else if (klen == 4 && ngx_strncmp(key, "room", 4) == 0) {
+            arr = &c->rooms;
+
+        } else if (klen == 6 && ngx_strncmp(key, "status", 6) == 0) {
+            arr = &c->statuses;
+
+        } else {
+            continue;
         }
 
-        eq = ngx_strlchr(p, amp, '=');
+        value.data = (u_char *) val;
+        value.len = vlen;
 
-        if (eq != NULL) {
-            key.data = p;
-            key.len = eq - p;
-            value.data = eq + 1;
-            value.len = amp - eq - 1;
-
-            arr = NULL;
-
-            if (key.len == 6 && ngx_strncmp(key.data, "device", 6) == 0) {
-                arr = &c->devices;
-
-            } else if (key.len == 4 && ngx_strncmp(key.data, "room", 4) == 0)
-            {
-                arr = &c->rooms;
-
-            } else if (key.len == 6 && ngx_strncmp(key.data, "status", 6) == 0)
-            {
-                arr = &c->statuses;
-            }
-
-            if (arr != NULL
-                && ngx_http_gift_filter_add(r, arr, &value) != NGX_OK)
-            {
-                return NGX_ERROR;
-            }
+        if (ngx_http_gift_filter_add(r, arr, &value) != NGX_OK) {
+            return NGX_ERROR;
         }
-
-        p = amp + 1;
     }
 
     return NGX_OK;

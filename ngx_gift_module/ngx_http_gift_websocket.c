@@ -51,8 +51,7 @@ typedef struct {
     ngx_http_gift_client_t     client;      /* first: the module's ctx */
     u_char                    *buf;         /* incoming bytes */
     size_t                     len;
-    u_char                    *msg;         /* a fragmented text message */
-    size_t                     msg_len;
+    gift_ws_reader_t           reader;      /* reassembly, checks */
     ngx_msec_t                 window;      /* start of the rate window */
     ngx_uint_t                 frames;      /* in this window */
     ngx_uint_t                 messages;
@@ -60,7 +59,6 @@ typedef struct {
     size_t                     ping_len;
     u_char                     ping[125];   /* latest unanswered ping */
     u_char                     pong[127];   /* the pong being written */
-    unsigned                   fragmented:1;
     unsigned                   pong_due:1;
     unsigned                   pong_queued:1;
     unsigned                   peer_closed:1;
@@ -345,53 +343,55 @@ ngx_http_gift_ws_read(ngx_http_request_t *r)
 
 
 /*
- * Handle every complete frame in ws->buf.  NGX_OK (wait for more),
- * NGX_DONE (a close frame is written), NGX_ERROR.  After our close frame,
- * only the peer's close matters: everything else is dropped.
+ * Handle every complete frame in ws->buf (gift_ws_read() checks and
+ * reassembles them).  NGX_OK (wait for more), NGX_DONE (a close frame is
+ * written), NGX_ERROR.  After our close frame, only the peer's close
+ * matters: everything else is dropped.
  */
 static ngx_int_t
 ngx_http_gift_ws_frames(ngx_http_gift_ws_t *ws)
 {
-    u_char                    *payload;
-    size_t                     hlen;
-    uint64_t                   plen;
     ngx_int_t                  rc;
-    ngx_uint_t                 fin, opcode, fail;
-    unsigned                   code;
     ngx_msec_t                 now;
-    gift_ws_frame_t            frame;
+    gift_ws_event_t            ev;
     ngx_http_gift_loc_conf_t  *glcf;
 
     glcf = ngx_http_get_module_loc_conf(ws->client.request,
                                         ngx_http_gift_module);
 
+    if (ws->reader.msg == NULL) {
+        ws->reader.msg = ngx_pnalloc(ws->client.request->pool,
+                                     NGX_HTTP_GIFT_WS_MAX_MESSAGE);
+        if (ws->reader.msg == NULL) {
+            return NGX_ERROR;
+        }
+        ws->reader.max_message = NGX_HTTP_GIFT_WS_MAX_MESSAGE;
+    }
+
     while (ws->len >= 2) {
 
-        rc = gift_ws_parse(ws->buf, ws->len, NGX_HTTP_GIFT_WS_MAX_MESSAGE,
-                           &frame);
+        gift_ws_read(&ws->reader, ws->buf, ws->len, &ev);
 
-        if (rc == GIFT_WS_MORE) {
+        if (ev.type == GIFT_WS_EV_MORE) {
             return NGX_OK;
         }
 
         if (ws->client.closing) {
-            if (rc != GIFT_WS_OK) {
-                ws->len = 0;            /* garbage after our close: drop */
-                return NGX_OK;
-            }
-
-            if (frame.opcode == 0x8) {
+            if (ev.type == GIFT_WS_EV_CLOSE) {
                 ws->peer_closed = 1;
                 return NGX_DONE;
+            }
+
+            if (ev.type == GIFT_WS_EV_FAIL) {
+                ws->len = 0;            /* garbage after our close: drop */
+                return NGX_OK;
             }
 
             goto next;
         }
 
-        if (rc != GIFT_WS_OK) {
-            return ngx_http_gift_ws_close(ws, rc, rc == 1009
-                                          ? "message too large"
-                                          : "protocol error");
+        if (ev.type == GIFT_WS_EV_FAIL) {
+            return ngx_http_gift_ws_close(ws, ev.code, ev.reason);
         }
 
         /* every frame counts, pings and pongs included */
@@ -408,87 +408,30 @@ ngx_http_gift_ws_frames(ngx_http_gift_ws_t *ws)
             return ngx_http_gift_ws_close(ws, 1008, "too many frames");
         }
 
-        fin = frame.fin;
-        opcode = frame.opcode;
-        plen = frame.payload_len;
-        payload = ws->buf + (frame.payload - ws->buf);
-
-        if (opcode == 0x0
-            && ws->msg_len + plen > NGX_HTTP_GIFT_WS_MAX_MESSAGE)
-        {
-            return ngx_http_gift_ws_close(ws, 1009, "message too large");
-        }
-
-        gift_ws_unmask(payload, plen, frame.mask);
-
         rc = NGX_OK;
 
-        switch (opcode) {
+        switch (ev.type) {
 
-        case 0x1:   /* text */
-            if (ws->fragmented) {
-                return ngx_http_gift_ws_close(ws, 1002, "expected a "
-                                              "continuation frame");
-            }
-
-            if (fin) {
-                rc = ngx_http_gift_ws_message(ws, payload, plen);
-                break;
-            }
-
-            if (ws->msg == NULL) {
-                ws->msg = ngx_pnalloc(ws->client.request->pool,
-                                      NGX_HTTP_GIFT_WS_MAX_MESSAGE);
-                if (ws->msg == NULL) {
-                    return NGX_ERROR;
-                }
-            }
-
-            ngx_memcpy(ws->msg, payload, plen);
-            ws->msg_len = plen;
-            ws->fragmented = 1;
+        case GIFT_WS_EV_TEXT:
+            rc = ngx_http_gift_ws_message(ws, (u_char *) ev.data, ev.len);
             break;
 
-        case 0x0:   /* continuation */
-            if (!ws->fragmented) {
-                return ngx_http_gift_ws_close(ws, 1002, "unexpected "
-                                              "continuation frame");
-            }
-
-            ngx_memcpy(ws->msg + ws->msg_len, payload, plen);
-            ws->msg_len += plen;
-
-            if (fin) {
-                ws->fragmented = 0;
-                rc = ngx_http_gift_ws_message(ws, ws->msg, ws->msg_len);
-                ws->msg_len = 0;
-            }
-            break;
-
-        case 0x2:   /* binary */
-            return ngx_http_gift_ws_close(ws, 1003, "binary messages are "
-                                          "not accepted");
-
-        case 0x8:   /* close: answer with the peer's code, if valid */
-            fail = gift_ws_close_check(payload, plen, &code);
-            if (fail) {
-                return ngx_http_gift_ws_close(ws, fail, fail == 1007
-                                              ? "close reason is not UTF-8"
-                                              : "invalid close frame");
-            }
-
+        case GIFT_WS_EV_CLOSE:
             ws->peer_closed = 1;
-            return ngx_http_gift_ws_close(ws, code, NULL);
+            return ngx_http_gift_ws_close(ws, ev.code, NULL);
 
-        case 0x9:   /* ping: only the latest needs an answer */
-            ngx_memcpy(ws->ping, payload, plen);
-            ws->ping_len = plen;
+        case GIFT_WS_EV_PING:   /* only the latest needs an answer */
+            ngx_memcpy(ws->ping, ev.data, ev.len);
+            ws->ping_len = ev.len;
             ws->pong_due = 1;
             rc = ngx_http_gift_ws_pong(ws);
             break;
 
-        default:    /* pong: the client is alive */
+        case GIFT_WS_EV_PONG:   /* the client is alive */
             ws->client.pings_out = 0;
+            break;
+
+        default:                /* a fragment, kept */
             break;
         }
 
@@ -503,11 +446,9 @@ ngx_http_gift_ws_frames(ngx_http_gift_ws_t *ws)
 
     next:
 
-        /* drop the frame from the buffer */
-        hlen = frame.header_len + frame.payload_len;
-        ws->len -= hlen;
+        ws->len -= ev.consumed;
         if (ws->len) {
-            ngx_memmove(ws->buf, ws->buf + hlen, ws->len);
+            ngx_memmove(ws->buf, ws->buf + ev.consumed, ws->len);
         }
     }
 
@@ -621,10 +562,6 @@ ngx_http_gift_ws_message(ngx_http_gift_ws_t *ws, u_char *data, size_t len)
                                 "object\"}";
 
     r = ws->client.request;
-
-    if (!gift_ws_utf8_valid(data, len)) {
-        return ngx_http_gift_ws_close(ws, 1007, "text is not UTF-8");
-    }
 
     if (++ws->messages > NGX_HTTP_GIFT_WS_MAX_MESSAGES) {
         return ngx_http_gift_ws_close(ws, 1008, "too many messages");
