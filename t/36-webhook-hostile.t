@@ -208,4 +208,25 @@ chmod 0644, "$dir/open";
 is($code, 0, 'a world-readable secret file is accepted');
 like($msg, qr/readable by every user/, 'with a warning');
 
+# ------------------------------------------------------------ giftctl setup
+
+# A GIFTS stream made by hand with a 1-minute duplicate window: setup keeps
+# it (it never edits a stream) but fails, naming the setting.
+{
+    require GiftStream;
+    my $n2 = GiftTest::start_nats();
+    my $nc = GiftStream::nats_connect($n2->port);
+    my $r = $nc->js_publish('$JS.API.STREAM.CREATE.GIFTS', $JSON->encode({
+        name => 'GIFTS', subjects => ['gift.events.>'], storage => 'file',
+        retention => 'limits', discard => 'new',
+        duplicate_window => 60_000_000_000 }));
+    ok($r->{config}, 'a GIFTS stream with a 60 s duplicate window')
+        or diag explain $r;
+    my ($o, $c) = GiftTest::giftctl($n2->url, 'setup');
+    is($c, 1, 'giftctl setup exits 1');
+    like($o, qr/duplicate window \(duplicate_window\) of 60 s, shorter than 600 s/,
+        'naming the setting') or diag $o;
+    $nc->close;
+}
+
 done_testing();
