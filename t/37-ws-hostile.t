@@ -100,9 +100,12 @@ sub flood {
     my ($w, $n, $tag) = @_;
     my $answered = 0;
     for my $b (1 .. $n / 1000) {
+        # full-size payloads (125 bytes): the old per-pong copies cost
+        # 12 MiB per 100,000
+        my $pad = 'x' x 117;
         my $batch = join '', map { ping_frame(sprintf('%s%03d%04d', $tag,
-            $b % 1000, $_)) } 1 .. 1000;
-        my $last = sprintf('%s%03d%04d', $tag, $b % 1000, 1000);
+            $b % 1000, $_) . $pad) } 1 .. 1000;
+        my $last = sprintf('%s%03d%04d', $tag, $b % 1000, 1000) . $pad;
         syswrite($w->{sock}, $batch) == length $batch or die "write: $!";
         $answered++ if GiftTest::wait_until(20, sub {
             my $f = $w->next_frame(0.5) or return 0;
