@@ -514,9 +514,19 @@ ngx_http_gift_fanout_replay(ngx_http_gift_client_t *c, uint64_t after,
 
         len = sizeof("{\"event\":\"gap\",\"from\":,\"to\":}") - 1
               + 2 * NGX_INT64_LEN + sizeof("event: gap\ndata: \n\n");
-        p = ngx_pnalloc(c->request->pool, len);
-        if (p == NULL) {
-            return NGX_ERROR;
+        /*
+         * A WebSocket client may resume again and again (by message): its
+         * gap notice goes in the client's own buffer when nothing is
+         * queued (so the previous one is written), else in the pool.
+         */
+        if (c->out_head == NULL && *out == NULL && len <= sizeof(c->gap)) {
+            p = c->gap;
+
+        } else {
+            p = ngx_pnalloc(c->request->pool, len);
+            if (p == NULL) {
+                return NGX_ERROR;
+            }
         }
 
         if (c->kind == NGX_HTTP_GIFT_CLIENT_SSE) {

@@ -262,6 +262,7 @@ typedef struct {
     unsigned                   chunked:1;       /* we frame HTTP chunks */
     unsigned                   ending:1;        /* shutdown: end cleanly */
     ngx_uint_t                 pings_out;       /* WebSocket: unanswered */
+    u_char                     gap[128];        /* an `event: gap` */
 } ngx_http_gift_client_t;
 
 
