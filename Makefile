@@ -42,7 +42,7 @@ DEB_PKGS    := build-essential pkg-config nginx nginx-dev libnats-dev nats-serve
 # layer (also compiled into the module), linked by the tests and fuzzers.
 COMMON_SRCS := common/gift_provision.c common/gift_json.c common/gift_util.c
 INPUT_SRCS  := common/gift_normalize.c common/gift_signature.c \
-               common/gift_wsframe.c
+               common/gift_wsframe.c common/gift_ssereq.c
 COMMON_OBJS := $(patsubst common/%.c,$(OBJ)/common/%.o,$(COMMON_SRCS)) \
                $(OBJ)/gen/gift.pb-c.o
 INPUT_OBJS  := $(patsubst common/%.c,$(OBJ)/common/%.o,$(INPUT_SRCS))
