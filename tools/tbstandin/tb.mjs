@@ -29,7 +29,9 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const usage = `usage: gift-tbstandin [options]
   --host ADDR            listen address (127.0.0.1)
   --port N               MQTT port (1883)
-  --devices FILE         JSON: {"devices":[{"name","token","profile"}...]}
+  --devices FILE         JSON: {"devices":[{"name","token","profile",
+                         "rateLimit"}...]} (profile gift-dispatcher: its
+                         client-side RPCs run through the rule chain)
   --motors N|LIST        motor devices motor_01..motor_NN (or a,b,c); token = name
   --dispatchers N|LIST   dispatcher devices gift-dispatcher-1..N (profile
                          gift-dispatcher); token = name
@@ -81,7 +83,7 @@ function nameList(spec, fmt) {
 // ------------------------------------------------------------ devices
 const devices = new Map();      // name -> device
 const byToken = new Map();      // access token -> device
-function addDevice({ name, token, profile }) {
+function addDevice({ name, token, profile, rateLimit }) {
   if (!NAME_RE.test(name) || name === 'me') throw new Error(`bad device name "${name}"`);
   if (!token) throw new Error(`device ${name}: no token`);
   if (byToken.has(token)) throw new Error(`token of ${name} used twice`);
@@ -91,7 +93,8 @@ function addDevice({ name, token, profile }) {
     rpcSubscribed: false,       // subscribed to v1/devices/me/rpc/request/+
     rpcSeq: 0,                  // server-side RPC ids, per device
     pending: new Map(),         // server-side RPC id -> request
-    limit: null,
+    limit: rateLimit ? new RateLimit(rateLimit) : null,
+    limitSpec: rateLimit || null,
     counts: { connects: 0, kicked: 0, rateLimited: 0, closedPayload: 0, rpcsIn: 0, rpcsToDevice: 0, replies: 0, repliesDropped: 0, errors: {} },
   };
   devices.set(name, d);
@@ -114,7 +117,11 @@ try {
 }
 const rateSpec = opts['rate-limit'];
 if (rateSpec) {
-  try { for (const d of devices.values()) d.limit = new RateLimit(rateSpec); } catch (e) {
+  try {
+    for (const d of devices.values()) {
+      if (!d.limit) { d.limit = new RateLimit(rateSpec); d.limitSpec = rateSpec; }
+    }
+  } catch (e) {
     console.error(`gift-tbstandin: --rate-limit: ${e.message}`);
     process.exit(2);
   }
@@ -197,7 +204,7 @@ const broker = await Aedes.createBroker({
     if (d.limit && !d.limit.take()) {
       counters.rateLimited++;
       d.counts.rateLimited++;
-      log(`device ${d.name}: over the transport rate limit ${rateSpec}: disconnected`);
+      log(`device ${d.name}: over the transport rate limit ${d.limitSpec}: disconnected`);
       return cb(new Error('rate limited'));
     }
     let body;
