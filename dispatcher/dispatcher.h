@@ -176,6 +176,7 @@ typedef struct {
     char        *mqtt_request_topic;   /* template: {n}, {device} */
     char        *mqtt_response_topic;
     char        *mqtt_method;
+    int          mqtt_max_payload;     /* request payload bytes (65536) */
     int          rpc_timeout_ms;
     int          mqtt_reconnect_min_ms;
     int          mqtt_reconnect_max_ms;
@@ -252,6 +253,11 @@ size_t rpc_payload_build(char *out, size_t cap, const char *method,
     const char *device, uint64_t rounds, const drpc_event_t *ev, size_t nev);
 size_t rpc_payload_max(const char *method, const char *device,
     const drpc_event_t *ev, size_t nev);
+/* Upper bound of the bytes one event adds to a request payload. */
+size_t rpc_event_bytes(const char *id);
+/* "device_timeout" (TIMEOUT), "device_offline" (NO_ACTIVE_CONNECTION), or
+ * "device_error": the acknowledgement's reason for a failed reply. */
+const char *rpc_error_reason(const char *why);
 
 typedef enum {
     RPC_REPLY_OK = 0,          /* {"ok":true} */
