@@ -310,7 +310,7 @@ static const char *const k_mqtt[] = {
     "host", "port", "client_id", "access_token", "password", "keepalive",
     "qos", "request_topic", "response_topic", "method", "rpc_timeout_ms",
     "reconnect_min_ms", "reconnect_max_ms", "send_maximum", "rpc_id_bits",
-    "instance_id", "tls", "max_payload", NULL
+    "instance_id", "tls", "max_payload", "access_tokens", NULL
 };
 static const char *const k_tls[] = {
     "ca_file", "ca_path", "cert_file", "key_file", "version", "insecure", NULL
@@ -480,6 +480,18 @@ load_mqtt(errs_t *e, const config_setting_t *g, dconf_t *c)
         get_int(e, g, "port", 1, 65535, &c->mqtt_port);
         get_str(e, g, "client_id", 1, &c->mqtt_client_id);
         get_str(e, g, "access_token", 1, &c->mqtt_token);
+        if (config_setting_get_member(g, "access_tokens") != NULL) {
+            dstrset_t set = { NULL, 0 };
+
+            if (c->mqtt_token != NULL) {
+                errf(e, config_setting_get_member(g, "access_tokens"), NULL,
+                     "give access_token or access_tokens, not both");
+            }
+            if (get_set(e, g, "access_tokens", &set) == 1) {
+                c->mqtt_tokens = set.v;
+                c->nmqtt_tokens = set.n;
+            }
+        }
         get_str(e, g, "password", 1, &c->mqtt_password);
         get_int(e, g, "keepalive", 5, 65535, &c->mqtt_keepalive);
         get_int(e, g, "qos", 0, 1, &c->mqtt_qos);
@@ -912,6 +924,10 @@ dconf_free(dconf_t *c)
     if (c == NULL) {
         return;
     }
+    for (i = 0; i < c->nmqtt_tokens; i++) {
+        free(c->mqtt_tokens[i]);
+    }
+    free(c->mqtt_tokens);
     for (i = 0; i < c->nnats_urls; i++) {
         free(c->nats_urls[i]);
     }

@@ -7,7 +7,8 @@
 # are split before sending (nothing closes the connection); a dispatcher
 # disconnected for its rate limit with replies in flight (dropped by
 # ThingsBoard: they belonged to the old session) loses and doubles no turn;
-# two dispatchers with one access token push each other out.
+# two dispatchers with one access token push each other out, and a pool of
+# tokens in the configuration gives each running dispatcher its own.
 
 use strict;
 use warnings;
@@ -27,6 +28,7 @@ GiftTest::spurt("$dir/devices.json", $GiftTest::JSON->encode({ devices => [
     { name => 'gift-dispatcher-1', token => 'gift-dispatcher-1', profile => 'gift-dispatcher' },
     { name => 'gift-dispatcher-2', token => 'gift-dispatcher-2', profile => 'gift-dispatcher',
       rateLimit => '25:1' },
+    (map { { name => "gift-dispatcher-$_", token => "tok-$_", profile => 'gift-dispatcher' } } 3 .. 5),
 ] }));
 # the rule chain's RPC timeout 2 s; the dispatcher's 3.5 s
 my $tb = GiftTB::start_tb(dir => $dir, port => GiftTest::free_port(),
@@ -121,6 +123,26 @@ ok(GiftTest::wait_until(20, sub { $tb->totals->{devices}{'gift-dispatcher-1'}{ki
     'two dispatchers with one access token keep pushing each other out');
 $d1b->stop('TERM', 20);
 $d1->stop('TERM', 20);
+
+# ------------------------------------------------------------ a pool of tokens
+# dispatchers from one configuration lease distinct tokens in KV
+my $pool = 'access_tokens = [ "tok-3", "tok-4", "tok-5" ];';
+my @pd = map { GiftDispatch::start_dispatcher(%dconf, extra_mqtt => $pool) } 1 .. 3;
+ok(GiftTest::wait_until(20, sub {
+    my $t = $tb->totals->{devices};
+    3 == grep { $t->{"gift-dispatcher-$_"}{connected} } 3 .. 5;
+}, 0.2), 'three dispatchers, one configuration: three ThingsBoard devices');
+my $t5 = $tb->totals->{devices};
+is((join ',', map { $t5->{"gift-dispatcher-$_"}{kicked} } 3 .. 5), '0,0,0',
+    '... and no session pushed out another');
+like($pd[0]->log_text, qr/MQTT: access token \d of 3 \(leased in KV/, '... each says which it leased');
+my $fourth = eval { GiftDispatch::start_dispatcher(%dconf, extra_mqtt => $pool) };
+ok(!$fourth, 'a fourth finds no free token and does not start');
+like($@, qr/all 3 are leased by running dispatchers/, '... and says why') or diag $@;
+is($pd[1]->stop('TERM', 20), 0, 'one stops');
+my $again = eval { GiftDispatch::start_dispatcher(%dconf, extra_mqtt => $pool) };
+ok($again, '... and its token is free for the next') or diag $@;
+$_->stop('TERM', 20) for grep { $_ && $_->pid } @pd, $again;
 
 # ------------------------------------------------------------ rate limit
 # gift-dispatcher-2 may send 25 messages a second; motors answer after
