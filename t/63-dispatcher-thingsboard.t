@@ -22,6 +22,26 @@ plan skip_all => 'node or tools/tbstandin/node_modules missing'
     unless GiftTB::available();
 
 my $dir = GiftTest::tempdir();
+
+# ------------------------------------------------------------ configuration
+{
+    my $bin = GiftDispatch::bin('gift-dispatcher');
+    GiftTest::spurt("$dir/bad.conf", <<'EOF');
+nats = { url = "nats://127.0.0.1:4222"; };
+mqtt = {
+    max_payload = 600;
+    access_token = "a";
+    access_tokens = [ "b", "c" ];
+};
+rules = { default_device = "motor_01"; };
+EOF
+    my $out = `'$bin' -t -c '$dir/bad.conf' 2>&1`;
+    isnt($? >> 8, 0, '-t refuses');
+    like($out, qr/mqtt\.max_payload: 600 cannot hold one command \(at least \d+ bytes\)/,
+        '... a max_payload that cannot hold one command') or diag $out;
+    like($out, qr/access_token or access_tokens, not both/, '... a token and a pool');
+}
+
 my $nats = GiftTest::start_nats(dir => $dir);
 GiftTest::spurt("$dir/devices.json", $GiftTest::JSON->encode({ devices => [
     (map { { name => sprintf('motor_%02d', $_), token => sprintf('motor_%02d', $_) } } 1 .. 6),
