@@ -88,6 +88,10 @@ FORWARDER_DEPS := tools/forwarder/node_modules/.package-lock.json
 $(FORWARDER_DEPS): tools/forwarder/package.json tools/forwarder/package-lock.json
 	cd tools/forwarder && npm ci --no-audit --no-fund
 
+TBSTANDIN_DEPS := tools/tbstandin/node_modules/.package-lock.json
+$(TBSTANDIN_DEPS): tools/tbstandin/package.json tools/tbstandin/package-lock.json
+	cd tools/tbstandin && npm ci --no-audit --no-fund
+
 # Debian's packages first (npm ci needs nothing from them, but the order is
 # the user's: system, then node packages).
 deps:
@@ -98,7 +102,7 @@ deps-quiet:
 	@scripts/deps.sh $(DEB_PKGS) >/dev/null
 	@$(MAKE) --no-print-directory node-deps
 
-node-deps: $(NODE_DEPS) $(FORWARDER_DEPS)
+node-deps: $(NODE_DEPS) $(FORWARDER_DEPS) $(TBSTANDIN_DEPS)
 
 clean:
 	rm -rf $(BUILD)
