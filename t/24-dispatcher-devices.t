@@ -193,7 +193,7 @@ is($st, 200, 'GET /metrics: 200');
 SKIP: {
     my $promtool = `command -v promtool 2>/dev/null`;
     chomp $promtool;
-    skip 'promtool not installed', 1 unless $promtool;
+    GiftTest::skip_unless($promtool, 'promtool not installed', 1);
     open(my $p, '|-', "'$promtool' check metrics >'$dir/promtool.out' 2>&1")
         or die;
     print $p $text;

@@ -13,11 +13,11 @@ use GiftStream;
 
 my $root = GiftTest::root();
 my $node = eval { GiftTest::find_bin('node') };
-plan skip_all => 'node not installed' unless $node;
+GiftTest::skip_all_unless($node, 'node not installed');
 if (!-d "$root/node_modules/ws") {
     system("cd '$root' && npm ci --no-audit --no-fund >/dev/null 2>&1");
 }
-plan skip_all => 'npm ws not installed' unless -d "$root/node_modules/ws";
+GiftTest::skip_all_unless(-d "$root/node_modules/ws", 'npm ws not installed');
 
 my $nats = GiftTest::start_nats();
 GiftTest::giftctl($nats->url, 'setup');

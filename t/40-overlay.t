@@ -39,18 +39,17 @@ sub which {
     return undef;
 }
 
-my $node = which('node')
-    or plan skip_all => 'node not found: the overlay test drives Chromium '
-    . 'with playwright-core (Node.js)';
+my $node = which('node');
+GiftTest::skip_all_unless($node, 'node not found: the overlay test drives '
+    . 'Chromium with playwright-core (Node.js)');
 my $chromium = $ENV{GIFT_CHROMIUM} // '/usr/bin/chromium';
--x $chromium
-    or plan skip_all => "$chromium not found: run 'make deps' "
-    . '(Debian package chromium)';
+GiftTest::skip_all_unless(-x $chromium, "$chromium not found: run "
+    . "'make deps' (Debian package chromium)");
 
 # playwright-core and ws, as package-lock.json pins them
 if (!-f "$ROOT/node_modules/playwright-core/package.json") {
-    my $npm = which('npm')
-        or plan skip_all => 'node_modules/ missing and npm not found';
+    my $npm = which('npm');
+    GiftTest::skip_all_unless($npm, 'node_modules/ missing and npm not found');
     diag 'node_modules/playwright-core missing: npm ci';
     system("cd '$ROOT' && npm ci --no-audit --no-fund 1>&2") == 0
         or BAIL_OUT('npm ci failed');
@@ -293,8 +292,8 @@ is_deeply([map { $_->{device} } @{$v->{totals}}], ['motor_02'],
 # ------------------------------------------------------------ full chain
 
 SKIP: {
-    skip 'build/gift-dispatcher or build/tbsim not built', 9
-        unless -x "$BUILD/gift-dispatcher" && -x "$BUILD/tbsim";
+    GiftTest::skip_unless(-x "$BUILD/gift-dispatcher" && -x "$BUILD/tbsim",
+        'build/gift-dispatcher or build/tbsim not built', 9);
     require GiftDispatch;
 
     my $mq = GiftDispatch::start_mosquitto();

@@ -20,7 +20,7 @@ use lib 't/lib';
 use GiftTest;
 
 my $node = eval { GiftTest::find_bin('node') };
-plan skip_all => 'node not found' unless $node;
+GiftTest::skip_all_unless($node, 'node not found');
 
 my $root = GiftTest::root();
 my $fwdir = "$root/tools/forwarder";
@@ -189,9 +189,10 @@ is_deeply([\@missing, \@twice, \@extra], [[], [], []],
 SKIP: {
     unless (-d "$fwdir/node_modules/tiktok-live-connector") {
         my $npm = eval { GiftTest::find_bin('npm') };
-        skip 'npm not found', 1 unless $npm;
+        GiftTest::skip_unless($npm, 'npm not found', 1);
         my $o = `cd '$fwdir' && timeout 30 '$npm' ci --no-audit --no-fund 2>&1`;
-        skip "npm ci in tools/forwarder failed (offline?): $o", 1 if $?;
+        GiftTest::skip_unless(!$?, "npm ci in tools/forwarder failed "
+            . "(offline?): $o", 1);
     }
     my $c = `cd '$fwdir' && timeout 20 '$node' index.mjs --check 2>&1`;
     chomp $c;

@@ -159,6 +159,7 @@ sub _connect {
         PeerPort => $self->{port}, Proto => 'tcp', Timeout => 5)
         or return undef;
     setsockopt($s, IPPROTO_TCP, TCP_NODELAY, 1);
+    GiftTest::io_timeout($s, 20);       # reads use select; this bounds writes
     binmode $s;
     $self->{s} = $s;
     $self->{buf} = '';
@@ -393,6 +394,7 @@ sub new {
     my ($host, $port) = $url =~ m{^nats://([^:/]+):(\d+)} or die "bad url $url";
     my $s = IO::Socket::INET->new(PeerAddr => $host, PeerPort => $port,
         Proto => 'tcp', Timeout => 5) or die "connect $url: $!";
+    GiftTest::io_timeout($s, 20);       # reads use select; this bounds writes
     binmode $s;
     my $self = bless { s => $s, buf => '', inbox => "_GF.$$." . int(rand(1e9)),
         sel => IO::Select->new($s) }, $class;

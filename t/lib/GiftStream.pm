@@ -13,6 +13,7 @@ use warnings;
 use IO::Select;
 use IO::Socket::INET;
 use JSON::PP ();
+use Socket ();
 use Time::HiRes qw(time);
 
 my $JSON = JSON::PP->new->canonical;
@@ -68,11 +69,20 @@ sub encode_ack {
 
 # ------------------------------------------------------------ NATS
 
+# Reads here wait in select() with a deadline; a write to a server that
+# stopped reading fails after 20 s instead of blocking the test.
+sub _send_timeout {
+    my ($s) = @_;
+    setsockopt($s, Socket::SOL_SOCKET(), Socket::SO_SNDTIMEO(),
+        pack('l!l!', 20, 0));
+}
+
 sub nats_connect {
     my ($port) = @_;
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port,
         Proto => 'tcp', Timeout => 5) or die "nats connect: $!";
     $s->autoflush(1);
+    _send_timeout($s);
     my $self = bless { sock => $s, buf => '', sid => 0,
         inbox => '_INBOX.t' . $$ . int(rand(1e9)) }, __PACKAGE__;
     $self->_readline =~ /^INFO/ or die "no INFO from nats-server";
@@ -202,6 +212,7 @@ sub _connect {
         PeerPort => $port, Proto => 'tcp', Timeout => 5)
         or die "$what connect: $!";
     $s->autoflush(1);
+    GiftStream::_send_timeout($s);
     return $s;
 }
 
