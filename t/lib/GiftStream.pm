@@ -506,6 +506,26 @@ sub take {
 sub pings { $_[0]{pings} // 0 }
 sub close_frame { $_[0]{close} }
 
+# Wait until the server has handled everything sent so far: a ping of our
+# own, answered by its pong (frames are handled in order).  Server pings
+# are counted; a text message meanwhile is a failure (returns false): none
+# is expected at such a point.
+sub sync {
+    my ($self, $timeout) = @_;
+    my $p = 'sync-' . ++$self->{syncs};
+    $self->send_frame(9, $p);
+    my $end = time + ($timeout // 30);
+    while (1) {
+        my $f = $self->next_frame($end - time) or return 0;
+        if ($f->{op} == 9) {
+            $self->{pings}++;
+            next;
+        }
+        return 1 if $f->{op} == 10 && $f->{payload} eq $p;
+        return 0 unless $f->{op} == 10;
+    }
+}
+
 # Wait for the server's close frame; returns its status code.
 sub wait_close {
     my ($self, $timeout) = @_;
