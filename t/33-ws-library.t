@@ -66,7 +66,8 @@ $r = cmd({ cmd => 'take', n => 99, timeout => 2500 });
 cmp_ok($r->{pings}, '>=', 1, 'and pings on its heartbeat');
 
 cmd({ cmd => 'send', data => { device => 'motor_02' } });
-sleep 1;
+# frames are handled in order: a pong to a later ping says it has the filter
+ok(cmd({ cmd => 'ping' })->{pong}, 'filter message handled');
 ack(deviceId => 'motor_01');
 my $want = ack(deviceId => 'motor_02');
 $r = cmd({ cmd => 'take', n => 1 });
