@@ -34,8 +34,8 @@ my $owner = $$;
 # a report fails the test, naming the file.
 our $SAN_DIR;
 my @scan;       # files and globs scanned for sanitizer reports at exit
-our $SAN_RE = qr/ERROR: AddressSanitizer|ERROR: LeakSanitizer|LeakSanitizer|
-    ThreadSanitizer|UndefinedBehaviorSanitizer|runtime error:/x;
+our $SAN_RE = qr/ERROR:\ AddressSanitizer | LeakSanitizer | ThreadSanitizer
+    | UndefinedBehaviorSanitizer | runtime\ error:/x;
 if ($ENV{GIFT_SANITIZE}) {
     $SAN_DIR = File::Temp::tempdir('gift-san-XXXXXX', TMPDIR => 1,
         CLEANUP => !$ENV{GIFT_KEEP});
