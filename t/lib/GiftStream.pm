@@ -111,7 +111,9 @@ sub _readline {
     my ($self, $timeout) = @_;
     my $end = time + ($timeout // 5);
     while ($self->{buf} !~ /\r\n/) {
-        die "nats: timeout" if time > $end;
+        die 'nats-server on port ' . ($self->{sock}->peerport // '?')
+            . ': no answer within ' . ($timeout // 5) . " s (wedged?)\n"
+            if time > $end;
         $self->_fill(0.5);
     }
     $self->{buf} =~ s/^(.*?)\r\n//s;
@@ -121,7 +123,8 @@ sub _readline {
 sub _readn {
     my ($self, $n) = @_;
     while (length $self->{buf} < $n + 2) {
-        $self->_fill(1) or die "nats: short read";
+        $self->_fill(1) or die 'nats-server on port '
+            . ($self->{sock}->peerport // '?') . ": short read (wedged?)\n";
     }
     my $d = substr($self->{buf}, 0, $n);
     substr($self->{buf}, 0, $n + 2) = '';
@@ -256,7 +259,9 @@ sub _read_head {
     my ($self) = @_;
     my $end = time + 5;
     while ($self->{raw} !~ /\r\n\r\n/) {
-        die "sse: no response header" if time > $end || $self->{eof};
+        die 'nginx on port ' . ($self->{sock}->peerport // '?')
+            . ': no SSE response header within 5 s' . "\n"
+            if time > $end || $self->{eof};
         $self->_fill(0.5);
     }
     $self->{raw} =~ s/^(.*?)\r\n\r\n//s;
@@ -390,7 +395,8 @@ sub new {
     my $self = bless { sock => $s, raw => '', key => $key }, $class;
     my $end = time + 5;
     while ($self->{raw} !~ /\r\n\r\n/) {
-        die "ws: no response" if time > $end;
+        die "nginx on port $a{port}: no WebSocket response within 5 s\n"
+            if time > $end;
         $self->_fill(0.5) or ($self->{eof} and die "ws: closed");
     }
     $self->{raw} =~ s/^(.*?)\r\n\r\n//s;
