@@ -16,8 +16,11 @@ export GIFT_REQUIRE_ALL=${GIFT_REQUIRE_ALL:-1}
 TEST_TIMEOUT=${GIFT_TEST_TIMEOUT:-600}
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
-# Check kills a test case after 4 s by default: too short on a loaded machine
+# Check kills a test case after 4 s by default, or what the case sets: too
+# short on a loaded machine or under the sanitizers (a 30 s case of 3
+# million ids ran out there); the hang guard is TEST_TIMEOUT per program
 export CK_DEFAULT_TIMEOUT=${CK_DEFAULT_TIMEOUT:-120}
+export CK_TIMEOUT_MULTIPLIER=${CK_TIMEOUT_MULTIPLIER:-10}
 BUILD=${BUILD:-build}
 export GIFT_BUILD=$BUILD GIFT_BIN_DIR=$PWD/$BUILD
 if [[ ${SANITIZE:-0} == 1 ]]; then
