@@ -602,7 +602,9 @@ ngx_http_gift_ws_close(ngx_http_gift_ws_t *ws, ngx_uint_t code,
 
     p[0] = (u_char) (code >> 8);
     p[1] = (u_char) code;
-    ngx_memcpy(p + 2, reason, len);
+    if (len) {
+        ngx_memcpy(p + 2, reason, len);
+    }
 
     rc = ngx_http_gift_ws_send(ws, 0x8, p, len + 2);
 
