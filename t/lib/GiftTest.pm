@@ -71,6 +71,7 @@ sub sanitizer_findings {
 sub skip_all_unless {
     my ($ok, $what) = @_;
     return 1 if $ok;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
     if ($ENV{GIFT_REQUIRE_ALL}) {
         Test::More::plan(tests => 1);
         Test::More::fail("$what (make test requires it: run 'make deps')");
@@ -82,6 +83,7 @@ sub skip_all_unless {
 sub skip_unless {
     my ($ok, $what, $n) = @_;
     return 1 if $ok;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
     if ($ENV{GIFT_REQUIRE_ALL}) {
         Test::More::fail("$what (make test requires it: run 'make deps')");
         $n--;
