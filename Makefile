@@ -32,11 +32,13 @@ CFLAGS      += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror \
 LDFLAGS     += $(SAN_FLAGS)
 LIBS_NATS   := -lnats -lprotobuf-c -ljansson -lcrypto -lpthread
 
-# Debian packages the project needs (build, run and test).
+# Debian packages the project needs (build, run and test; the tests need
+# promtool from prometheus and systemd-analyze from systemd).
 DEB_PKGS    := build-essential pkg-config nginx nginx-dev libnats-dev nats-server \
                libprotobuf-c-dev protobuf-c-compiler libmosquitto-dev mosquitto \
                check libjansson-dev libconfig-dev libmicrohttpd-dev libssl-dev \
-               curl wrk perl chromium prometheus clang libclang-rt-14-dev
+               curl wrk perl chromium prometheus clang libclang-rt-14-dev \
+               systemd
 
 # COMMON_OBJS: what every program links; INPUT_OBJS: the webhook's input
 # layer (also compiled into the module), linked by the tests and fuzzers.
@@ -56,7 +58,7 @@ NGX_SRC     := $(BUILD)/nginx
 MODULE_SRCS := $(wildcard ngx_gift_module/*.c ngx_gift_module/*.h) config \
                $(INPUT_SRCS) common/gift_json.c $(wildcard common/*.h)
 
-.PHONY: all deps deps-quiet node-deps build run test unit itest bench soak \
+.PHONY: all deps deps-quiet node-deps node-check build run test unit itest bench soak \
         fuzz clean install
 
 # Two steps, so that nothing the build decides (pkg-config flags, which
@@ -102,7 +104,12 @@ deps-quiet:
 	@scripts/deps.sh $(DEB_PKGS) >/dev/null
 	@$(MAKE) --no-print-directory node-deps
 
-node-deps: $(NODE_DEPS) $(FORWARDER_DEPS) $(TBSTANDIN_DEPS)
+node-deps: node-check $(NODE_DEPS) $(FORWARDER_DEPS) $(TBSTANDIN_DEPS)
+
+# node and npm come with the machine (never apt-get install npm)
+node-check:
+	@for p in node npm; do command -v $$p >/dev/null || { echo "$$p not found:" \
+	    "node and npm come with this machine (the tests need both)" >&2; exit 1; }; done
 
 clean:
 	rm -rf $(BUILD)

@@ -1319,7 +1319,9 @@ ngx_http_gift_follow_pub(ngx_http_gift_pub_t *p, const char *subject,
     } else {
         o = ngx_sprintf(o, "PUB %*s %uz\r\n", slen, subject, len);
     }
-    o = ngx_cpymem(o, data, len);
+    if (len) {                  /* an empty message may come as NULL */
+        o = ngx_cpymem(o, data, len);
+    }
     *o++ = '\r';
     *o++ = '\n';
     p->out_len = o - p->out;

@@ -357,7 +357,8 @@ ngx_http_gift_webhook_read_body(ngx_http_request_t *r,
             }
             p += n;
 
-        } else {
+        } else if (b->last != b->pos) {
+            /* an empty buffer may have no memory at all (pos NULL) */
             p = ngx_cpymem(p, b->pos, b->last - b->pos);
         }
     }

@@ -421,7 +421,9 @@ ngx_http_gift_ws_frames(ngx_http_gift_ws_t *ws)
             return ngx_http_gift_ws_close(ws, ev.code, NULL);
 
         case GIFT_WS_EV_PING:   /* only the latest needs an answer */
-            ngx_memcpy(ws->ping, ev.data, ev.len);
+            if (ev.len) {
+                ngx_memcpy(ws->ping, ev.data, ev.len);
+            }
             ws->ping_len = ev.len;
             ws->pong_due = 1;
             rc = ngx_http_gift_ws_pong(ws);
@@ -726,7 +728,9 @@ ngx_http_gift_ws_filter_copy(ngx_pool_t *pool, ngx_array_t *a)
         if (to->data == NULL) {
             return NULL;
         }
-        ngx_memcpy(to->data, from[i].data, from[i].len);
+        if (from[i].len) {
+            ngx_memcpy(to->data, from[i].data, from[i].len);
+        }
     }
 
     return b;
@@ -772,7 +776,9 @@ ngx_http_gift_ws_close(ngx_http_gift_ws_t *ws, ngx_uint_t code,
     p[1] = (u_char) (len + 2);
     p[2] = (u_char) (code >> 8);
     p[3] = (u_char) code;
-    ngx_memcpy(p + 4, reason, len);
+    if (len) {
+        ngx_memcpy(p + 4, reason, len);
+    }
 
     ws->pong_due = 0;
     ws->client.closing = 1;

@@ -2,10 +2,13 @@
 # make run: the whole stack on loopback, in the foreground; Ctrl-C stops it.
 # Ports (each overridable): GIFT_HTTP_PORT 8080, GIFT_NATS_PORT 14222,
 # GIFT_NATS_HTTP_PORT 18222, GIFT_MQTT_PORT 11883, GIFT_METRICS_PORT 19464.
+# GIFT_RUN_DIR: where the state and logs go (build/run; t/62 uses its own).
+# Every part runs in the foreground of this script, in its process group:
+# nothing daemonizes, so Ctrl-C, or a signal to the group, stops them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-RUN=$ROOT/build/run
+RUN=${GIFT_RUN_DIR:-$ROOT/build/run}
 HTTP_PORT=${GIFT_HTTP_PORT:-8080}
 NATS_PORT=${GIFT_NATS_PORT:-14222}
 NATS_HTTP_PORT=${GIFT_NATS_HTTP_PORT:-18222}
