@@ -19,7 +19,7 @@ use GiftTest;
 use GiftStream;
 
 my $curl = GiftTest::find_bin('curl');
-`$curl -V` =~ /HTTP2/ or plan skip_all => 'curl without HTTP/2';
+GiftTest::skip_all_unless(`$curl -V` =~ /HTTP2/, 'curl without HTTP/2');
 
 my $nats = GiftTest::start_nats();
 GiftTest::giftctl($nats->url, 'setup');

@@ -32,12 +32,12 @@ sub which {
     }
     return undef;
 }
-my $node = which('node')
-    or plan skip_all => 'node not found (playwright-core drives Chromium)';
+my $node = which('node');
+GiftTest::skip_all_unless($node, 'node not found (playwright-core drives Chromium)');
 my $chromium = $ENV{GIFT_CHROMIUM} // '/usr/bin/chromium';
--x $chromium or plan skip_all => "$chromium not found: run 'make deps'";
--f "$ROOT/node_modules/playwright-core/package.json"
-    or plan skip_all => 'node_modules/playwright-core missing: npm ci';
+GiftTest::skip_all_unless(-x $chromium, "$chromium not found");
+GiftTest::skip_all_unless(-f "$ROOT/node_modules/playwright-core/package.json",
+                          'node_modules/playwright-core missing: npm ci');
 
 $SIG{ALRM} = sub { die "t/41-browser-hostile.t: over 90 s, giving up\n" };
 alarm 88;

@@ -18,10 +18,10 @@ use lib 't/lib';
 use GiftTest;
 
 my $node = eval { GiftTest::find_bin('node') };
-plan skip_all => 'node not found' unless $node;
+GiftTest::skip_all_unless($node, 'node not found');
 my $dir = GiftTest::root() . '/tools/tbstandin';
-plan skip_all => 'npm packages of tools/tbstandin not installed (make build)'
-    unless -d "$dir/node_modules/aedes";
+GiftTest::skip_all_unless(-d "$dir/node_modules/aedes",
+                          'npm packages of tools/tbstandin not installed (make deps)');
 
 my $out = `cd '$dir' && timeout 300 '$node' --test --test-reporter=tap test/ 2>&1`;
 is($?, 0, 'node --test tools/tbstandin/test') or diag $out;

@@ -18,8 +18,8 @@ use GiftTest;
 use GiftDispatch;
 use GiftTB;
 
-plan skip_all => 'node or tools/tbstandin/node_modules missing'
-    unless GiftTB::available();
+GiftTest::skip_all_unless(GiftTB::available(),
+                          'node or tools/tbstandin/node_modules missing');
 
 my $dir = GiftTest::tempdir();
 

@@ -18,9 +18,14 @@ use GiftTest;
 my $JSON = $GiftTest::JSON;
 my $DIR = GiftTest::root() . '/tools/tbstandin';
 
+# Under make test (GIFT_REQUIRE_ALL) a missing stand-in is an error, never
+# a quiet fallback to tbsim.
 sub available {
     my $node = eval { GiftTest::find_bin('node') };
-    return $node && -d "$DIR/node_modules/aedes" ? $node : undef;
+    return $node if $node && -d "$DIR/node_modules/aedes";
+    die "the ThingsBoard stand-in needs node and tools/tbstandin/node_modules"
+        . " (make test requires it: run 'make deps')\n" if $ENV{GIFT_REQUIRE_ALL};
+    return undef;
 }
 
 # ------------------------------------------------------------ common

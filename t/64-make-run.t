@@ -1,6 +1,6 @@
 #!/usr/bin/perl
 # make run (scripts/run.sh) keeps every part it starts in its own process
-# group, in the foreground: nats-server, mosquitto, tbsim, the dispatcher,
+# group, in the foreground: nats-server, the ThingsBoard stand-in and its motors, the dispatcher,
 # and nginx's master and workers share the script's group, and nothing is
 # left once the group gets SIGINT (Ctrl-C).  Free ports (GIFT_*_PORT) and
 # a state directory of its own (GIFT_RUN_DIR).
@@ -60,8 +60,8 @@ my @group = grep { $p->{$_}{pgid} == $pgid } keys %$p;
 my %in = map { $_ => 1 } @group;
 my @cmds = map { $p->{$_}{cmd} } @group;
 for my $what ([ 'nats-server', qr/^nats-server .*-p $port{NATS}\b/ ],
-              [ 'mosquitto', qr{mosquitto -c \Q$dir\E/run/mosquitto\.conf} ],
-              [ 'tbsim', qr{build/tbsim --host 127\.0\.0\.1 --port $port{MQTT}\b} ],
+              [ 'the ThingsBoard stand-in', qr{^node tools/tbstandin/tb\.mjs .*--port $port{MQTT}\b} ],
+              [ 'the motors', qr{^node tools/tbstandin/motors\.mjs .*--port $port{MQTT}\b} ],
               [ 'gift-dispatcher', qr{build/gift-dispatcher -c \Q$dir\E/run/} ],
               [ 'the nginx master', qr{^nginx: master process .*\Q$dir\E/run/} ])
 {
