@@ -54,7 +54,8 @@ UNIT_TESTS  := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard \
 MODULE      := $(BUILD)/ngx_http_gift_module.so
 NGX_SRC     := $(BUILD)/nginx
 MODULE_SRCS := $(wildcard ngx_gift_module/*.c ngx_gift_module/*.h) config \
-               $(INPUT_SRCS) common/gift_json.c $(wildcard common/*.h)
+               $(INPUT_SRCS) common/gift_json.c common/gift_nkey.c \
+               $(wildcard common/*.h)
 
 .PHONY: all deps deps-quiet node-deps build run test unit itest bench soak \
         fuzz clean install
