@@ -131,7 +131,8 @@ $(OBJ)/%.o: %.c $(GEN)/gift.pb-c.h $(wildcard common/*.h)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
 # ---------------------------------------------------------------- tools
-$(BUILD)/giftctl: $(OBJ)/tools/giftctl.o $(COMMON_OBJS)
+$(BUILD)/giftctl: $(OBJ)/tools/giftctl.o $(OBJ)/common/gift_nkey.o \
+        $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS_NATS)
 
 # ---------------------------------------------------------------- module

@@ -231,11 +231,16 @@ sub start_nats {
     return GiftTest::Nats->new(%a)->start;
 }
 
+# giftctl's credential and TLS options (--creds FILE, --tls-ca FILE, ...)
+# for every call below, when a test's NATS needs them.
+our @GIFTCTL_OPTS;
+
 # Run giftctl against a NATS URL; returns stdout (and dies on failure
 # unless allow_fail).  In list context: (stdout, exit status).
 sub giftctl {
     my ($url, @args) = @_;
-    my $cmd = join(' ', map { "'$_'" } "$BUILD/giftctl", '-s', $url, @args);
+    my $cmd = join(' ', map { "'$_'" } "$BUILD/giftctl", @GIFTCTL_OPTS,
+        '-s', $url, @args);
     my $out = `$cmd 2>&1`;
     return wantarray ? ($out, $? >> 8) : $out;
 }
@@ -243,7 +248,8 @@ sub giftctl {
 # giftctl get STREAM SEQ, decoded; undef when there is no such message.
 sub stored {
     my ($url, $stream, $seq) = @_;
-    my $out = `'$BUILD/giftctl' -s '$url' get '$stream' '$seq' 2>/dev/null`;
+    my $o = join(' ', map { "'$_'" } @GIFTCTL_OPTS);
+    my $out = `'$BUILD/giftctl' $o -s '$url' get '$stream' '$seq' 2>/dev/null`;
     return undef if $? != 0 || $out !~ /^\{/;
     return $JSON->decode($out);
 }
@@ -251,7 +257,8 @@ sub stored {
 # giftctl get STREAM FIRST-LAST, decoded: a list of messages.
 sub stored_range {
     my ($url, $stream, $first, $last) = @_;
-    my $out = `'$BUILD/giftctl' -s '$url' get '$stream' '$first-$last' 2>/dev/null`;
+    my $o = join(' ', map { "'$_'" } @GIFTCTL_OPTS);
+    my $out = `'$BUILD/giftctl' $o -s '$url' get '$stream' '$first-$last' 2>/dev/null`;
     return map { $JSON->decode($_) } grep { /^\{/ } split /\n/, $out;
 }
 
