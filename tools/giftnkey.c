@@ -7,6 +7,8 @@
  *   giftnkey jwt operator OP_SEED NAME      a self-signed operator JWT
  *   giftnkey jwt account OP_SEED ACC_PUBLIC NAME
  *                                           an account JWT (JetStream on)
+ *   giftnkey jwt system OP_SEED ACC_PUBLIC NAME
+ *                                           the system account's (no JetStream)
  *   giftnkey jwt user ACC_SEED USER_PUBLIC NAME
  *                                           a user JWT
  *   giftnkey creds USER_JWT USER_SEED       a .creds file, as nsc writes it
@@ -36,6 +38,7 @@ usage(void)
         "       giftnkey public SEED\n"
         "       giftnkey jwt operator OP_SEED NAME\n"
         "       giftnkey jwt account OP_SEED ACC_PUBLIC NAME\n"
+        "       giftnkey jwt system OP_SEED ACC_PUBLIC NAME\n"
         "       giftnkey jwt user ACC_SEED USER_PUBLIC NAME\n"
         "       giftnkey creds USER_JWT USER_SEED\n");
     return 2;
@@ -130,6 +133,16 @@ jwt(int argc, char **argv)
                          "imports", -1, "exports", -1, "wildcards", 1,
                          "conn", -1, "leaf", -1, "mem_storage", -1,
                          "disk_storage", -1, "streams", -1, "consumer", -1,
+                         "default_permissions", "pub", "sub",
+                         "type", "account", "version", 2);
+        claims = json_pack("{s:s, s:s}", "name", argv[5], "sub", argv[4]);
+
+    } else if (strcmp(argv[2], "system") == 0 && argc == 6) {
+        nats = json_pack("{s:{s:i, s:i, s:i, s:i, s:i, s:b, s:i, s:i},"
+                         " s:{s:{}, s:{}}, s:s, s:i}",
+                         "limits", "subs", -1, "data", -1, "payload", -1,
+                         "imports", -1, "exports", -1, "wildcards", 1,
+                         "conn", -1, "leaf", -1,
                          "default_permissions", "pub", "sub",
                          "type", "account", "version", 2);
         claims = json_pack("{s:s, s:s}", "name", argv[5], "sub", argv[4]);

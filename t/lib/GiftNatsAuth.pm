@@ -60,7 +60,9 @@ sub operator_mode {
     my ($oseed, $opub) = nkey('operator');
     my ($aseed, $apub) = nkey('account');
     my ($useed, $upub) = nkey('user');
+    my (undef, $spub) = nkey('account');
     chomp(my $ojwt = giftnkey('jwt', 'operator', $oseed, 'gift-op'));
+    chomp(my $sjwt = giftnkey('jwt', 'system', $oseed, $spub, 'SYS'));
     chomp(my $ajwt = giftnkey('jwt', 'account', $oseed, $apub, 'gift'));
     chomp(my $ujwt = giftnkey('jwt', 'user', $aseed, $upub, $name));
     GiftTest::spurt("$dir/op.jwt", "$ojwt\n");
@@ -69,8 +71,9 @@ sub operator_mode {
     return {
         creds => "$dir/$name.creds",
         account => $apub, account_seed => $aseed,
-        conf => "operator: $dir/op.jwt\nresolver: MEMORY\n"
-            . "resolver_preload: {\n  $apub: $ajwt\n}\n",
+        conf => "operator: $dir/op.jwt\nsystem_account: $spub\n"
+            . "resolver: MEMORY\n"
+            . "resolver_preload: {\n  $apub: $ajwt\n  $spub: $sjwt\n}\n",
     };
 }
 
