@@ -49,7 +49,8 @@ INPUT_OBJS  := $(patsubst common/%.c,$(OBJ)/common/%.o,$(INPUT_SRCS))
 
 BINS        := $(BUILD)/giftctl
 UNIT_TESTS  := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard \
-               tests/test_proto.c tests/test_normalize.c tests/test_signature.c))
+               tests/test_proto.c tests/test_normalize.c tests/test_signature.c \
+               tests/test_nats.c))
 
 MODULE      := $(BUILD)/ngx_http_gift_module.so
 NGX_SRC     := $(BUILD)/nginx
@@ -160,6 +161,15 @@ endif
 $(BUILD)/tests/test_%: tests/test_%.c $(INPUT_OBJS) $(COMMON_OBJS)
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_NATS) $(CHECK_LIBS)
+
+# the module's NATS parser is plain C: tested without nginx
+$(BUILD)/tests/test_nats: tests/test_nats.c \
+        ngx_gift_module/ngx_http_gift_nats_parse.c \
+        ngx_gift_module/ngx_http_gift_nats_parse.h $(OBJ)/common/gift_nkey.o
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Ingx_gift_module $(LDFLAGS) -o $@ tests/test_nats.c \
+	    ngx_gift_module/ngx_http_gift_nats_parse.c $(OBJ)/common/gift_nkey.o \
+	    -lcrypto $(CHECK_LIBS)
 
 unit: build
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done

@@ -47,6 +47,7 @@ typedef struct {
     ngx_str_t                  token;           /* nats://token@... */
     unsigned                   tls:1;           /* tls:// */
     unsigned                   is_name:1;       /* host is not an address */
+    unsigned                   resolved:1;      /* addrs: ours (malloc) */
 } ngx_http_gift_nats_server_t;
 
 

@@ -9,7 +9,7 @@
  * made here too and inherited by the workers.
  */
 
-#include "ngx_http_gift_module.h"
+#include "ngx_http_gift_nats_conn.h"
 
 #include <jansson.h>
 
@@ -19,9 +19,6 @@
 
 static ngx_int_t ngx_http_gift_nats_server(ngx_conf_t *cf,
     ngx_http_gift_main_conf_t *gmcf, ngx_str_t *value);
-void ngx_http_gift_nats_discover(ngx_pool_t *pool,
-    ngx_http_gift_nats_server_t *servers, ngx_uint_t *nservers,
-    ngx_uint_t max, ngx_uint_t from, void *urls, ngx_log_t *log);
 
 
 char *
@@ -380,8 +377,8 @@ ngx_http_gift_nats_init_conf(ngx_conf_t *cf, ngx_http_gift_main_conf_t *gmcf)
  * The servers of the cluster, as INFO announces them ("connect_urls", at
  * connect and whenever the cluster changes): added to the list the worker
  * goes round when a connection is lost, as the NATS clients do, with the
- * scheme and credentials of the server that announced them.  Addresses
- * only: the event loop does not wait for DNS.
+ * scheme and credentials of the server that announced them.  A name is
+ * resolved when the worker comes to it (off the loop).
  */
 void
 ngx_http_gift_nats_discover(ngx_pool_t *pool,
@@ -420,23 +417,41 @@ ngx_http_gift_nats_discover(ngx_pool_t *pool,
         str = json_string_value(v);
         len = ngx_strlen(str);
 
-        if (len == 0 || !(str[0] == '[' || (str[0] >= '0' && str[0] <= '9')))
-        {
-            continue;               /* a name, not an address */
+        if (len == 0) {
+            continue;
         }
 
         ngx_memzero(&u, sizeof(ngx_url_t));
         u.url.data = (u_char *) str;
         u.url.len = len;
         u.default_port = 4222;
+        u.no_resolve = 1;           /* a name: resolved off the loop */
 
-        if (ngx_parse_url(tmp, &u) != NGX_OK || u.naddrs == 0) {
+        if (ngx_parse_url(tmp, &u) != NGX_OK || u.host.len == 0) {
             continue;
+        }
+
+        if (u.host.data[0] == '['
+            || ngx_inet_addr(u.host.data, u.host.len) != INADDR_NONE)
+        {
+            /* an address: no DNS in taking it */
+            ngx_memzero(&u, sizeof(ngx_url_t));
+            u.url.data = (u_char *) str;
+            u.url.len = len;
+            u.default_port = 4222;
+            if (ngx_parse_url(tmp, &u) != NGX_OK || u.naddrs == 0) {
+                continue;
+            }
         }
 
         known = 0;
         for (k = 0; k < *nservers && !known; k++) {
-            for (a = 0; a < servers[k].naddrs; a++) {
+            if (servers[k].name.len == len
+                && ngx_strncmp(servers[k].name.data, str, len) == 0)
+            {
+                known = 1;
+            }
+            for (a = 0; a < servers[k].naddrs && u.naddrs; a++) {
                 if (ngx_cmp_sockaddr(servers[k].addrs[a].sockaddr,
                                      servers[k].addrs[a].socklen,
                                      u.addrs[0].sockaddr, u.addrs[0].socklen,
@@ -454,19 +469,27 @@ ngx_http_gift_nats_discover(ngx_pool_t *pool,
         }
 
         d = ngx_pnalloc(pool, len);
-        addr = ngx_palloc(pool, sizeof(ngx_addr_t));
-        if (d == NULL || addr == NULL) {
-            break;
-        }
-        addr->sockaddr = ngx_palloc(pool, u.addrs[0].socklen);
-        if (addr->sockaddr == NULL) {
+        if (d == NULL) {
             break;
         }
         ngx_memcpy(d, str, len);
-        ngx_memcpy(addr->sockaddr, u.addrs[0].sockaddr, u.addrs[0].socklen);
-        addr->socklen = u.addrs[0].socklen;
-        addr->name.data = d;
-        addr->name.len = len;
+
+        addr = NULL;
+        if (u.naddrs) {
+            addr = ngx_palloc(pool, sizeof(ngx_addr_t));
+            if (addr == NULL) {
+                break;
+            }
+            addr->sockaddr = ngx_palloc(pool, u.addrs[0].socklen);
+            if (addr->sockaddr == NULL) {
+                break;
+            }
+            ngx_memcpy(addr->sockaddr, u.addrs[0].sockaddr,
+                       u.addrs[0].socklen);
+            addr->socklen = u.addrs[0].socklen;
+            addr->name.data = d;
+            addr->name.len = len;
+        }
 
         srv = &servers[*nservers];
         ngx_memzero(srv, sizeof(ngx_http_gift_nats_server_t));
@@ -474,7 +497,7 @@ ngx_http_gift_nats_discover(ngx_pool_t *pool,
         srv->url.len = len;
         srv->name = srv->url;
         srv->addrs = addr;
-        srv->naddrs = 1;
+        srv->naddrs = addr ? 1 : 0;
         srv->user = f->user;
         srv->pass = f->pass;
         srv->token = f->token;

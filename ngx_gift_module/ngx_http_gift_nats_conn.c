@@ -10,105 +10,22 @@
  * the server's certificate and name, and only then sends CONNECT.
  *
  * The publishes of one pass of the loop leave in one send() (a posted
- * event); what the server sends is parsed where it is read, and each
- * message goes to the user whose letter starts its sid.
+ * event); what the server sends is parsed where it is read (the parser's
+ * callbacks, the handshake and TLS are in ngx_http_gift_nats_handshake.c).
  */
 
-#include "ngx_http_gift_nats.h"
+#include "ngx_http_gift_nats_conn.h"
 
 #include <netinet/tcp.h>
 
-#include <jansson.h>
-
-
-#define NGX_HTTP_GIFT_NATS_PING_INTERVAL  5000
-#define NGX_HTTP_GIFT_NATS_PINGS_MAX      2
-#define NGX_HTTP_GIFT_NATS_HANDSHAKE_MS   2000
-#define NGX_HTTP_GIFT_NATS_DISCOVER_MAX   16
-#define NGX_HTTP_GIFT_NATS_USERS_MAX      4
-
-
-typedef enum {
-    NGX_HTTP_GIFT_NATS_IDLE = 0,
-    NGX_HTTP_GIFT_NATS_CONNECTING,      /* TCP, then waiting for INFO */
-    NGX_HTTP_GIFT_NATS_TLS,             /* TLS handshake */
-    NGX_HTTP_GIFT_NATS_HANDSHAKE,       /* CONNECT sent, waiting for PONG */
-    NGX_HTTP_GIFT_NATS_CONNECTED
-} ngx_http_gift_nats_state_e;
-
-
-typedef struct {
-    ngx_log_t                     *log;
-    ngx_log_t                      quiet_log;   /* retries: not each one */
-    ngx_pool_t                    *pool;        /* the cycle's */
-    ngx_http_gift_nats_conf_t     *conf;
-    ngx_http_gift_nats_server_t   *servers;     /* configured, learned */
-    ngx_uint_t                     nservers;
-    ngx_uint_t                     nconf;       /* the configured ones */
-    ngx_uint_t                     server;      /* the one tried or in use */
-    ngx_uint_t                     addr;
-    ngx_msec_t                     reconnect_wait;
-
-    ngx_peer_connection_t          pc;
-    ngx_connection_t              *c;
-    ngx_http_gift_nats_state_e     state;
-    ngx_uint_t                     was_connected;
-    ngx_uint_t                     warned;
-    ngx_uint_t                     tried;       /* servers tried this round */
-    ngx_uint_t                     pings_out;
-    size_t                         max_payload;
-    ngx_str_t                      nonce;       /* of the last INFO */
-    u_char                         nonce_buf[128];
-
-    ngx_event_t                    retry_ev;
-    ngx_event_t                    ping_ev;
-    ngx_event_t                    flush_ev;    /* posted once per pass */
-
-    u_char                        *in;
-    size_t                         in_size;
-    size_t                         in_len;
-
-    u_char                        *out;
-    size_t                         out_size;
-    size_t                         out_pos;     /* written up to here */
-    size_t                         out_len;
-    uint64_t                       out_base;    /* stream offset of out[0] */
-    ngx_uint_t                     out_msgs;    /* publishes not yet sent */
-
-    u_char                         inbox_buf[40];
-    ngx_str_t                      inbox;
-
-    ngx_http_gift_nats_parser_t    parser;
-    ngx_http_gift_nats_user_t     *users[NGX_HTTP_GIFT_NATS_USERS_MAX];
-    ngx_uint_t                     nusers;
-} ngx_http_gift_nats_t;
-
 
 static void ngx_http_gift_nats_connect(ngx_http_gift_nats_t *p);
-static void ngx_http_gift_nats_fail(ngx_http_gift_nats_t *p, const char *why,
-    ngx_err_t err);
-static void ngx_http_gift_nats_read_handler(ngx_event_t *rev);
-static void ngx_http_gift_nats_write_handler(ngx_event_t *wev);
 static void ngx_http_gift_nats_retry_handler(ngx_event_t *ev);
 static void ngx_http_gift_nats_ping_handler(ngx_event_t *ev);
 static void ngx_http_gift_nats_flush_handler(ngx_event_t *ev);
-static void ngx_http_gift_nats_flush(ngx_http_gift_nats_t *p);
-static void ngx_http_gift_nats_ssl_start(ngx_http_gift_nats_t *p);
-static void ngx_http_gift_nats_ssl_done(ngx_connection_t *c);
-static void ngx_http_gift_nats_send_connect(ngx_http_gift_nats_t *p);
-static int ngx_http_gift_nats_on_msg(void *ctx, ngx_http_gift_nats_msg_t *m);
-static int ngx_http_gift_nats_on_info(void *ctx, const unsigned char *json,
-    size_t len);
-static int ngx_http_gift_nats_on_ping(void *ctx);
-static int ngx_http_gift_nats_on_pong(void *ctx);
-static int ngx_http_gift_nats_on_err(void *ctx, const unsigned char *text,
-    size_t len);
-void ngx_http_gift_nats_discover(ngx_pool_t *pool,
-    ngx_http_gift_nats_server_t *servers, ngx_uint_t *nservers,
-    ngx_uint_t max, ngx_uint_t from, void *urls, ngx_log_t *log);
 
 
-static ngx_http_gift_nats_t       *ngx_http_gift_nats;
+ngx_http_gift_nats_t              *ngx_http_gift_nats;
 static ngx_http_gift_nats_user_t  *ngx_http_gift_nats_pending_users[
                                        NGX_HTTP_GIFT_NATS_USERS_MAX];
 static ngx_uint_t                  ngx_http_gift_nats_npending;
@@ -175,13 +92,7 @@ ngx_http_gift_nats_init_process(ngx_cycle_t *cycle,
     p->inbox.data = p->inbox_buf;
     p->inbox.len = q - p->inbox_buf;
 
-    p->parser.msg = ngx_http_gift_nats_on_msg;
-    p->parser.info = ngx_http_gift_nats_on_info;
-    p->parser.ping = ngx_http_gift_nats_on_ping;
-    p->parser.pong = ngx_http_gift_nats_on_pong;
-    p->parser.err = ngx_http_gift_nats_on_err;
-    p->parser.ctx = p;
-    p->parser.max_payload = p->max_payload;
+    ngx_http_gift_nats_handshake_init(p);
 
     p->retry_ev.handler = ngx_http_gift_nats_retry_handler;
     p->retry_ev.data = p;
@@ -247,6 +158,7 @@ ngx_http_gift_nats_exit_process(ngx_cycle_t *cycle)
 
     ngx_http_gift_nats = NULL;
     ngx_http_gift_nats_close(p);
+    ngx_http_gift_nats_resolve_exit();
 
     if (p->retry_ev.timer_set) {
         ngx_del_timer(&p->retry_ev);
@@ -384,6 +296,23 @@ ngx_http_gift_nats_connect(ngx_http_gift_nats_t *p)
 
     srv = &p->servers[p->server];
 
+    /* a name again, off the loop, when coming round to it after a failure */
+    if (srv->is_name && p->addr == 0 && !p->just_resolved
+        && (p->resolve_due || srv->naddrs == 0))
+    {
+        p->resolve_due = 0;
+        if (ngx_http_gift_nats_resolve(p, p->server) == NGX_OK) {
+            return;             /* ngx_http_gift_nats_resolved() goes on */
+        }
+    }
+
+    p->just_resolved = 0;
+
+    if (srv->naddrs == 0) {
+        ngx_http_gift_nats_fail(p, "its name cannot be resolved", 0);
+        return;
+    }
+
     ngx_memzero(&p->pc, sizeof(ngx_peer_connection_t));
     p->pc.sockaddr = srv->addrs[p->addr].sockaddr;
     p->pc.socklen = srv->addrs[p->addr].socklen;
@@ -426,7 +355,7 @@ ngx_http_gift_nats_connect(ngx_http_gift_nats_t *p)
 }
 
 
-static void
+void
 ngx_http_gift_nats_fail(ngx_http_gift_nats_t *p, const char *why,
     ngx_err_t err)
 {
@@ -484,6 +413,7 @@ ngx_http_gift_nats_fail(ngx_http_gift_nats_t *p, const char *why,
     } else if (++p->addr >= srv->naddrs) {
         p->addr = 0;
         p->server = (p->server + 1) % p->nservers;
+        p->resolve_due = 1;
 
         if (++p->tried >= p->nservers) {
             p->tried = 0;
@@ -502,12 +432,24 @@ ngx_http_gift_nats_fail(ngx_http_gift_nats_t *p, const char *why,
 }
 
 
+void
+ngx_http_gift_nats_resolved(ngx_http_gift_nats_t *p)
+{
+    if (ngx_http_gift_nats != p || p->c != NULL) {
+        return;
+    }
+
+    p->just_resolved = 1;
+    ngx_http_gift_nats_connect(p);
+}
+
+
 static void
 ngx_http_gift_nats_retry_handler(ngx_event_t *ev)
 {
     ngx_http_gift_nats_t *p = ev->data;
 
-    if (p->c == NULL) {
+    if (p->c == NULL && p->resolving == 0) {
         ngx_http_gift_nats_connect(p);
     }
 }
@@ -540,7 +482,7 @@ ngx_http_gift_nats_ping_handler(ngx_event_t *ev)
 }
 
 
-static void
+void
 ngx_http_gift_nats_write_handler(ngx_event_t *wev)
 {
     int                    err;
@@ -585,7 +527,7 @@ ngx_http_gift_nats_flush_handler(ngx_event_t *ev)
 }
 
 
-static void
+void
 ngx_http_gift_nats_flush(ngx_http_gift_nats_t *p)
 {
     ssize_t            n;
@@ -630,7 +572,7 @@ ngx_http_gift_nats_flush(ngx_http_gift_nats_t *p)
 }
 
 
-static void
+void
 ngx_http_gift_nats_read_handler(ngx_event_t *rev)
 {
     u_char                *b;
@@ -747,394 +689,3 @@ ngx_http_gift_nats_read_handler(ngx_event_t *rev)
 }
 
 
-/* ------------------------------------------------------------ protocol */
-
-
-static int
-ngx_http_gift_nats_on_msg(void *ctx, ngx_http_gift_nats_msg_t *m)
-{
-    ngx_uint_t             i;
-    ngx_connection_t      *c;
-    ngx_http_gift_nats_t  *p = ctx;
-
-    c = p->c;
-
-    for (i = 0; i < p->nusers; i++) {
-        if (p->users[i]->sid == m->sid[0]) {
-            p->users[i]->message(p->users[i]->data, m);
-            break;
-        }
-    }
-
-    return p->c == c ? 0 : 1;
-}
-
-
-static int
-ngx_http_gift_nats_on_ping(void *ctx)
-{
-    u_char  *o;
-
-    o = ngx_http_gift_nats_out(6);
-    if (o == NULL) {
-        return 1;
-    }
-
-    (void) ngx_http_gift_nats_queue(ngx_cpymem(o, "PONG\r\n", 6));
-
-    return 0;
-}
-
-
-static int
-ngx_http_gift_nats_on_pong(void *ctx)
-{
-    ngx_uint_t                    i;
-    ngx_connection_t             *c;
-    ngx_http_gift_nats_t         *p = ctx;
-    ngx_http_gift_nats_server_t  *srv;
-
-    p->pings_out = 0;
-
-    if (p->state != NGX_HTTP_GIFT_NATS_HANDSHAKE) {
-        return 0;
-    }
-
-    srv = &p->servers[p->server];
-    c = p->c;
-
-    p->state = NGX_HTTP_GIFT_NATS_CONNECTED;
-    p->tried = 0;
-    p->warned = 0;
-
-    if (c->read->timer_set) {
-        ngx_del_timer(c->read);
-    }
-
-    c->log = p->log;
-    c->read->log = p->log;
-    c->write->log = p->log;
-
-    ngx_http_gift_stat_nats(1, p->was_connected);
-    p->was_connected = 1;
-
-    ngx_add_timer(&p->ping_ev, NGX_HTTP_GIFT_NATS_PING_INTERVAL);
-
-    ngx_log_error(NGX_LOG_NOTICE, p->log, 0, "gift: connected to NATS %V%s",
-                  &srv->name, c->ssl ? " over TLS" : "");
-
-    for (i = 0; i < p->nusers && p->c == c; i++) {
-        p->users[i]->connected(p->users[i]->data);
-    }
-
-    return p->c == c ? 0 : 1;
-}
-
-
-static int
-ngx_http_gift_nats_on_err(void *ctx, const unsigned char *text, size_t len)
-{
-    ngx_http_gift_nats_t  *p = ctx;
-
-    ngx_log_error(NGX_LOG_ERR, p->log, 0, "gift: NATS %V: %*s",
-                  &p->servers[p->server].name, len, text);
-
-    if (p->state != NGX_HTTP_GIFT_NATS_CONNECTED) {
-        ngx_http_gift_nats_fail(p, "refused by the server", 0);
-        return 1;
-    }
-
-    /* a fatal one is followed by the server closing */
-    return 0;
-}
-
-
-static int
-ngx_http_gift_nats_on_info(void *ctx, const unsigned char *data, size_t len)
-{
-    json_t                       *info, *v;
-    json_error_t                  jerr;
-    ngx_uint_t                    tls;
-    const char                   *s;
-    ngx_http_gift_nats_t         *p = ctx;
-    ngx_http_gift_nats_server_t  *srv;
-
-    info = json_loadb((const char *) data, len, 0, &jerr);
-    if (info == NULL) {
-        ngx_http_gift_nats_fail(p, "unreadable INFO", 0);
-        return 1;
-    }
-
-    v = json_object_get(info, "max_payload");
-    if (json_is_integer(v) && json_integer_value(v) > 0
-        && json_integer_value(v) <= 64 * 1024 * 1024)
-    {
-        p->max_payload = (size_t) json_integer_value(v);
-        p->parser.max_payload = p->max_payload;
-    }
-
-    ngx_http_gift_nats_discover(p->pool, p->servers, &p->nservers,
-                                p->nconf + NGX_HTTP_GIFT_NATS_DISCOVER_MAX,
-                                p->server,
-                                json_object_get(info, "connect_urls"),
-                                p->log);
-
-    if (p->state != NGX_HTTP_GIFT_NATS_CONNECTING) {
-        json_decref(info);
-        return 0;               /* an update from a cluster: nothing else */
-    }
-
-    srv = &p->servers[p->server];
-
-    v = json_object_get(info, "headers");
-    if (v != NULL && !json_is_true(v)) {
-        json_decref(info);
-        ngx_http_gift_nats_fail(p, "the server does not support headers "
-                                "(nats-server 2.2 or newer is needed)", 0);
-        return 1;
-    }
-
-    p->nonce.len = 0;
-    v = json_object_get(info, "nonce");
-    if (json_is_string(v)) {
-        s = json_string_value(v);
-        p->nonce.len = ngx_min(ngx_strlen(s), sizeof(p->nonce_buf));
-        p->nonce.data = p->nonce_buf;
-        ngx_memcpy(p->nonce_buf, s, p->nonce.len);
-    }
-
-    tls = json_is_true(json_object_get(info, "tls_required"));
-    json_decref(info);
-
-    if (tls && !srv->tls) {
-        ngx_http_gift_nats_fail(p, "the server requires TLS: use a tls:// "
-                                "URL", 0);
-        return 1;
-    }
-
-    if (srv->tls) {
-        if (!tls) {
-            ngx_http_gift_nats_fail(p, "the server does not offer TLS "
-                                    "(a tls:// URL needs tls {} in its "
-                                    "configuration)", 0);
-            return 1;
-        }
-
-        ngx_http_gift_nats_ssl_start(p);
-        return 1;               /* the socket is TLS's now */
-    }
-
-    ngx_http_gift_nats_send_connect(p);
-
-    return p->c ? 0 : 1;
-}
-
-
-/* ------------------------------------------------------------ TLS */
-
-
-static void
-ngx_http_gift_nats_ssl_start(ngx_http_gift_nats_t *p)
-{
-    ngx_int_t                     rc;
-    ngx_str_t                    *name;
-    ngx_connection_t             *c;
-    ngx_http_gift_nats_server_t  *srv;
-
-    c = p->c;
-    srv = &p->servers[p->server];
-
-    if (c->pool == NULL) {
-        c->pool = ngx_create_pool(128, p->log);
-        if (c->pool == NULL) {
-            ngx_http_gift_nats_fail(p, "out of memory", 0);
-            return;
-        }
-    }
-
-    if (ngx_ssl_create_connection(p->conf->ssl, c, NGX_SSL_CLIENT) != NGX_OK)
-    {
-        ngx_http_gift_nats_fail(p, "cannot start TLS", 0);
-        return;
-    }
-
-    name = p->conf->ssl_name.len ? &p->conf->ssl_name : &srv->host;
-
-    /* SNI takes a name, not an address (RFC 6066) */
-    if (p->conf->ssl_name.len || srv->is_name) {
-        if (SSL_set_tlsext_host_name(c->ssl->connection, (char *) name->data)
-            != 1)
-        {
-            ngx_ssl_error(NGX_LOG_ERR, p->log, 0,
-                          "gift: SSL_set_tlsext_host_name(\"%V\") failed",
-                          name);
-        }
-    }
-
-    p->state = NGX_HTTP_GIFT_NATS_TLS;
-
-    rc = ngx_ssl_handshake(c);
-
-    if (rc == NGX_AGAIN) {
-        c->ssl->handler = ngx_http_gift_nats_ssl_done;
-        return;
-    }
-
-    ngx_http_gift_nats_ssl_done(c);
-}
-
-
-static void
-ngx_http_gift_nats_ssl_done(ngx_connection_t *c)
-{
-    long                          rc;
-    ngx_str_t                    *name;
-    ngx_http_gift_nats_t         *p;
-    ngx_http_gift_nats_server_t  *srv;
-
-    p = c->data;
-    srv = &p->servers[p->server];
-
-    if (!c->ssl->handshaked) {
-        ngx_http_gift_nats_fail(p, c->read->timedout
-                                   ? "TLS handshake timed out"
-                                   : "TLS handshake failed", 0);
-        return;
-    }
-
-    if (p->conf->ssl_verify) {
-        name = p->conf->ssl_name.len ? &p->conf->ssl_name : &srv->host;
-
-        rc = SSL_get_verify_result(c->ssl->connection);
-        if (rc != X509_V_OK) {
-            ngx_log_error(NGX_LOG_ERR, p->log, 0,
-                          "gift: NATS %V: the server's certificate is not "
-                          "trusted: (%l:%s)", &srv->name, rc,
-                          X509_verify_cert_error_string(rc));
-            ngx_http_gift_nats_fail(p, "certificate not trusted", 0);
-            return;
-        }
-
-        if (ngx_ssl_check_host(c, name) != NGX_OK) {
-            ngx_log_error(NGX_LOG_ERR, p->log, 0,
-                          "gift: NATS %V: the server's certificate does not "
-                          "match \"%V\"", &srv->name, name);
-            ngx_http_gift_nats_fail(p, "certificate of another name", 0);
-            return;
-        }
-    }
-
-    c->read->handler = ngx_http_gift_nats_read_handler;
-    c->write->handler = ngx_http_gift_nats_write_handler;
-
-    ngx_http_gift_nats_send_connect(p);
-
-    if (p->c == c && c->read->ready) {
-        /* the server may have spoken already */
-        ngx_post_event(c->read, &ngx_posted_events);
-    }
-}
-
-
-/* ------------------------------------------------------------ CONNECT */
-
-
-static void
-ngx_http_gift_nats_send_connect(ngx_http_gift_nats_t *p)
-{
-    char                         *connect;
-    u_char                        name[64], sig[64], b64[128], *o;
-    size_t                        clen;
-    json_t                       *co;
-    ngx_uint_t                    i;
-    ngx_http_gift_nats_conf_t    *cf;
-    ngx_http_gift_nats_server_t  *srv;
-
-    srv = &p->servers[p->server];
-    cf = p->conf;
-
-    /* the name nats-server shows (connz): the worker's PID in it */
-    ngx_sprintf(name, "nginx-gift worker %P%Z", ngx_pid);
-
-    co = json_pack("{s:b, s:b, s:b, s:s, s:s, s:s, s:i, s:b, s:b}",
-                   "verbose", 0, "pedantic", 0, "tls_required", srv->tls,
-                   "name", (char *) name, "lang", "C",
-                   "version", NGX_HTTP_GIFT_VERSION, "protocol", 1,
-                   "headers", 1, "no_responders", 1);
-    if (co == NULL) {
-        ngx_http_gift_nats_fail(p, "out of memory", 0);
-        return;
-    }
-
-    if (srv->user.len || srv->pass.len) {
-        json_object_set_new(co, "user", json_stringn((char *) srv->user.data,
-                                                     srv->user.len));
-        json_object_set_new(co, "pass", json_stringn((char *) srv->pass.data,
-                                                     srv->pass.len));
-    }
-
-    if (srv->token.len || cf->token.len) {
-        json_object_set_new(co, "auth_token", srv->token.len
-                            ? json_stringn((char *) srv->token.data,
-                                           srv->token.len)
-                            : json_stringn((char *) cf->token.data,
-                                           cf->token.len));
-    }
-
-    if (cf->nkey) {
-        /* the server's nonce, signed: proof that we hold the seed */
-        if (gift_nkey_sign(cf->nkey, p->nonce.data, p->nonce.len, sig) != 0)
-        {
-            json_decref(co);
-            ngx_http_gift_nats_fail(p, "cannot sign the nonce", 0);
-            return;
-        }
-        gift_base64url(sig, 64, (char *) b64);
-        json_object_set_new(co, "sig", json_string((char *) b64));
-
-        if (cf->jwt.len) {
-            json_object_set_new(co, "jwt", json_stringn((char *) cf->jwt.data,
-                                                        cf->jwt.len));
-        } else {
-            json_object_set_new(co, "nkey",
-                                json_string(cf->nkey->public_key));
-        }
-    }
-
-    connect = json_dumps(co, JSON_COMPACT);
-    json_decref(co);
-
-    if (connect == NULL) {
-        ngx_http_gift_nats_fail(p, "out of memory", 0);
-        return;
-    }
-
-    clen = ngx_strlen(connect);
-
-    o = ngx_http_gift_nats_out(clen + sizeof("CONNECT \r\n"));
-    if (o == NULL) {
-        free(connect);
-        return;
-    }
-
-    o = ngx_sprintf(o, "CONNECT %*s\r\n", clen, connect);
-    (void) ngx_http_gift_nats_queue(o);
-    free(connect);
-
-    p->state = NGX_HTTP_GIFT_NATS_HANDSHAKE;
-
-    /* the users' subscriptions, then the PING that ends the handshake */
-    for (i = 0; i < p->nusers; i++) {
-        if (p->users[i]->handshake(p->users[i]->data) != NGX_OK) {
-            return;
-        }
-    }
-
-    o = ngx_http_gift_nats_out(6);
-    if (o == NULL) {
-        return;
-    }
-    (void) ngx_http_gift_nats_queue(ngx_cpymem(o, "PING\r\n", 6));
-
-    ngx_http_gift_nats_flush(p);
-}
