@@ -233,6 +233,10 @@ ngx_http_gift_nats_resolve_read(ngx_event_t *rev)
         srv->naddrs = i;
         srv->resolved = 1;
 
+        ngx_log_error(NGX_LOG_INFO, p->log, 0,
+                      "gift: NATS server \"%V\" resolved: %ui address%s",
+                      &srv->host, i, i == 1 ? "" : "es");
+
     done:
 
         if (job->res) {

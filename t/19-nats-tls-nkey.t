@@ -5,7 +5,8 @@
 # dispatcher (tls_ca, nkey) and giftctl (--tls-ca, --nkey).  Gifts POSTed
 # to the webhook are answered 202, stored, turn the motors, and their
 # GiftAcks reach an SSE client in order; after a NATS restart the worker
-# comes back over TLS and the stream goes on with no gap and no duplicate.
+# resolves the name again, comes back over TLS, and the stream goes on with
+# no gap and no duplicate.
 
 use strict;
 use warnings;
@@ -104,6 +105,8 @@ $nats->restart;
 ok(GiftTest::wait_until(20, sub {
     my @n = substr($log->(), $off) =~ /connected to NATS \S+ over TLS/g;
     @n >= 2 }), 'after a NATS restart both workers are back over TLS');
+like(substr($log->(), $off), qr/NATS server "localhost" resolved/,
+    '... the name resolved again (off the event loop)');
 ok(GiftTest::wait_until(20, sub {
     my ($st) = GiftTest::post_gift($ngx->port, GiftTest::gift(
         eventId => 'probe', giftName => 'Motor'));
