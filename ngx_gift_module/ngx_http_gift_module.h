@@ -4,10 +4,10 @@
  *
  * Files, one concern each:
  *   ngx_http_gift_module.c   directives, configuration, init hooks
- *   ngx_http_gift_publisher.c  a NATS client on the worker's event loop:
- *                            webhook publishes, GIFT_ACKS followed
- *   ngx_http_gift_nats.c     the cnats bridge (its own thread), the same
- *                            for tls:// URLs; GiftAck framing
+ *   ngx_http_gift_nats_*.c   a NATS client on the worker's event loop
+ *                            (nats:// and tls://): webhook publishes,
+ *                            GIFT_ACKS followed (files listed below)
+ *   ngx_http_gift_frame.c    a GiftAck framed once for every client
  *   ngx_http_gift_webhook.c  POST handler: read, check, publish, answer
  *   ngx_http_gift_fanout.c   acknowledgements to clients: ring, filters,
  *                            shared frames, backlog, heartbeats
@@ -98,7 +98,7 @@ typedef struct {
 
 /*
  * One acknowledgement from GIFT_ACKS, decoded and framed once per worker
- * (by the cnats thread that received it) and shared by every client that
+ * (where the follower reads it) and shared by every client that
  * gets it.  Counted references, touched by the event loop only: the replay
  * ring holds one, and every client buffer not yet written holds one.
  */
@@ -119,7 +119,7 @@ typedef struct {
 } ngx_http_gift_frame_t;
 
 
-/* How a publish ended, as the bridge reports it to the event loop. */
+/* How a publish ended. */
 typedef enum {
     NGX_HTTP_GIFT_PUB_OK = 0,
     NGX_HTTP_GIFT_PUB_UNAVAILABLE,      /* not connected, no responders */
@@ -139,9 +139,9 @@ typedef struct {
 
 /*
  * A publish waiting for its PubAck.  It lives in the request's pool; the
- * bridge keeps it in an rbtree keyed by id and calls `handler` from the
- * event loop when the PubAck (or an error) arrives.  The request cleanup
- * must call ngx_http_gift_nats_cancel() so that a late PubAck finds nothing.
+ * NATS client keeps it in an rbtree keyed by id and calls `handler` when
+ * the PubAck (or an error) arrives.  The request cleanup must call
+ * ngx_http_gift_nats_cancel() so that a late PubAck finds nothing.
  */
 typedef struct ngx_http_gift_pending_s  ngx_http_gift_pending_t;
 
@@ -341,7 +341,6 @@ void ngx_http_gift_stat_webhook(ngx_http_gift_outcome_e outcome);
 void ngx_http_gift_stat_publish(uint64_t us);
 void ngx_http_gift_stat_add(ngx_http_gift_stat_e which,
     ngx_atomic_int_t delta);
-/* Safe from cnats threads: atomic stores into shared memory only. */
 void ngx_http_gift_stat_nats(ngx_uint_t connected, ngx_uint_t reconnected);
 
 /* ngx_http_gift_websocket.c */
