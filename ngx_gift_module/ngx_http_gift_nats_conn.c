@@ -676,8 +676,8 @@ ngx_http_gift_nats_read_handler(ngx_event_t *rev)
         return;
     }
 
-    /* a long burst's buffer goes back once it is parsed */
-    if (p->in_len == 0 && p->in_size > 65536) {
+    /* a very large message's buffer goes back once it is parsed */
+    if (p->in_len == 0 && p->in_size > 1024 * 1024) {
         ngx_free(p->in);
         p->in = NULL;
         p->in_size = 0;

@@ -149,7 +149,7 @@ ngx_http_gift_nats_on_info(void *ctx, const unsigned char *data, size_t len)
 {
     json_t                       *info, *v;
     json_error_t                  jerr;
-    ngx_uint_t                    tls;
+    ngx_uint_t                    tls, avail;
     const char                   *s;
     ngx_http_gift_nats_t         *p = ctx;
     ngx_http_gift_nats_server_t  *srv;
@@ -199,6 +199,8 @@ ngx_http_gift_nats_on_info(void *ctx, const unsigned char *data, size_t len)
     }
 
     tls = json_is_true(json_object_get(info, "tls_required"));
+    /* allow_non_tls: TLS offered, not required */
+    avail = tls || json_is_true(json_object_get(info, "tls_available"));
     json_decref(info);
 
     if (tls && !srv->tls) {
@@ -208,7 +210,7 @@ ngx_http_gift_nats_on_info(void *ctx, const unsigned char *data, size_t len)
     }
 
     if (srv->tls) {
-        if (!tls) {
+        if (!avail) {
             ngx_http_gift_nats_fail(p, "the server does not offer TLS "
                                     "(a tls:// URL needs tls {} in its "
                                     "configuration)", 0);
