@@ -135,13 +135,12 @@ END_TEST
 /* a message of exactly max_payload, fed 1000 bytes at a time */
 START_TEST(largest_message_in_pieces)
 {
-    char                         *buf;
+    static char                   buf[1024 * 1024 + 64];
     long                          rc;
     size_t                        max = 1024 * 1024, len, have, fed, n;
     const char                   *why;
     ngx_http_gift_nats_parser_t   p = parser(max);
 
-    buf = malloc(max + 64);
     len = (size_t) sprintf(buf, "MSG _INBOX.x.d.1 fd1 %zu\r\n", max);
     memset(buf + len, 'a', max);
     memcpy(buf + len + max, "\r\n", 2);
@@ -161,7 +160,6 @@ START_TEST(largest_message_in_pieces)
     ck_assert_int_eq(nmsg, 1);
     ck_assert_uint_eq(last_len, max);
     ck_assert_uint_eq(have, 0);
-    free(buf);
 }
 END_TEST
 
