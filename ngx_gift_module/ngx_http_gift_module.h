@@ -53,7 +53,9 @@ typedef struct {
 
 /* TLS and credentials for NATS: gift_nats_ssl_*, _token, _nkey, ... */
 typedef struct {
+#if (NGX_SSL)
     ngx_ssl_t                 *ssl;             /* NULL: no TLS */
+#endif
     ngx_flag_t                 ssl_verify;
     ngx_str_t                  ssl_name;
     ngx_str_t                  ssl_trusted_certificate;

@@ -292,8 +292,10 @@ failed:
 char *
 ngx_http_gift_nats_init_conf(ngx_conf_t *cf, ngx_http_gift_main_conf_t *gmcf)
 {
+#if (NGX_SSL)
     ngx_ssl_t                  *ssl;
     ngx_pool_cleanup_t         *cln;
+#endif
     ngx_http_gift_nats_conf_t  *nc;
 
     nc = &gmcf->nats;
@@ -316,6 +318,14 @@ ngx_http_gift_nats_init_conf(ngx_conf_t *cf, ngx_http_gift_main_conf_t *gmcf)
         }
         return NGX_CONF_OK;
     }
+
+#if !(NGX_SSL)
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "a tls:// NATS URL needs nginx built with SSL");
+    return NGX_CONF_ERROR;
+
+#else
 
     ssl = ngx_pcalloc(cf->pool, sizeof(ngx_ssl_t));
     if (ssl == NULL) {
@@ -370,6 +380,8 @@ ngx_http_gift_nats_init_conf(ngx_conf_t *cf, ngx_http_gift_main_conf_t *gmcf)
     nc->ssl = ssl;
 
     return NGX_CONF_OK;
+
+#endif
 }
 
 

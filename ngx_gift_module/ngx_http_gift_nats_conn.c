@@ -132,10 +132,12 @@ ngx_http_gift_nats_close(ngx_http_gift_nats_t *p)
 
     p->c = NULL;
 
+#if (NGX_SSL)
     if (c->ssl) {
         c->ssl->no_wait_shutdown = 1;
         (void) ngx_ssl_shutdown(c);
     }
+#endif
 
     pool = c->pool;
     ngx_close_connection(c);

@@ -24,8 +24,10 @@ static int ngx_http_gift_nats_on_ping(void *ctx);
 static int ngx_http_gift_nats_on_pong(void *ctx);
 static int ngx_http_gift_nats_on_err(void *ctx, const unsigned char *text,
     size_t len);
+#if (NGX_SSL)
 static void ngx_http_gift_nats_ssl_start(ngx_http_gift_nats_t *p);
 static void ngx_http_gift_nats_ssl_done(ngx_connection_t *c);
+#endif
 static void ngx_http_gift_nats_send_connect(ngx_http_gift_nats_t *p);
 
 
@@ -116,7 +118,13 @@ ngx_http_gift_nats_on_pong(void *ctx)
     ngx_add_timer(&p->ping_ev, NGX_HTTP_GIFT_NATS_PING_INTERVAL);
 
     ngx_log_error(NGX_LOG_NOTICE, p->log, 0, "gift: connected to NATS %V%s",
-                  &srv->name, c->ssl ? " over TLS" : "");
+                  &srv->name,
+#if (NGX_SSL)
+                  c->ssl ? " over TLS" : ""
+#else
+                  ""
+#endif
+                  );
 
     for (i = 0; i < p->nusers && p->c == c; i++) {
         p->users[i]->connected(p->users[i]->data);
@@ -217,8 +225,13 @@ ngx_http_gift_nats_on_info(void *ctx, const unsigned char *data, size_t len)
             return 1;
         }
 
+#if (NGX_SSL)
         ngx_http_gift_nats_ssl_start(p);
         return 1;               /* the socket is TLS's now */
+#else
+        ngx_http_gift_nats_fail(p, "nginx is built without SSL", 0);
+        return 1;
+#endif
     }
 
     ngx_http_gift_nats_send_connect(p);
@@ -229,6 +242,7 @@ ngx_http_gift_nats_on_info(void *ctx, const unsigned char *data, size_t len)
 
 /* ------------------------------------------------------------ TLS */
 
+#if (NGX_SSL)
 
 static void
 ngx_http_gift_nats_ssl_start(ngx_http_gift_nats_t *p)
@@ -331,6 +345,8 @@ ngx_http_gift_nats_ssl_done(ngx_connection_t *c)
         ngx_post_event(c->read, &ngx_posted_events);
     }
 }
+
+#endif /* NGX_SSL */
 
 
 /* ------------------------------------------------------------ CONNECT */
