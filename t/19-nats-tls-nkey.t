@@ -119,6 +119,16 @@ is(scalar(grep { $_ <= $last } @after), 0, 'no duplicate after the restart');
 is_deeply(\@after, [ $last + 1 .. $last + @after ],
     'no gap: the sequence goes on');
 
+# --- a reload: the master reads the key files again, new workers connect
+$off = length $log->();
+$ngx->reload;
+ok(GiftTest::wait_until(20, sub {
+    my @n = substr($log->(), $off) =~ /connected to NATS \S+ over TLS/g;
+    @n >= 2 }), 'after a reload the new workers connect over TLS');
+my ($st) = GiftTest::post_gift($ngx->port, GiftTest::gift(eventId => 'c-1',
+    giftName => 'Motor'));
+is($st, 202, '... and gifts are accepted');
+
 $disp->stop;
 is($ngx->stop, 0, 'nginx exits cleanly');
 is_deeply([$ngx->bad_log_lines], [], 'no [alert] or [emerg]');
