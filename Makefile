@@ -42,7 +42,7 @@ DEB_PKGS    := build-essential pkg-config nginx nginx-dev libnats-dev nats-serve
 # layer (also compiled into the module), linked by the tests and fuzzers.
 COMMON_SRCS := common/gift_provision.c common/gift_json.c common/gift_util.c
 INPUT_SRCS  := common/gift_normalize.c common/gift_signature.c \
-               common/gift_wsframe.c
+               common/gift_wsframe.c common/gift_ssereq.c
 COMMON_OBJS := $(patsubst common/%.c,$(OBJ)/common/%.o,$(COMMON_SRCS)) \
                $(OBJ)/gen/gift.pb-c.o
 INPUT_OBJS  := $(patsubst common/%.c,$(OBJ)/common/%.o,$(INPUT_SRCS))
@@ -90,6 +90,10 @@ FORWARDER_DEPS := tools/forwarder/node_modules/.package-lock.json
 $(FORWARDER_DEPS): tools/forwarder/package.json tools/forwarder/package-lock.json
 	cd tools/forwarder && npm ci --no-audit --no-fund
 
+TBSTANDIN_DEPS := tools/tbstandin/node_modules/.package-lock.json
+$(TBSTANDIN_DEPS): tools/tbstandin/package.json tools/tbstandin/package-lock.json
+	cd tools/tbstandin && npm ci --no-audit --no-fund
+
 # Debian's packages first (npm ci needs nothing from them, but the order is
 # the user's: system, then node packages).
 deps:
@@ -100,7 +104,7 @@ deps-quiet:
 	@scripts/deps.sh $(DEB_PKGS) >/dev/null
 	@$(MAKE) --no-print-directory node-deps
 
-node-deps: $(NODE_DEPS) $(FORWARDER_DEPS)
+node-deps: $(NODE_DEPS) $(FORWARDER_DEPS) $(TBSTANDIN_DEPS)
 
 clean:
 	rm -rf $(BUILD)

@@ -1,5 +1,5 @@
 /*
- * gift_provision: the NATS names and settings of DESIGN.md, and the one
+ * gift_provision: the NATS names and settings of docs/design.md, and the one
  * copy of the code that creates them (`giftctl setup` and the dispatcher
  * at start).
  *
@@ -48,7 +48,7 @@ typedef struct {
     int      quiet;              /* only warnings and errors */
 } gift_provision_opts_t;
 
-/* Fill `o` with DESIGN.md's defaults. */
+/* Fill `o` with docs/design.md's defaults. */
 void gift_provision_defaults(gift_provision_opts_t *o);
 
 /*

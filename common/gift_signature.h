@@ -1,5 +1,5 @@
 /*
- * gift_signature: the X-Gift-Signature check of DESIGN.md.
+ * gift_signature: the X-Gift-Signature check of docs/design.md.
  *
  *   X-Gift-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>
  *
@@ -25,7 +25,8 @@ typedef enum {
     GIFT_SIG_EXPIRED      /* well-formed and matching, but |now - t| > window */
 } gift_sig_rc;
 
-/* The DESIGN.md error code for a result: "signature_missing" etc.; NULL for OK. */
+/* The error code of docs/design.md for a result: "signature_missing" etc.;
+ * NULL for OK. */
 const char *gift_sig_code(gift_sig_rc rc);
 
 /*
@@ -37,6 +38,17 @@ gift_sig_rc gift_signature_verify(const char *hdr, size_t hlen,
     const unsigned char *body, size_t blen,
     const gift_secret_t *secrets, size_t nsecrets,
     time_t now, time_t window);
+
+/*
+ * The same, with a separate bound into the future: valid when
+ * now - window <= t <= now + skew.  A request is then replayable for at
+ * most window + skew seconds after it was signed (gift_signature_verify()
+ * is this with skew = window).
+ */
+gift_sig_rc gift_signature_verify_skew(const char *hdr, size_t hlen,
+    const unsigned char *body, size_t blen,
+    const gift_secret_t *secrets, size_t nsecrets,
+    time_t now, time_t window, time_t skew);
 
 /* Write the header value for (secret, t, body) into out (>= 100 bytes).
  * Used by tests, giftbench and the forwarder's C twin. Returns its length. */

@@ -654,6 +654,7 @@ device_kick(dsp_t *d, ddevice_t *dev)
     dgift_t       *g, *last;
     int64_t        now;
     uint64_t       room = UINT64_MAX, sent;
+    size_t         bytes;
 
     while (dev->qhead != NULL && dev->inflight < c->dev_max_inflight
            && d->mqtt.ready && !dev->paused)
@@ -675,11 +676,18 @@ device_kick(dsp_t *d, ddevice_t *dev)
         r->dev = dev;
         r->n = rpc_ids_next(&d->mqtt.ids);
         last = NULL;
+        /* split before mqtt.max_payload (ThingsBoard closes the
+         * connection of a bigger PUBLISH) */
+        bytes = rpc_payload_max(c->mqtt_method, dev->name, NULL, 0);
         while (dev->qhead != NULL
                && coalesce_more(r->ngifts, r->rounds, dev->qhead->rounds,
                                 (size_t) c->coalesce_max_events,
-                                c->coalesce_max_rounds, room))
+                                c->coalesce_max_rounds, room)
+               && (r->ngifts == 0
+                   || bytes + rpc_event_bytes(dev->qhead->ev->event_id)
+                      <= (size_t) c->mqtt_max_payload))
         {
+            bytes += rpc_event_bytes(dev->qhead->ev->event_id);
             g = queue_pop(dev);
             g->state = GIFT_SENT;
             g->rpc = r;
@@ -760,7 +768,8 @@ rpc_finish(dsp_t *d, drpc_t *r, drpc_reply_rc rc, const char *why)
         if (rc == RPC_REPLY_OK) {
             gift_ok(d, g, lat);
         } else {
-            gift_fail(d, g, why == NULL ? "timeout" : "device_error", why);
+            gift_fail(d, g, why == NULL ? "timeout" : rpc_error_reason(why),
+                      why);
         }
     }
     free(r);

@@ -73,6 +73,16 @@ static ngx_conf_num_bounds_t  ngx_http_gift_backlog_bounds = {
 };
 
 
+static char *ngx_http_gift_secret_file(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_gift_secret_add(ngx_conf_t *cf,
+    ngx_http_gift_loc_conf_t *glcf, u_char *data, size_t len);
+
+static ngx_conf_num_bounds_t  ngx_http_gift_frame_rate_bounds = {
+    ngx_conf_check_num_bounds, 1, 100000000
+};
+
+
 static ngx_command_t  ngx_http_gift_commands[] = {
 
     { ngx_string("gift_nats_url"),
@@ -266,6 +276,29 @@ static ngx_command_t  ngx_http_gift_commands[] = {
       offsetof(ngx_http_gift_main_conf_t, max_backlog),
       &ngx_http_gift_backlog_bounds },
 
+    /* hostile clients (docs/security.md) */
+
+    { ngx_string("gift_webhook_signature_skew"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_gift_loc_conf_t, signature_skew),
+      NULL },
+
+    { ngx_string("gift_webhook_secret_file"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_gift_secret_file,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gift_websocket_frame_rate"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_gift_loc_conf_t, ws_frame_rate),
+      &ngx_http_gift_frame_rate_bounds },
+
       ngx_null_command
 };
 
@@ -442,6 +475,8 @@ ngx_http_gift_create_loc_conf(ngx_conf_t *cf)
     glcf->max_body = NGX_CONF_UNSET_SIZE;
     glcf->signature_window = NGX_CONF_UNSET;
     glcf->retry_after = NGX_CONF_UNSET;
+    glcf->signature_skew = NGX_CONF_UNSET;
+    glcf->ws_frame_rate = NGX_CONF_UNSET_UINT;
 
     return glcf;
 }
@@ -474,15 +509,22 @@ ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         conf->secrets = prev->secrets;
     }
 
+    ngx_conf_merge_value(conf->signature_skew, prev->signature_skew, 30);
+    ngx_conf_merge_uint_value(conf->ws_frame_rate, prev->ws_frame_rate, 100);
+
     /*
      * A replayed request must fall inside GIFTS' duplicate window (10
-     * minutes), or a captured webhook could turn a motor twice.
+     * minutes), or a captured webhook could turn a motor twice.  A request
+     * stays valid from t - skew to t + window (server clock): the two
+     * together may not exceed it.
      */
-    if (conf->signature_window > 600) {
+    if (conf->signature_window + conf->signature_skew > 600) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "gift_webhook_signature_window %T is longer than "
-                           "the GIFTS duplicate window (600s)",
-                           conf->signature_window);
+                           "gift_webhook_signature_window %T plus "
+                           "gift_webhook_signature_skew %T is longer than "
+                           "the GIFTS duplicate window (600s): a captured "
+                           "request could be stored twice",
+                           conf->signature_window, conf->signature_skew);
         return NGX_CONF_ERROR;
     }
 
@@ -537,14 +579,23 @@ ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_gift_loc_conf_t *glcf = conf;
 
     ngx_str_t      *value;
-    gift_secret_t  *s;
 
     value = cf->args->elts;
 
-    if (value[1].len < 16) {
+    return ngx_http_gift_secret_add(cf, glcf, value[1].data, value[1].len);
+}
+
+
+static char *
+ngx_http_gift_secret_add(ngx_conf_t *cf, ngx_http_gift_loc_conf_t *glcf,
+    u_char *data, size_t len)
+{
+    gift_secret_t  *s;
+
+    if (len < 16) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "gift_webhook_secret is too short (%uz bytes; "
-                           "use at least 16)", value[1].len);
+                           "use at least 16)", len);
         return NGX_CONF_ERROR;
     }
 
@@ -560,8 +611,119 @@ ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    s->data = value[1].data;
-    s->len = value[1].len;
+    s->data = data;
+    s->len = len;
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * gift_webhook_secret_file PATH: one secret a line (several during a key
+ * rotation); empty lines and lines starting with # are skipped.  Read by
+ * the master with the rest of the configuration, so a reload re-reads it
+ * and the file may be readable by root only.
+ */
+static char *
+ngx_http_gift_secret_file(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_gift_loc_conf_t *glcf = conf;
+
+    u_char           *buf, *p, *end, *eol, *last;
+    ssize_t           n;
+    ngx_fd_t          fd;
+    ngx_str_t        *value, path;
+    ngx_uint_t        count;
+    ngx_file_info_t   fi;
+
+    value = cf->args->elts;
+    path = value[1];
+
+    if (ngx_conf_full_name(cf->cycle, &path, 1) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    fd = ngx_open_file(path.data, NGX_FILE_RDONLY, NGX_FILE_OPEN, 0);
+    if (fd == NGX_INVALID_FILE) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           "gift_webhook_secret_file: cannot open \"%V\"",
+                           &path);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_fd_info(fd, &fi) == NGX_FILE_ERROR
+        || ngx_file_size(&fi) > 65536)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           "gift_webhook_secret_file: \"%V\" is not a "
+                           "readable file of at most 64k", &path);
+        ngx_close_file(fd);
+        return NGX_CONF_ERROR;
+    }
+
+    if (fi.st_mode & S_IROTH) {
+        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                           "gift_webhook_secret_file: \"%V\" is readable "
+                           "by every user; chmod o-r it", &path);
+    }
+
+    buf = ngx_pnalloc(cf->pool, (size_t) ngx_file_size(&fi) + 1);
+    if (buf == NULL) {
+        ngx_close_file(fd);
+        return NGX_CONF_ERROR;
+    }
+
+    n = ngx_read_fd(fd, buf, (size_t) ngx_file_size(&fi));
+    ngx_close_file(fd);
+
+    if (n == -1) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           "gift_webhook_secret_file: cannot read \"%V\"",
+                           &path);
+        return NGX_CONF_ERROR;
+    }
+
+    count = 0;
+    p = buf;
+    end = buf + n;
+
+    while (p < end) {
+        eol = ngx_strlchr(p, end, '\n');
+        if (eol == NULL) {
+            eol = end;
+        }
+
+        last = eol;
+        while (last > p && (last[-1] == '\r' || last[-1] == ' '
+                            || last[-1] == '\t'))
+        {
+            last--;
+        }
+        while (p < last && (*p == ' ' || *p == '\t')) {
+            p++;
+        }
+
+        if (p < last && *p != '#') {
+            if (ngx_http_gift_secret_add(cf, glcf, p, last - p)
+                != NGX_CONF_OK)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "in gift_webhook_secret_file \"%V\"",
+                                   &path);
+                return NGX_CONF_ERROR;
+            }
+            count++;
+        }
+
+        p = eol + 1;
+    }
+
+    if (count == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "gift_webhook_secret_file: \"%V\" holds no "
+                           "secret", &path);
+        return NGX_CONF_ERROR;
+    }
 
     return NGX_CONF_OK;
 }

@@ -95,6 +95,8 @@ typedef struct {
     ngx_msec_t                 sse_retry;
     ngx_flag_t                 websocket;
     ngx_array_t               *ws_origins;      /* of ngx_str_t */
+    time_t                     signature_skew;  /* into the future */
+    ngx_uint_t                 ws_frame_rate;   /* client frames a second */
 } ngx_http_gift_loc_conf_t;
 
 
@@ -286,6 +288,9 @@ typedef struct {
     unsigned                   attached:1;
     unsigned                   closing:1;       /* close once written */
     unsigned                   chunked:1;       /* we frame HTTP chunks */
+    unsigned                   ending:1;        /* shutdown: end cleanly */
+    ngx_uint_t                 pings_out;       /* WebSocket: unanswered */
+    u_char                     gap[128];        /* an `event: gap` */
 } ngx_http_gift_client_t;
 
 
@@ -347,6 +352,15 @@ void ngx_http_gift_stat_nats(ngx_uint_t connected, ngx_uint_t reconnected);
 
 /* ngx_http_gift_websocket.c */
 ngx_int_t ngx_http_gift_websocket_handler(ngx_http_request_t *r);
+/* The client's output is all written: a held-back pong may go now. */
+ngx_int_t ngx_http_gift_ws_drained(ngx_http_gift_client_t *c);
+/*
+ * Our close frame is written: end the connection if the peer's close came
+ * first, else wait (bounded) for it.
+ */
+void ngx_http_gift_ws_close_written(ngx_http_gift_client_t *c);
+/* Graceful shutdown or reload: close 1001, then wait for the peer's close. */
+void ngx_http_gift_ws_going_away(ngx_http_gift_client_t *c);
 
 /* ngx_http_gift_webhook.c */
 ngx_int_t ngx_http_gift_webhook_handler(ngx_http_request_t *r);

@@ -13,19 +13,35 @@ use Time::HiRes qw(time sleep);
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on mosquitto)
+my $use_tb = GiftTB::available() && ($ENV{GIFT_TB} // '') ne 'tbsim';
+my ($mq, $tbep, $mqtt_port, $mqtt_conf);
+my $start_motors = sub {
+    return GiftTB::start_motors(dir => $dir, port => $tbep->port, motors => 8,
+        args => [ @_ ]) if $use_tb;
+    return GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
+        args => [ @_ ]);
+};
+if ($use_tb) {
+    $tbep = GiftTB::start_tb(dir => $dir, motors => 8, dispatchers => 1);
+    ($mqtt_port, $mqtt_conf) = ($tbep->port, $tbep->mqtt_conf(1));
+} else {
+    $mq = GiftDispatch::start_mosquitto(dir => $dir);
+    ($mqtt_port, $mqtt_conf) = ($mq->port, '');
+}
+my $tb = $start_motors->();
 
 # gift G<i> turns motor_0<i>; motor_08 also takes a multiplier
 my $rules = "    rule = (\n" . join(",\n", map {
     qq(        { gift = "G$_"; device = "motor_0$_";)
     . ($_ == 8 ? ' multiplier = 2;' : '') . ' }'
 } 1 .. 8) . "\n    );\n";
-my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port,
-    rules => $rules);
+my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mqtt_port,
+    extra_mqtt => $mqtt_conf, rules => $rules);
 
 my $d = GiftDispatch::start_dispatcher(%dconf);
 my $ngx = GiftTest::start_nginx(dir => "$dir/nginx", nats_url => $nats->url);
@@ -95,9 +111,8 @@ is(scalar keys %seen, 1000, 'one per gift');
 # --------------------------------------------------------------- SIGTERM
 # Slow motors and small commands, so that plenty is in flight.
 $tb->stop;
-$tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--latency-ms', '10-30' ]);
-my $base = $motors->();                         # a new tbsim starts at zero
+$tb = $start_motors->('--latency-ms', '10-30');
+my $base = $motors->();                         # new motors start at zero
 is($sum->($base), 0, 'fresh tbsim');
 %want = ();
 is($d->stop('TERM', 15), 0, 'idle dispatcher: SIGTERM exits 0');
@@ -129,7 +144,7 @@ ok(GiftTest::wait_until(40, sub {
 }, 0.2), 'a restarted dispatcher finishes the rest');
 is_deeply($motors->(), \%want, 'per-device rounds are exact: nothing lost, '
     . 'nothing turned twice');
-diag 'tbsim: ' . JSON::PP->new->canonical->encode($tb->totals->{totals});
+diag 'motors: ' . JSON::PP->new->canonical->encode($tb->totals->{totals});
 
 ok(GiftTest::wait_until(20, sub {
     @acks = GiftDispatch::acks($nats->url);

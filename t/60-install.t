@@ -224,17 +224,16 @@ push @{$next{$_->{fromIndex}}{$_->{type}}}, $_->{toIndex} for @conns;
 my @path;
 my $i = $chain->{metadata}{firstNodeIndex};
 for my $rel ('RPC Request from Device', 'Success', 'True', 'Success',
-    'Success', 'Success', undef)
+    'Success', undef)
 {
     push @path, $nodes[$i]{type} =~ s/.*\.//r;
     last unless defined $rel;
     $i = $next{$i}{$rel}[0] // last;
 }
 is_deeply(\@path, [qw(TbMsgTypeSwitchNode TbTransformMsgNode TbJsFilterNode
-    TbChangeOriginatorNode TbSendRPCRequestNode TbChangeOriginatorNode
-    TbSendRPCReplyNode)],
+    TbChangeOriginatorNode TbSendRPCRequestNode TbSendRPCReplyNode)],
     'switch -> pick target -> filter -> change originator -> rpc call request'
-    . ' -> change originator -> rpc call reply');
+    . ' -> rpc call reply (t/29 checks the rest)');
 my ($err) = grep { $nodes[$_]{name} eq 'Error reply' } 0 .. $#nodes;
 for my $n (1 .. 4) {
     my $rel = $nodes[$n]{type} =~ /Filter/ ? 'False' : 'Failure';

@@ -279,6 +279,41 @@ print_stored(FILE *out, const char *stream, natsMsg *m)
     return rc;
 }
 
+/*
+ * A GIFTS stream that already existed keeps its settings (provisioning only
+ * warns).  Its duplicate window is what makes a replayed, still-valid signed
+ * webhook harmless (gift_webhook_signature_window + _skew <= 600 s): a
+ * shorter one is an error, named, and setup fails.
+ */
+static int
+check_dup_window(jsCtx *js)
+{
+    jsStreamInfo  *si = NULL;
+    jsErrCode      jerr = 0;
+    int64_t        have;
+
+    if (js_GetStreamInfo(&si, js, GIFT_STREAM_EVENTS, NULL, &jerr)
+        != NATS_OK)
+    {
+        return 0;               /* provisioning reported it already */
+    }
+    have = si->Config->Duplicates;
+    jsStreamInfo_Destroy(si);
+
+    if (have < (int64_t) GIFT_DUP_WINDOW_S * 1000000000LL) {
+        fprintf(stderr, "giftctl setup: stream %s has a duplicate window "
+                "(duplicate_window) of %" PRId64 " s, shorter than %d s: a "
+                "replayed signed webhook could be stored twice; raise it "
+                "(nats stream edit %s --dupe-window 10m) or lower "
+                "gift_webhook_signature_window + gift_webhook_signature_skew "
+                "below it\n", GIFT_STREAM_EVENTS,
+                (int64_t) (have / 1000000000LL), GIFT_DUP_WINDOW_S,
+                GIFT_STREAM_EVENTS);
+        return 1;
+    }
+    return 0;
+}
+
 static int
 cmd_setup(natsConnection *nc, jsCtx *js, int argc, char **argv)
 {
@@ -300,7 +335,10 @@ cmd_setup(natsConnection *nc, jsCtx *js, int argc, char **argv)
         fprintf(stderr, "giftctl setup: --replicas must be 1..5\n");
         return 2;
     }
-    return gift_provision(nc, js, &o) == 0 ? 0 : 1;
+    if (gift_provision(nc, js, &o) != 0) {
+        return 1;
+    }
+    return check_dup_window(js);
 }
 
 static int

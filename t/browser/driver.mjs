@@ -143,7 +143,11 @@ async function launch() {
         headless: true,
         args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
             '--no-first-run', '--disable-background-networking',
-            '--disable-component-update', '--disable-sync'],
+            '--disable-component-update', '--disable-sync',
+            // e.g. a name that resolves to 127.0.0.1 (DNS rebinding, t/41)
+            ...(process.env.GIFT_CHROMIUM_HOST_RULES
+                ? ['--host-resolver-rules=' + process.env.GIFT_CHROMIUM_HOST_RULES]
+                : [])],
         viewport: { width: 1920, height: 1080 },
         reducedMotion: 'reduce',     // screenshots without half-faded entries
         timeout: 30000,

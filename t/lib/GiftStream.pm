@@ -374,7 +374,7 @@ sub new {
         %{$a{headers} // {}});
     delete $h{$_} for grep { !defined $h{$_} } keys %h;
     print $s "GET " . ($a{path} // '/gift/ws') . " HTTP/1.1\r\n"
-        . "Host: 127.0.0.1\r\n"
+        . "Host: " . ($a{host} // "127.0.0.1") . "\r\n"
         . join('', map { "$_: $h{$_}\r\n" } sort keys %h) . "\r\n";
     my $self = bless { sock => $s, raw => '', key => $key }, $class;
     my $end = time + 5;
@@ -457,6 +457,10 @@ sub next_frame {
             if ($len < 126 || $h > 2) {
                 if (length $r >= $h + $len) {
                     substr($self->{raw}, 0, $h + $len) = '';
+                    # a browser answers every ping (the server closes a
+                    # client that answers none); no_pong => 1 does not
+                    $self->send_frame(10, substr($r, $h, $len))
+                        if ($b0 & 0x0f) == 9 && !$self->{no_pong};
                     return { op => $b0 & 0x0f, fin => $b0 & 0x80,
                         masked => $b1 & 0x80,
                         payload => substr($r, $h, $len) };
