@@ -51,12 +51,14 @@ INPUT_OBJS  := $(patsubst common/%.c,$(OBJ)/common/%.o,$(INPUT_SRCS))
 
 BINS        := $(BUILD)/giftctl
 UNIT_TESTS  := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard \
-               tests/test_proto.c tests/test_normalize.c tests/test_signature.c))
+               tests/test_proto.c tests/test_normalize.c tests/test_signature.c \
+               tests/test_nats.c))
 
 MODULE      := $(BUILD)/ngx_http_gift_module.so
 NGX_SRC     := $(BUILD)/nginx
 MODULE_SRCS := $(wildcard ngx_gift_module/*.c ngx_gift_module/*.h) config \
-               $(INPUT_SRCS) common/gift_json.c $(wildcard common/*.h)
+               $(INPUT_SRCS) common/gift_json.c common/gift_nkey.c \
+               $(wildcard common/*.h)
 
 .PHONY: all deps deps-quiet node-deps node-check build run test unit itest bench soak \
         fuzz clean install
@@ -141,7 +143,8 @@ $(OBJ)/%.o: %.c $(GEN)/gift.pb-c.h $(wildcard common/*.h)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
 # ---------------------------------------------------------------- tools
-$(BUILD)/giftctl: $(OBJ)/tools/giftctl.o $(COMMON_OBJS)
+$(BUILD)/giftctl: $(OBJ)/tools/giftctl.o $(OBJ)/common/gift_nkey.o \
+        $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS_NATS)
 
 # ---------------------------------------------------------------- module
@@ -169,6 +172,15 @@ endif
 $(BUILD)/tests/test_%: tests/test_%.c $(INPUT_OBJS) $(COMMON_OBJS)
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_NATS) $(CHECK_LIBS)
+
+# the module's NATS parser is plain C: tested without nginx
+$(BUILD)/tests/test_nats: tests/test_nats.c \
+        ngx_gift_module/ngx_http_gift_nats_parse.c \
+        ngx_gift_module/ngx_http_gift_nats_parse.h $(OBJ)/common/gift_nkey.o
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Ingx_gift_module $(LDFLAGS) -o $@ tests/test_nats.c \
+	    ngx_gift_module/ngx_http_gift_nats_parse.c $(OBJ)/common/gift_nkey.o \
+	    -lcrypto $(CHECK_LIBS)
 
 unit: build
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done

@@ -300,7 +300,8 @@ static const char *const k_devone[] = {
     "id", "rounds_per_minute", "paused", NULL
 };
 static const char *const k_nats[] = {
-    "url", "urls", "name", "user", "password", "token", "creds", "tls_ca",
+    "url", "urls", "name", "user", "password", "token", "creds", "nkey",
+    "tls_ca",
     "tls_cert", "tls_key", "reconnect_min_ms", "reconnect_max_ms",
     "provision", "replicas", "ack_wait_ms", "max_ack_pending", "fetch_batch",
     "fetch_wait_ms", "max_inflight", "publish_timeout_ms", "publish_retry_ms",
@@ -412,6 +413,10 @@ load_nats(errs_t *e, const config_setting_t *g, dconf_t *c)
     get_str(e, g, "password", 1, &c->nats_password);
     get_str(e, g, "token", 1, &c->nats_token);
     get_file(e, g, "creds", &c->nats_creds);
+    get_file(e, g, "nkey", &c->nats_nkey);
+    if (c->nats_creds != NULL && c->nats_nkey != NULL) {
+        errf(e, g, "nkey", "creds and nkey exclude each other");
+    }
     get_file(e, g, "tls_ca", &c->nats_tls_ca);
     get_file(e, g, "tls_cert", &c->nats_tls_cert);
     get_file(e, g, "tls_key", &c->nats_tls_key);
@@ -938,6 +943,7 @@ dconf_free(dconf_t *c)
     free(c->nats_password);
     free(c->nats_token);
     free(c->nats_creds);
+    free(c->nats_nkey);
     free(c->nats_tls_ca);
     free(c->nats_tls_cert);
     free(c->nats_tls_key);

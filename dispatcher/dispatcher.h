@@ -148,6 +148,7 @@ typedef struct {
     char        *nats_password;
     char        *nats_token;
     char        *nats_creds;           /* a .creds file (JWT + nkey) */
+    char        *nats_nkey;            /* an NKey seed file */
     char        *nats_tls_ca;
     char        *nats_tls_cert;
     char        *nats_tls_key;

@@ -10,7 +10,8 @@ FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined \
                 -Icommon -I$(GEN)
 FUZZ_TARGETS := $(BUILD)/fuzz/fuzz_normalize $(BUILD)/fuzz/fuzz_signature \
                 $(BUILD)/fuzz/fuzz_wsframe $(BUILD)/fuzz/fuzz_wsreader \
-                $(BUILD)/fuzz/fuzz_ssereq $(BUILD)/fuzz/fuzz_ackframe
+                $(BUILD)/fuzz/fuzz_ssereq $(BUILD)/fuzz/fuzz_ackframe \
+                $(BUILD)/fuzz/fuzz_nats
 FUZZ_SECONDS ?= 60
 
 ifeq ($(FUZZ_CC),)
@@ -54,6 +55,14 @@ $(BUILD)/fuzz/fuzz_ackframe: fuzz/fuzz_ackframe.c common/gift_json.c \
 	@mkdir -p $(@D)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ fuzz/fuzz_ackframe.c common/gift_json.c \
 	    $(GEN)/gift.pb-c.c -lprotobuf-c
+
+# the module's NATS protocol parser: plain C, no nginx in it
+$(BUILD)/fuzz/fuzz_nats: fuzz/fuzz_nats.c \
+        ngx_gift_module/ngx_http_gift_nats_parse.c \
+        ngx_gift_module/ngx_http_gift_nats_parse.h
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -Ingx_gift_module -o $@ fuzz/fuzz_nats.c \
+	    ngx_gift_module/ngx_http_gift_nats_parse.c
 
 # New inputs go to build/fuzz/new/<name> (not the committed corpus); a
 # crash leaves its input in build/fuzz/ and fails the target.

@@ -205,6 +205,20 @@ ngx_http_gift_fanout_clients(void)
 }
 
 
+/*
+ * The acknowledgement follower says where GIFT_ACKS was when it started:
+ * acknowledgements up to it are history, newer ones are live.
+ */
+static uint64_t  ngx_http_gift_fanout_origin_seq;
+
+
+void
+ngx_http_gift_fanout_origin(uint64_t seq)
+{
+    ngx_http_gift_fanout_origin_seq = seq;
+}
+
+
 void
 ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
 {
@@ -336,7 +350,7 @@ ngx_http_gift_client_due(ngx_http_gift_client_t *c, ngx_http_gift_frame_t *f)
         return 0;
     }
 
-    if (c->from_now && f->seq <= ngx_http_gift_nats_acks_origin()) {
+    if (c->from_now && f->seq <= ngx_http_gift_fanout_origin_seq) {
         return 0;
     }
 

@@ -3,9 +3,10 @@
  * answer 202 only once the PubAck says it is stored.
  *
  * The request waits for its PubAck without blocking the loop: it sits in
- * the bridge's pending tree with a timer.  Whichever comes first, the PubAck
- * or the timer, answers; the request's cleanup removes both, so a client that
- * leaves early, or a PubAck that comes late, finds nothing to touch.
+ * the NATS client's pending tree with a timer.  Whichever comes first, the
+ * PubAck or the timer, answers; the request's cleanup removes both, so a
+ * client that leaves early, or a PubAck that comes late, finds nothing to
+ * touch.
  */
 
 #include "ngx_http_gift_module.h"

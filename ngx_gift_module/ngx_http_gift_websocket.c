@@ -4,7 +4,7 @@
  * The handshake answers 101 with Sec-WebSocket-Accept (nginx's SHA-1 and
  * base64).  The server then sends each acknowledgement as a text frame
  * holding the acknowledgement JSON, framed once per worker (the frame's
- * `ws` bytes, see ngx_http_gift_nats.c), and pings on the worker's
+ * `ws` bytes, see ngx_http_gift_frame.c), and pings on the worker's
  * heartbeat.  A client may send text messages:
  *
  *   {"device":"motor_01","room":["a","b"],"status":null}   set its filters

@@ -339,11 +339,16 @@ sub start_nats {
     return GiftTest::Nats->new(%a)->start;
 }
 
+# giftctl's credential and TLS options (--creds FILE, --tls-ca FILE, ...)
+# for every call below, when a test's NATS needs them.
+our @GIFTCTL_OPTS;
+
 # Run giftctl against a NATS URL; returns stdout (and dies on failure
 # unless allow_fail).  In list context: (stdout, exit status).
 sub giftctl {
     my ($url, @args) = @_;
-    my $cmd = join(' ', map { "'$_'" } "$BUILD/giftctl", '-s', $url, @args);
+    my $cmd = join(' ', map { "'$_'" } "$BUILD/giftctl", @GIFTCTL_OPTS,
+        '-s', $url, @args);
     my $out = `timeout -k 5 120 $cmd 2>&1`;
     Test::More::diag("giftctl @args: no answer within 120 s from $url "
         . '(a wedged nats-server?)') if $? >> 8 == 124;
@@ -353,7 +358,8 @@ sub giftctl {
 # giftctl get STREAM SEQ, decoded; undef when there is no such message.
 sub stored {
     my ($url, $stream, $seq) = @_;
-    my $out = `timeout -k 5 120 '$BUILD/giftctl' -s '$url' get '$stream' '$seq' 2>/dev/null`;
+    my $o = join(' ', map { "'$_'" } @GIFTCTL_OPTS);
+    my $out = `timeout -k 5 120 '$BUILD/giftctl' $o -s '$url' get '$stream' '$seq' 2>/dev/null`;
     die "giftctl get $stream $seq: no answer within 120 s from $url\n"
         if $? >> 8 == 124;
     return undef if $? != 0 || $out !~ /^\{/;
@@ -363,7 +369,8 @@ sub stored {
 # giftctl get STREAM FIRST-LAST, decoded: a list of messages.
 sub stored_range {
     my ($url, $stream, $first, $last) = @_;
-    my $out = `timeout -k 5 120 '$BUILD/giftctl' -s '$url' get '$stream' '$first-$last' 2>/dev/null`;
+    my $o = join(' ', map { "'$_'" } @GIFTCTL_OPTS);
+    my $out = `timeout -k 5 120 '$BUILD/giftctl' $o -s '$url' get '$stream' '$first-$last' 2>/dev/null`;
     die "giftctl get $stream $first-$last: no answer within 120 s from $url\n"
         if $? >> 8 == 124;
     return map { $JSON->decode($_) } grep { /^\{/ } split /\n/, $out;
