@@ -25,6 +25,7 @@ use Time::HiRes qw(time sleep);
 use lib 't/lib';
 use GiftTest;
 use GiftStream;
+use GiftBrowser;
 
 my $ROOT = GiftTest::root();
 my $BUILD = GiftTest::build();
@@ -116,7 +117,7 @@ for (['/', qr{^text/html}], ['/overlay.css', qr{^text/css}],
 
 # ------------------------------------------------------------ browser
 
-my $browser = Browser->start($node, "$ROOT/t/browser/driver.mjs");
+my $browser = GiftBrowser->start($node, "$ROOT/t/browser/driver.mjs");
 ok($browser, 'Chromium started (' . ($browser->{version} // '?') . ')');
 
 my $nc = GiftStream::nats_connect($nats->port);
@@ -381,7 +382,7 @@ is_deeply($browser->view->{problems}, [], 'no page errors, no CSP refusals');
 
 my $profile = $browser->{profile};
 is($browser->close, 0, 'driver closed the browser and exited 0');
-ok(!browser_pids($profile), 'no Chromium process left');
+ok(!GiftBrowser::browser_pids($profile), 'no Chromium process left');
 
 $nc->close;
 is($ngx->stop, 0, 'nginx exits cleanly');
@@ -390,105 +391,3 @@ diag sprintf('overlay test: %.1f s', time - $T0);
 
 done_testing();
 
-# Processes whose command line names this test's Chromium profile.
-sub browser_pids {
-    my ($profile) = @_;
-    my @p;
-    for my $f (glob '/proc/[0-9]*/cmdline') {
-        my $c = GiftTest::slurp($f);
-        push @p, $f =~ m{/proc/(\d+)/} if index($c, $profile) >= 0;
-    }
-    return @p;
-}
-
-# ------------------------------------------------------------ the driver
-
-package Browser;
-
-use POSIX qw(:sys_wait_h);
-
-my @drivers;
-
-END {
-    local $?;
-    for my $b (@drivers) {
-        next unless $b->{pid};
-        # SIGTERM: the driver closes Chromium, then exits
-        kill 'TERM', $b->{pid};
-        my $end = Time::HiRes::time() + 10;
-        while (Time::HiRes::time() < $end
-            && waitpid($b->{pid}, WNOHANG) == 0)
-        {
-            Time::HiRes::sleep(0.05);
-        }
-        if (kill 0, $b->{pid}) {
-            kill 'KILL', $b->{pid};
-            waitpid($b->{pid}, 0);
-        }
-        # the last resort for a browser whose driver was killed
-        kill 'KILL', $_ for main::browser_pids($b->{profile});
-    }
-}
-
-sub start {
-    my ($class, $node, $script) = @_;
-    my $dir = GiftTest::tempdir();
-    my $self = bless { profile => "$dir/chromium-profile", buf => '',
-        id => 0 }, $class;
-    mkdir $self->{profile};
-    $self->{pid} = IPC::Open2::open2($self->{out}, $self->{in}, $node, $script,
-        '--user-data-dir', $self->{profile}, '--timeout-s', 540);
-    push @drivers, $self;
-    my $hello = $self->_answer(0, 40);
-    $self->{version} = $hello->{version};
-    return $self;
-}
-
-sub cmd {
-    my ($self, $cmd, %a) = @_;
-    my $id = ++$self->{id};
-    my $timeout = delete $a{timeout} // 20;
-    print { $self->{in} } $JSON->encode({ id => $id, cmd => $cmd, %a }),
-        "\n";
-    return $self->_answer($id, $timeout);
-}
-
-sub view { $_[0]->cmd('view') }
-
-sub _answer {
-    my ($self, $id, $timeout) = @_;
-    my $end = Time::HiRes::time() + $timeout;
-    my $sel = IO::Select->new($self->{out});
-    while (1) {
-        while ($self->{buf} =~ s/^(.*?)\n//) {
-            my $m = eval { $JSON->decode($1) } or next;
-            next unless defined $m->{id} && $m->{id} == $id;
-            die "driver: $m->{error}\n" unless $m->{ok};
-            return $m->{value};
-        }
-        my $left = $end - Time::HiRes::time();
-        die "driver: no answer to #$id within ${timeout}s\n" if $left <= 0;
-        next unless $sel->can_read($left > 0.5 ? 0.5 : $left);
-        my $got = sysread($self->{out}, my $chunk, 65536);
-        die "driver exited\n" unless $got;
-        $self->{buf} .= $chunk;
-    }
-}
-
-# Ask the driver to close the browser; returns its exit status.
-sub close {
-    my ($self) = @_;
-    eval { $self->cmd('close', timeout => 15) };
-    close $self->{in};
-    my $end = Time::HiRes::time() + 10;
-    my $st;
-    while (Time::HiRes::time() < $end) {
-        if (waitpid($self->{pid}, WNOHANG) == $self->{pid}) {
-            $st = $? >> 8;
-            last;
-        }
-        Time::HiRes::sleep(0.05);
-    }
-    $self->{pid} = undef if defined $st;
-    return $st;
-}
