@@ -233,7 +233,7 @@ for my $rel ('RPC Request from Device', 'Success', 'True', 'Success',
 is_deeply(\@path, [qw(TbMsgTypeSwitchNode TbTransformMsgNode TbJsFilterNode
     TbChangeOriginatorNode TbSendRPCRequestNode TbSendRPCReplyNode)],
     'switch -> pick target -> filter -> change originator -> rpc call request'
-    . ' -> rpc call reply (t/29 checks the rest)');
+    . ' -> rpc call reply (t/65 checks the rest)');
 my ($err) = grep { $nodes[$_]{name} eq 'Error reply' } 0 .. $#nodes;
 for my $n (1 .. 4) {
     my $rel = $nodes[$n]{type} =~ /Filter/ ? 'False' : 'Failure';
