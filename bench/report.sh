@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark report (issue 9): build/bench/report.md from the JSON the
 # benchmarks wrote into $GIFT_BENCH_OUT (build/bench): ingest.json,
-# dispatcher.json, fanout.json, e2e.json.  Each stage stands next to the
+# dispatcher.json, fanout.json, e2e.json (and seed.md, bench/seed.sh's table,
+# appended).  Each stage stands next to the
 # ceiling measured in the same run; when an aim is missed the report says
 # which stage is the bottleneck, with its figures.
 #
@@ -29,7 +30,8 @@ sub rd {
 }
 my %j = map { $_ => rd("$_.json") } qw(ingest dispatcher fanout e2e);
 my @have = grep { $j{$_} } sort keys %j;
-unless (@have) {
+my $seed_md = do { open(my $h, "<", "$dir/seed.md") ? do { local $/; <$h> } : undef };
+unless (@have || $seed_md) {
     print STDERR "report: no benchmark JSON in $dir\n";
     exit 1;
 }
@@ -353,6 +355,14 @@ if (@missed) {
           n($r->{others_cpu_pct}), "% of the machine meanwhile.";
         p;
     }
+}
+
+# ------------------------------------------------------------ seed stack
+# bench/seed.sh wrote its own table (seed.md): the seed stack of the
+# design notes against this project, same run
+if ($seed_md) {
+    p;
+    p $seed_md;
 }
 
 open(my $o, ">", "$dir/report.md") or die "$dir/report.md: $!";

@@ -7,7 +7,7 @@ use warnings;
 use JSON::PP;
 
 my ($runs, $out_json, $out_md, $stacks, $ref_rate, $secs, $mix, $conns, $sse,
-    $concurrency, $aof) = @ARGV;
+    $concurrency, $aof, $nodelay) = @ARGV;
 my $js = JSON::PP->new->canonical;
 sub rd { my $f = shift; open(my $h, "<", $f) or return undef; local $/;
     my $d = eval { $js->decode(<$h>) }; $d }
@@ -52,7 +52,7 @@ my %doc = (bench => "seed", date => scalar(gmtime) . " UTC", seconds => 0 + $sec
         my $x = <$l> // ""; chomp $x; $x },
     settings => { mix => $mix, conns => 0 + $conns, sse_clients => 0 + $sse,
         reference_rate => 0 + $ref_rate, seed_worker_concurrency => 0 + $concurrency,
-        seed_redis_aof => 0 + $aof },
+        seed_redis_aof => 0 + $aof, seed_mqtt_nodelay => 0 + ($nodelay // 1) },
     groups => { product => "seed: api, worker, redis; ours: nginx master and "
         . "workers, nats-server, dispatcher", "stand-ins" => "seed: device, mosquitto; "
         . "ours: tbstandin, motors (run), mosquitto, tbsim (tuned)",

@@ -42,7 +42,9 @@
 # GIFT_SEED_CONNS (64), GIFT_SEED_SSE (1), GIFT_SEED_MIX (the --gift list),
 # GIFT_SEED_WORKER_CONCURRENCY (64), GIFT_SEED_REDIS_AOF (1: appendonly yes,
 # appendfsync everysec, as BullMQ's production notes advise; 0: no
-# persistence), GIFT_BENCH_OUT (build/bench), GIFT_BENCH_KEEP=1 keeps the
+# persistence), GIFT_SEED_MQTT_NODELAY (1: TCP_NODELAY on the seed's mqtt.js
+# sockets, which leave Nagle on by default; 0: as mqtt.js leaves them),
+# GIFT_BENCH_OUT (build/bench), GIFT_BENCH_KEEP=1 keeps the
 # work directory.  Loopback only; bounded (about 2 minutes with the
 # defaults); every process it starts is stopped by PID.
 set -euo pipefail
@@ -57,6 +59,7 @@ CONNS=${GIFT_SEED_CONNS:-64}
 SSE=${GIFT_SEED_SSE:-1}
 CONCURRENCY=${GIFT_SEED_WORKER_CONCURRENCY:-64}
 REDIS_AOF=${GIFT_SEED_REDIS_AOF:-1}
+NODELAY=${GIFT_SEED_MQTT_NODELAY:-1}
 # TikTok-like gift names and diamond values, 1 to 29,999 (cycled evenly)
 MIX=${GIFT_SEED_MIX:-Rose:1,TikTok:1,FingerHeart:5,Perfume:20,Doughnut:30,HandHearts:100,Corgi:299,MoneyGun:500,Galaxy:1000,WhaleDiving:2150,DramaQueen:5000,Interstellar:10000,Falcon:10999,RosaNebula:15000,Lion:29999}
 OUT=${GIFT_BENCH_OUT:-$ROOT/build/bench}
@@ -252,12 +255,12 @@ MQ
     stack_add "$SMOSQ_PID"
     wait_port "$mqtt_port" mosquitto "$SMOSQ_PID" "$d/mosquitto.log"
     node "$SEED/device.mjs" --mqtt-port "$mqtt_port" --out "$d/device.json" \
-        >"$d/device.log" 2>&1 &
+        --nodelay "$NODELAY" >"$d/device.log" 2>&1 &
     DEV_PID=$!
     stack_add "$DEV_PID"
     wait_log "$d/device.log" serving 1 "seed device" "$DEV_PID"
     node "$SEED/worker.mjs" --redis-port "$redis_port" --mqtt-port "$mqtt_port" \
-        --concurrency "$CONCURRENCY" >"$d/worker.log" 2>&1 &
+        --concurrency "$CONCURRENCY" --nodelay "$NODELAY" >"$d/worker.log" 2>&1 &
     WORKER_PID=$!
     stack_add "$WORKER_PID"
     wait_log "$d/worker.log" running 1 "seed worker" "$WORKER_PID"
@@ -408,4 +411,4 @@ fi
 # ---------------------------------------------------------------- report
 perl "$ROOT/bench/seed-report.pl" "$WORK/runs" "$OUT/seed.json" "$OUT/seed.md" \
     "$STACKS" "$REF_RATE" "$(( $(date +%s) - T_START ))" "$MIX" "$CONNS" "$SSE" \
-    "$CONCURRENCY" "$REDIS_AOF"
+    "$CONCURRENCY" "$REDIS_AOF" "$NODELAY"

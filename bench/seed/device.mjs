@@ -4,7 +4,7 @@
 // motor; SIGUSR1 writes them to --out (JSON, with a snapshot counter).
 // Part of bench/seed.sh only.
 //
-//   node device.mjs --mqtt-port M --out FILE [--devices 4]
+//   node device.mjs --mqtt-port M --out FILE [--devices 4] [--nodelay 1]
 import mqtt from 'mqtt';
 import { writeFileSync, renameSync } from 'node:fs';
 
@@ -16,6 +16,7 @@ const HOST = arg('host', '127.0.0.1');
 const PORT = Number(arg('mqtt-port', 1883));
 const OUT = arg('out', 'device.json');
 const N = Number(arg('devices', 4));
+const NODELAY = arg('nodelay', '1') === '1';      // as in worker.mjs
 
 const devices = {};
 let snapshot = 0;
@@ -24,6 +25,7 @@ for (let i = 1; i <= N; i++) {
     const name = `motor_${String(i).padStart(2, '0')}`;
     const st = devices[name] = { rpcs: 0, rounds: 0 };
     const c = mqtt.connect({ host: HOST, port: PORT, clientId: `seed-${name}`, clean: true });
+    c.on('connect', () => NODELAY && c.stream?.setNoDelay?.(true));
     await new Promise((resolve, reject) => {
         c.once('connect', resolve);
         c.once('error', reject);

@@ -6,7 +6,7 @@
 // value, which the API streams).  No answer in --rpc-timeout ms: the job
 // fails and BullMQ retries it.  Part of bench/seed.sh only.
 //
-//   node worker.mjs --redis-port R --mqtt-port M [--concurrency 64]
+//   node worker.mjs --redis-port R --mqtt-port M [--concurrency 64] [--nodelay 1]
 import { Worker } from 'bullmq';
 import mqtt from 'mqtt';
 
@@ -20,8 +20,12 @@ const CONCURRENCY = Number(arg('concurrency', 64));
 const RPC_TIMEOUT = Number(arg('rpc-timeout', 10000));
 const DEVICES = Number(arg('devices', 4));
 
+// --nodelay 1: TCP_NODELAY on the MQTT socket (mqtt.js leaves Nagle on;
+// Mosquitto, ioredis and Node's HTTP server turn it off)
+const NODELAY = arg('nodelay', '1') === '1';
 const client = mqtt.connect({ host: HOST, port: Number(arg('mqtt-port', 1883)),
     clientId: `seed-worker-${process.pid}`, clean: true });
+client.on('connect', () => NODELAY && client.stream?.setNoDelay?.(true));
 await new Promise((resolve, reject) => {
     client.once('connect', resolve);
     client.once('error', reject);
