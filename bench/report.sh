@@ -30,7 +30,8 @@ sub rd {
 }
 my %j = map { $_ => rd("$_.json") } qw(ingest dispatcher fanout e2e);
 my @have = grep { $j{$_} } sort keys %j;
-my $seed_md = do { open(my $h, "<", "$dir/seed.md") ? do { local $/; <$h> } : undef };
+my $seed_md;
+if (open(my $sh, "<", "$dir/seed.md")) { local $/; $seed_md = <$sh>; close $sh; }
 unless (@have || $seed_md) {
     print STDERR "report: no benchmark JSON in $dir\n";
     exit 1;

@@ -142,7 +142,7 @@ for my $s (@st) {
 push @md, "", "Verdict: " . ($ok ? "every stack acknowledged every gift once and turned its rounds"
     : "a stack LOST, duplicated or mis-turned gifts (see seed.json)"), "";
 open(my $m, ">", $out_md) or die "$out_md: $!";
-print $m join("\n", @md);
+print $m join("\n", @md), "\n";
 close $m;
-print join("\n", @md);
+print join("\n", @md), "\n";
 exit($ok ? 0 : 1);
