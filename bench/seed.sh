@@ -295,6 +295,7 @@ if [[ " $STACKS " == *" run "* ]]; then
         GIFT_MQTT_PORT=$M GIFT_METRICS_PORT=$MT bash scripts/run.sh \
         >"$d/run.out" 2>&1 &
     RUNSH=$!
+    stack_add "$RUNSH"          # at once: stopped even when it never came up
     wait_port "$H" "make run" "$RUNSH" "$d/run.out"
     wait_log "$d/logs/dispatcher.log" 'MQTT: listening|running:' 1 dispatcher "$RUNSH"
     NATS_PID=$(child_of "$RUNSH" nats-server) TB_PID=$(child_of "$RUNSH" 'tb[.]mjs')
@@ -305,7 +306,9 @@ if [[ " $STACKS " == *" run "* ]]; then
         (( ${#W[@]} > 0 )) && break
         sleep 0.1
     done
-    # run.sh stops its children; what it leaves is stopped here, by PID
+    # run.sh first (it stops its children); what it leaves is stopped here,
+    # by PID (stop_stack goes from the last added to the first)
+    STACK_PIDS=() STACK_SIG=()
     for p in "$NGX_PID" "$DISP_PID" "$MOT_PID" "$TB_PID" "$NATS_PID"; do
         [[ -n $p ]] && stack_add "$p"
     done
