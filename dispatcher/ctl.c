@@ -3,7 +3,9 @@
  *
  *   ctl pause DEVICE          hold DEVICE's gifts (every dispatcher)
  *   ctl resume DEVICE         send them again
- *   ctl rate DEVICE N         at most N rounds per minute (0: no limit)
+ *   ctl rate DEVICE N         at most N rounds per minute (N >= 1)
+ *   ctl rate DEVICE unlimited no limit
+ *   ctl rate DEVICE stopped   nothing at all (0 is refused: say which)
  *   ctl rate DEVICE default   back to the configuration's limit
  *   ctl clear DEVICE          both back to the configuration
  *   ctl show                  the switches set in KV
@@ -28,7 +30,7 @@ usage(void)
     fprintf(stderr,
         "usage: " DSP_PROGRAM " -c FILE ctl pause DEVICE\n"
         "       " DSP_PROGRAM " -c FILE ctl resume DEVICE\n"
-        "       " DSP_PROGRAM " -c FILE ctl rate DEVICE ROUNDS_PER_MINUTE|default\n"
+        "       " DSP_PROGRAM " -c FILE ctl rate DEVICE N|unlimited|stopped|default\n"
         "       " DSP_PROGRAM " -c FILE ctl clear DEVICE\n"
         "       " DSP_PROGRAM " -c FILE ctl show\n");
     return 2;
@@ -74,15 +76,19 @@ ctl_main(const dconf_t *c, int argc, char **argv)
         {
             return usage();
         }
-        if (strcmp(argv[0], "rate") == 0 && strcmp(argv[2], "default") != 0) {
+        if (strcmp(argv[0], "rate") == 0 && strcmp(argv[2], "default") != 0
+            && strcmp(argv[2], "unlimited") != 0
+            && strcmp(argv[2], "stopped") != 0)
+        {
             char               *end;
             unsigned long long  v = strtoull(argv[2], &end, 10);
 
             if (argv[2][0] < '0' || argv[2][0] > '9' || *end != '\0'
-                || v > DSP_ROUNDS_JSON_MAX)
+                || v > DSP_ROUNDS_JSON_MAX || v == 0)
             {
                 fprintf(stderr, DSP_PROGRAM " ctl: \"%s\" is not a number of "
-                        "rounds per minute\n", argv[2]);
+                        "rounds per minute >= 1; say \"unlimited\" or "
+                        "\"stopped\"\n", argv[2]);
                 return 2;
             }
         }

@@ -116,22 +116,30 @@ device_limits(dsp_t *d, ddevice_t *dev)
             break;
         }
     }
-    if (rpm < 0) {
-        rpm = (int64_t) c->rounds_per_minute;
+    /* -1: not set; -2: "stopped"; 0: "unlimited"; else the limit */
+    if (dev->kv_rpm != -1) {
+        rpm = dev->kv_rpm;
     }
     if (dev->kv_paused >= 0) {
         paused = dev->kv_paused;
     }
-    if (dev->kv_rpm >= 0) {
-        rpm = dev->kv_rpm;
+    {
+        uint64_t eff = rpm == -1 ? c->rounds_per_minute
+                       : rpm == -2 ? DSP_RPM_STOPPED : (uint64_t) rpm;
+
+        if (paused != dev->paused || eff != dev->rpm) {
+            if (eff == DSP_RPM_STOPPED) {
+                gift_log(GIFT_LOG_INFO, "device %s: %s, rate stopped",
+                         dev->name, paused ? "paused" : "running");
+            } else {
+                gift_log(GIFT_LOG_INFO, "device %s: %s, %s%" PRIu64 " rounds"
+                         " per minute", dev->name, paused ? "paused"
+                         : "running", eff ? "" : "unlimited: ", eff);
+            }
+        }
+        dev->paused = paused;
+        dev->rpm = eff;
     }
-    if (paused != dev->paused || (uint64_t) rpm != dev->rpm) {
-        gift_log(GIFT_LOG_INFO, "device %s: %s, %s%" PRId64 " rounds per "
-                 "minute", dev->name, paused ? "paused" : "running",
-                 rpm ? "" : "no limit: ", rpm);
-    }
-    dev->paused = paused;
-    dev->rpm = (uint64_t) rpm;
 }
 
 /* The device named `name`, created on first use (never removed: the set of
@@ -171,6 +179,7 @@ device_get(dsp_t *d, const char *name)
     }
     dev->kv_paused = -1;
     dev->kv_rpm = -1;
+    dev->paused = -1;                   /* logged once at creation */
     device_limits(d, dev);
     d->dev[slot] = dev;
     d->ndev++;
@@ -203,6 +212,23 @@ queue_push_head(ddevice_t *dev, dgift_t *g)
     }
     dev->qhead = g;
     dev->queued++;
+}
+
+static void
+queue_unlink(ddevice_t *dev, dgift_t *g)
+{
+    if (g->qprev) {
+        g->qprev->qnext = g->qnext;
+    } else {
+        dev->qhead = g->qnext;
+    }
+    if (g->qnext) {
+        g->qnext->qprev = g->qprev;
+    } else {
+        dev->qtail = g->qprev;
+    }
+    g->qnext = g->qprev = NULL;
+    dev->queued--;
 }
 
 static dgift_t *
@@ -424,7 +450,12 @@ ack_fill(const dgift_t *g, Gift__V1__GiftAck *a)
     a->event_id = (char *) event_id(g);
     a->device_id = g->dev ? g->dev->name : (char *) DSP_NO_DEVICE;
     a->rounds = g->rounds;
-    a->attempts = (uint32_t) g->delivered;
+    a->rounds_requested = g->rounds_req > g->rounds ? g->rounds_req
+                                                    : g->rounds;
+    a->capped = g->capped;
+    a->parts = g->parts_done;
+    /* device attempts: those failed before this delivery, and this one */
+    a->attempts = g->failures + 1;
     a->completed_at_ms = gift_now_ms();
     a->diamond = g->diamond;
     if (e != NULL) {
@@ -574,22 +605,52 @@ gift_dead_letter(dsp_t *d, dgift_t *g, const char *reason,
 
 /* The device did not confirm: retry later, or dead-letter the last try
  * (the server never redelivers past MaxDeliver). */
+/*
+ * The attempt record of g, key "a.<stem>" in GIFT_DONE: "v1 <failed
+ * device attempts> <device> <parts confirmed> <their rounds>".  Written
+ * before the nak of a failed attempt and after each confirmed part of a
+ * split gift, as a core publish on the connection that then naks (so the
+ * server has it before the redelivery); read back by the KV thread when
+ * the gift comes back (dispatch_kv).  It is what counts attempts: the
+ * server's delivery count also counts releases at stops and crashes, and
+ * the consumer redelivers without limit (MaxDeliver -1).
+ */
+static void
+attempt_record(dsp_t *d, dgift_t *g, uint32_t failures)
+{
+    char   subj[sizeof("$KV." GIFT_KV_DONE ".a.")
+                + GIFT_KVKEY_SIZE(2 * GIFT_ID_MAX + 64)];
+    char   stem[2 * GIFT_ID_MAX + 64], val[128];
+    int    n, len;
+
+    msg_id_stem(g, stem, sizeof(stem));
+    n = snprintf(subj, sizeof(subj), "$KV." GIFT_KV_DONE ".a.");
+    if (gift_kvkey_encode(stem, subj + n, sizeof(subj) - (size_t) n) <= 0) {
+        return;
+    }
+    len = snprintf(val, sizeof(val), "v1 %" PRIu32 " %s %" PRIu32 " %"
+                   PRIu64, failures, g->dev ? g->dev->name : DSP_NO_DEVICE,
+                   g->parts_done, g->rounds_done);
+    nats_in_publish_core(d, subj, val, (size_t) len);
+}
+
 static void
 gift_fail(dsp_t *d, dgift_t *g, const char *reason, const char *detail)
 {
     const dconf_t *c = d->conf;
     int64_t        delay;
 
-    if (g->delivered >= (uint64_t) d->nats.max_deliver) {
+    if (g->failures + 1 >= (uint32_t) c->max_attempts) {
         gift_dead_letter(d, g, reason, detail);
         return;
     }
+    attempt_record(d, g, g->failures + 1);
     delay = retry_delay_ms(c->retry_delays_ms, c->nretry_delays,
-                           g->delivered);
+                           g->failures + 1);
     gift_log(GIFT_LOG_DEBUG, "event %s device %s: %s%s%s; retry %" PRIu64
              " in %" PRId64 " ms", event_id(g), g->dev->name, reason,
-             detail ? ": " : "", detail ? detail : "", g->delivered + 1,
-             delay);
+             detail ? ": " : "", detail ? detail : "",
+             (uint64_t) g->failures + 2, delay);
     STAT_ADD(d, retried, 1);
     gift_release(d, g, delay);
 }
@@ -639,12 +700,34 @@ device_wait(dsp_t *d, ddevice_t *dev, int64_t when)
     }
 }
 
+/* The rounds one command may carry for dev: devices.coalesce_max_rounds,
+ * and never above the device's minute (a part must fit in it). */
+static uint64_t
+cmd_max_rounds(const dsp_t *d, const ddevice_t *dev)
+{
+    uint64_t m = d->conf->coalesce_max_rounds;
+
+    if (dev->rpm > 0 && dev->rpm != DSP_RPM_STOPPED && dev->rpm < m) {
+        m = dev->rpm;
+    }
+    return m ? m : 1;
+}
+
+/* What g still has to turn. */
+static uint64_t
+gift_left(const dgift_t *g)
+{
+    return g->rounds > g->rounds_done ? g->rounds - g->rounds_done : 0;
+}
+
 /*
  * Send what the device's slots allow, coalescing queued gifts: up to
- * coalesce_max_events gifts and coalesce_max_rounds rounds per RPC (a
- * single bigger gift goes alone), and with a rate limit only what fits in
- * the device's last minute (a single gift above the limit goes alone
- * when the minute is empty).  Paused: nothing.
+ * coalesce_max_events gifts and coalesce_max_rounds rounds per RPC.  A
+ * gift above coalesce_max_rounds goes alone, in parts of at most that
+ * many rounds ("<event id>#k", one after the other): no command ever
+ * carries more.  With a rate limit only what fits in the device's last
+ * minute goes.  Paused or stopped: nothing.  Offline (an RPC went
+ * unanswered): one RPC at a time, offline_retry_ms apart.
  */
 static void
 device_kick(dsp_t *d, ddevice_t *dev)
@@ -653,16 +736,32 @@ device_kick(dsp_t *d, ddevice_t *dev)
     drpc_t        *r;
     dgift_t       *g, *last;
     int64_t        now;
-    uint64_t       room = UINT64_MAX, sent;
+    uint64_t       room = UINT64_MAX, sent, cmax, head;
 
     while (dev->qhead != NULL && dev->inflight < c->dev_max_inflight
-           && d->mqtt.ready && !dev->paused)
+           && d->mqtt.ready && dev->paused <= 0
+           && dev->rpm != DSP_RPM_STOPPED)
     {
         now = gift_mono_us();
+        if (dev->offline_since != 0) {
+            if (dev->inflight > 0) {
+                return;                     /* one probe at a time */
+            }
+            if (now < dev->probe_at_us) {
+                device_wait(d, dev, dev->probe_at_us);
+                return;
+            }
+        }
+        cmax = cmd_max_rounds(d, dev);
+        g = dev->qhead;
+        head = gift_left(g);
+        if (head > cmax) {
+            head = cmax;
+        }
         if (dev->rpm > 0) {
-            if (!rate_fits(&dev->rate, dev->rpm, now, dev->qhead->rounds)) {
+            if (!rate_fits(&dev->rate, dev->rpm, now, head)) {
                 device_wait(d, dev, rate_next(&dev->rate, dev->rpm, now,
-                                              dev->qhead->rounds));
+                                              head));
                 return;
             }
             sent = rate_sum(&dev->rate, now);
@@ -674,23 +773,36 @@ device_kick(dsp_t *d, ddevice_t *dev)
         }
         r->dev = dev;
         r->n = rpc_ids_next(&d->mqtt.ids);
-        last = NULL;
-        while (dev->qhead != NULL
-               && coalesce_more(r->ngifts, r->rounds, dev->qhead->rounds,
-                                (size_t) c->coalesce_max_events,
-                                c->coalesce_max_rounds, room))
-        {
+        if (g->rounds_done > 0 || gift_left(g) > cmax) {
+            /* a split gift: its next part, alone */
             g = queue_pop(dev);
             g->state = GIFT_SENT;
             g->rpc = r;
-            if (last) {
-                last->qnext = g;
-            } else {
-                r->gifts = g;
+            r->gifts = g;
+            r->ngifts = 1;
+            r->rounds = head;
+            r->part = g->parts_done + 1;
+            snprintf(r->part_id, sizeof(r->part_id), "%s#%" PRIu32,
+                     g->ev->event_id, r->part);
+        } else {
+            last = NULL;
+            while (dev->qhead != NULL && dev->qhead->rounds_done == 0
+                   && coalesce_more(r->ngifts, r->rounds, dev->qhead->rounds,
+                                    (size_t) c->coalesce_max_events, cmax,
+                                    room))
+            {
+                g = queue_pop(dev);
+                g->state = GIFT_SENT;
+                g->rpc = r;
+                if (last) {
+                    last->qnext = g;
+                } else {
+                    r->gifts = g;
+                }
+                last = g;
+                r->rounds += g->rounds;
+                r->ngifts++;
             }
-            last = g;
-            r->rounds += g->rounds;
-            r->ngifts++;
         }
         if (mqtt_out_send(d, r) != 0) {
             /* not connected after all: put them back, in order */
@@ -742,26 +854,89 @@ lat_observe(dsp_t *d, int64_t us)
 }
 
 /* An RPC is over (reply or timeout): free its slot, settle its gifts. */
+/* "The device is not connected" as ThingsBoard (or a gateway) says it. */
+static int
+reply_offline(const char *why)
+{
+    return why != NULL && (strstr(why, "NO_ACTIVE_CONNECTION") != NULL
+                           || strstr(why, "offline") != NULL
+                           || strstr(why, "not connected") != NULL);
+}
+
 static void
 rpc_finish(dsp_t *d, drpc_t *r, drpc_reply_rc rc, const char *why)
 {
     ddevice_t *dev = r->dev;
-    dgift_t   *g, *next;
-    int64_t    lat = gift_mono_us() - r->sent_us;
+    dgift_t   *g, *next, *back[1024];
+    int64_t    now = gift_mono_us();
+    int64_t    lat = now - r->sent_us;
+    size_t     nback = 0;
+    int        offline;
 
     rpc_unlink(d, r);
     dev->inflight--;
     if (rc == RPC_REPLY_OK || why != NULL) {
         lat_observe(d, lat);             /* answered: not a timeout */
     }
+    offline = rc != RPC_REPLY_OK && (why == NULL || reply_offline(why));
+    if (rc == RPC_REPLY_OK) {
+        if (dev->offline_since != 0) {
+            gift_log(GIFT_LOG_INFO, "device %s answers again after %" PRId64
+                     " ms", dev->name, (now - dev->offline_since) / 1000);
+        }
+        dev->offline_since = 0;
+    } else if (offline) {
+        if (dev->offline_since == 0) {
+            dev->offline_since = now;
+            gift_log(GIFT_LOG_WARN, "device %s does not answer (%s): its "
+                     "gifts wait up to %d ms without spending attempts",
+                     dev->name, why ? why : "timeout", d->conf->offline_grace_ms);
+        }
+        dev->probe_at_us = now + (int64_t) d->conf->offline_retry_ms * 1000;
+        if (now - dev->offline_since
+            >= (int64_t) d->conf->offline_grace_ms * 1000)
+        {
+            offline = 0;                 /* too long: attempts count again */
+        }
+    }
     for (g = r->gifts; g != NULL; g = next) {
         next = g->qnext;
         g->qnext = NULL;
-        if (rc == RPC_REPLY_OK) {
+        g->rpc = NULL;
+        if (rc == RPC_REPLY_OK && r->part > 0) {
+            /* one part of a split gift confirmed */
+            g->parts_done = r->part;
+            g->rounds_done += r->rounds;
+            if (gift_left(g) > 0 && !d->stopping && nback < 1024) {
+                attempt_record(d, g, g->failures);
+                g->state = GIFT_QUEUED;
+                back[nback++] = g;
+                continue;
+            }
+            if (gift_left(g) > 0) {
+                attempt_record(d, g, g->failures);
+                gift_release(d, g, 0);
+                STAT_ADD(d, released, 1);
+                continue;
+            }
             gift_ok(d, g, lat);
+        } else if (rc == RPC_REPLY_OK) {
+            g->rounds_done = g->rounds;
+            gift_ok(d, g, lat);
+        } else if (offline && d->stopping) {
+            gift_release(d, g, 0);          /* no attempt spent either */
+            STAT_ADD(d, released, 1);
+        } else if (offline && nback < 1024) {
+            /* like a paused device: it waits, no attempt spent */
+            g->state = GIFT_QUEUED;
+            back[nback++] = g;
+            STAT_ADD(d, offline_requeued, 1);
         } else {
             gift_fail(d, g, why == NULL ? "timeout" : "device_error", why);
         }
+    }
+    while (nback-- > 0) {
+        queue_push_head(dev, back[nback]);
     }
     free(r);
     if (!d->stopping) {
@@ -828,6 +1003,43 @@ done_check_needed(dgift_t *g)
     return g->delivered > 1 || g->replay;
 }
 
+/* Past max_gift_age (by nginx's clock, else the sender's)? */
+static int
+gift_expired(const dsp_t *d, const dgift_t *g)
+{
+    return g->received_ms > 0
+           && gift_now_ms() - g->received_ms > d->conf->max_gift_age_s * 1000;
+}
+
+/* The per-gift limit (rules.max_rounds): above it a gift is clamped, or
+ * dead-lettered "overflow" with over_max_rounds = "dead_letter".  0, or
+ * -1 when g was finished. */
+static int
+gift_limit(dsp_t *d, dgift_t *g, uint64_t rounds)
+{
+    const drules_t *ru = d->conf->rules;
+    uint64_t        max = ru->max_rounds ? ru->max_rounds : DSP_ROUNDS_JSON_MAX;
+    char            why[96];
+
+    g->rounds_req = rounds;
+    g->rounds = rounds;
+    if (rounds <= max) {
+        return 0;
+    }
+    if (ru->over_dead_letter) {
+        snprintf(why, sizeof(why), "%" PRIu64 " rounds above max_rounds %"
+                 PRIu64, rounds, max);
+        gift_dead_letter(d, g, "overflow", why);
+        return -1;
+    }
+    gift_log(GIFT_LOG_WARN, "event %s: %" PRIu64 " rounds clamped to "
+             "max_rounds %" PRIu64, event_id(g), rounds, max);
+    g->rounds = max;
+    g->capped = 1;
+    STAT_ADD(d, capped, 1);
+    return 0;
+}
+
 /* Queue a routed gift for its device, or finish it when it has nothing
  * to turn. */
 static void
@@ -867,10 +1079,41 @@ gift_route(dsp_t *d, dgift_t *g)
 
     /* a frame's own quantity is a running total: route it as 1 (the
      * overflow check of what it adds comes with its increment) */
+    if (gift_expired(d, g)) {
+        STAT_ADD(d, expired, 1);
+        gift_dead_letter(d, g, "expired", NULL);
+        return;
+    }
+    /* anything that can publish to NATS reaches us: the webhook's ranges
+     * again */
+    if (e->diamond > GIFT_DIAMOND_MAX || e->quantity > GIFT_QUANTITY_MAX
+        || e->quantity == 0)
+    {
+        gift_dead_letter(d, g, "invalid", "diamond or quantity out of range");
+        return;
+    }
     rc = rules_route(d->conf->rules, e->platform, e->room_id, e->gift_id,
                      e->gift_name, e->diamond, streak ? 1 : e->quantity, &rt);
     g->diamond = rt.diamond;
     g->multiplier = rt.multiplier;
+    if (g->first_dev[0] != '\0' && rc != ROUTE_NO_DEVICE
+        && strcmp(g->first_dev, rt.device) != 0)
+    {
+        /* a retry goes where its first attempt went, whatever a reload
+         * changed meanwhile (the device may have turned for it) */
+        gift_log(GIFT_LOG_INFO, "event %s: retried on %s, its first "
+                 "device (the rules now say %s)", e->event_id, g->first_dev,
+                 rt.device);
+        rt.device = g->first_dev;
+    } else if (g->first_dev[0] != '\0' && rc == ROUTE_NO_DEVICE) {
+        rt.device = g->first_dev;
+        rc = ROUTE_OK;
+        if (rules_rounds_raw(g->diamond, streak ? 1 : e->quantity,
+                             g->multiplier, &rt.rounds) != 0)
+        {
+            rc = ROUTE_OVERFLOW;
+        }
+    }
     if (rc == ROUTE_NO_DEVICE) {
         gift_dead_letter(d, g, "no_route", e->gift_name);
         return;
@@ -880,12 +1123,18 @@ gift_route(dsp_t *d, dgift_t *g)
         gift_release(d, g, 1000);
         return;
     }
-    if (rc == ROUTE_OVERFLOW) {
+    if (rc == ROUTE_OVERFLOW
+        && rules_rounds_raw(g->diamond, streak ? 1 : e->quantity,
+                            g->multiplier, &rt.rounds) != 0)
+    {
+        /* beyond 2^53 (or 64 bits): not a number of rounds at all */
         gift_dead_letter(d, g, "overflow", NULL);
         return;
     }
     if (!streak) {
-        g->rounds = rt.rounds;
+        if (gift_limit(d, g, rt.rounds) != 0) {
+            return;
+        }
         gift_queue(d, g);
         return;
     }
@@ -992,6 +1241,14 @@ dispatch_kv(dsp_t *d, dkvjob_t *j)
         return;
     }
     if (j->kind == KVJ_DONE) {
+        if (j->afound) {
+            g->failures = j->afail;
+            g->parts_done = j->aparts;
+            g->rounds_done = j->arounds;
+            if (rules_device_valid(j->adev)) {
+                memcpy(g->first_dev, j->adev, sizeof(g->first_dev));
+            }
+        }
         if (j->found && j->val == NULL) {
             /* the probe found its GiftAck in GIFT_ACKS: done */
             gift_log(GIFT_LOG_INFO, "event %s (seq %" PRIu64 ", delivery %"
@@ -1029,13 +1286,15 @@ dispatch_kv(dsp_t *d, dkvjob_t *j)
              j->how == STREAK_NEW ? "new" : j->how == STREAK_KNOWN
              ? "claimed before" : "nothing new");
     kv_job_free(j);
-    if (rules_rounds(d->conf->rules, g->diamond, g->streak_inc,
-                     g->multiplier, &rounds) != 0)
+    if (rules_rounds_raw(g->diamond, g->streak_inc, g->multiplier, &rounds)
+        != 0)
     {
         gift_dead_letter(d, g, "overflow", NULL);
         return;
     }
-    g->rounds = rounds;
+    if (gift_limit(d, g, rounds) != 0) {
+        return;
+    }
     gift_queue(d, g);
 }
 
@@ -1099,6 +1358,8 @@ dispatch_msg(dsp_t *d, natsMsg *m)
         gift_dead_letter(d, g, "undecodable", NULL);
         return;
     }
+    g->received_ms = e->received_at_ms > 0 ? e->received_at_ms
+                                           : e->occurred_at_ms;
 
     if (done_check_needed(g)) {
         /* did an earlier delivery complete?  (a crash between the
@@ -1110,6 +1371,20 @@ dispatch_msg(dsp_t *d, natsMsg *m)
             msg_id_stem(g, stem, sizeof(stem) - 4);
             strcat(stem, ":ack");
             j->probe_id = strdup(stem);
+        }
+        if (j != NULL) {
+            char   stem[2 * GIFT_ID_MAX + 64];
+            size_t n;
+
+            msg_id_stem(g, stem, sizeof(stem));
+            n = GIFT_KVKEY_SIZE(strlen(stem)) + 2;
+            if ((j->akey = malloc(n)) != NULL) {
+                memcpy(j->akey, "a.", 2);
+                if (gift_kvkey_encode(stem, j->akey + 2, n - 2) <= 0) {
+                    free(j->akey);
+                    j->akey = NULL;
+                }
+            }
         }
         if (j != NULL
             && (d->conf->done_markers
@@ -1291,6 +1566,20 @@ dispatch_timers(dsp_t *d, int64_t now)
     for (k = d->nheld; k > 0 && (g = d->held) != NULL
          && now - g->touched_us >= every; k--)
     {
+        if (g->state == GIFT_QUEUED && g->msg != NULL && !d->stopping
+            && gift_expired(d, g))
+        {
+            /* waited past max_gift_age (a paused or offline device): the
+             * stream it belonged to is over */
+            queue_unlink(g->dev, g);
+            STAT_ADD(d, expired, 1);
+            gift_dead_letter(d, g, "expired", "waited past max_gift_age");
+            if (dmap_get(&d->by_seq, g->seq) != g) {
+                continue;                   /* freed already */
+            }
+            held_touch(d, g, now);
+            continue;
+        }
         if (g->msg != NULL) {
             natsMsg_InProgress(g->msg, NULL);
         }

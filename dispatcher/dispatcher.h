@@ -39,8 +39,18 @@
 #define DSP_PROGRAM        "gift-dispatcher"
 #define DSP_DEVICE_MAX     64     /* device ids: [A-Za-z0-9_-]{1,64} */
 #define DSP_NO_DEVICE      "_none" /* gift.acks.<device> for unroutable gifts */
+#define GIFT_PART_ID_MAX   160     /* "<event id (128)>#<k>" + NUL */
 
 /* ------------------------------------------------------------------ rules */
+
+/* rounds_per_minute = "stopped" (0 is refused: it used to mean no limit) */
+#define DSP_RPM_STOPPED    UINT64_MAX
+
+/* Motor safety by default (the example config says the same): rounds per
+ * gift, per command, per device per minute. */
+#define DSP_DEF_GIFT_ROUNDS  10000
+#define DSP_DEF_CMD_ROUNDS   1000
+#define DSP_DEF_RPM          6000
 
 /* A set of strings a rule field may match ("any of"); n == 0: any value. */
 typedef struct {
@@ -73,7 +83,9 @@ typedef struct {
     dcat_entry_t  *cat;                 /* sorted by gift_id */
     size_t         ncat;
     int            cat_override;        /* 1: catalogue wins; 0: fills 0 only */
-    uint64_t       max_rounds;          /* per gift; above: "overflow" */
+    uint64_t       max_rounds;          /* per gift; above: clamped, or
+                                           "overflow" with over_dead_letter */
+    int            over_dead_letter;
 } drules_t;
 
 typedef enum {
@@ -112,6 +124,10 @@ droute_rc rules_route(const drules_t *r, const char *platform,
  */
 int rules_rounds(const drules_t *r, uint32_t diamond, uint32_t quantity,
     uint32_t multiplier, uint64_t *rounds);
+
+/* The same against 2^53 - 1 only (the dispatcher clamps to max_rounds). */
+int rules_rounds_raw(uint32_t diamond, uint32_t quantity, uint32_t multiplier,
+    uint64_t *rounds);
 
 /* Catalogue lookup by gift id: the entry or NULL. */
 const dcat_entry_t *rules_catalogue(const drules_t *r, const char *gift_id);
@@ -164,6 +180,8 @@ typedef struct {
     size_t       nretry_delays;
     int          shutdown_timeout_ms;
     int          done_markers;         /* write GIFT_DONE markers */
+    int          max_attempts;         /* device attempts before the DLQ */
+    int64_t      max_gift_age_s;       /* older: dead letter "expired" */
 
     /* mqtt { } */
     char        *mqtt_host;
@@ -194,7 +212,12 @@ typedef struct {
     int          coalesce_max_events;  /* gifts per RPC */
     uint64_t     coalesce_max_rounds;  /* rounds per RPC (a lone gift may
                                           exceed it; it is never split) */
-    uint64_t     rounds_per_minute;    /* default limit; 0: none */
+    uint64_t     rounds_per_minute;    /* default limit; 0: none;
+                                          DSP_RPM_STOPPED: sends nothing */
+    int          offline_grace_ms;     /* a device that does not answer is
+                                          waited for this long (attempts
+                                          not spent) */
+    int          offline_retry_ms;     /* its probes, one RPC at a time */
     ddevconf_t  *devconf;              /* devices.device: per device */
     size_t       ndevconf;
     int          control;              /* watch KV GIFT_DEVICES */
@@ -441,6 +464,14 @@ struct dgift {
     uint32_t               diamond;      /* effective */
     uint32_t               multiplier;   /* of the rule that routed it */
     uint32_t               streak_inc;   /* streak frames: what it added */
+    uint32_t               failures;     /* device attempts failed before
+                                            this delivery (KV "a.<id>") */
+    char                   first_dev[DSP_DEVICE_MAX + 1]; /* recorded */
+    int64_t                received_ms;  /* nginx's clock (0: unknown) */
+    uint64_t               rounds_req;   /* before rules.max_rounds */
+    int                    capped;       /* rounds clamped to max_rounds */
+    uint32_t               parts_done;   /* split gifts: parts confirmed */
+    uint64_t               rounds_done;  /* ... their rounds */
     dgift_state            state;
     int                    replay;       /* a DLQ replay (giftctl dlq) */
     drpc_t                *rpc;
@@ -461,6 +492,9 @@ struct dgift {
 
 struct drpc {
     uint64_t       n;
+    uint32_t       part;           /* 0, or k: part k of one split gift,
+                                      sent as "<event id>#k" */
+    char           part_id[GIFT_PART_ID_MAX];
     ddevice_t     *dev;
     dgift_t       *gifts;          /* singly linked through qnext */
     size_t         ngifts;
@@ -479,6 +513,10 @@ struct ddevice {
 
     /* limits: the configuration's, overridden by KV GIFT_DEVICES */
     int            paused;         /* effective */
+    int64_t        offline_since;  /* mono us of the first unanswered RPC
+                                      of an outage; 0: online */
+    int64_t        probe_at_us;    /* offline: the next RPC not before */
+    uint64_t       offline_waits;  /* gifts put back while offline */
     uint64_t       rpm;            /* effective rounds per minute; 0: none */
     int            kv_paused;      /* -1: not set in KV */
     int64_t        kv_rpm;         /* -1: not set in KV */
@@ -571,6 +609,12 @@ struct dkvjob {
     uint32_t        inc;       /* STREAK: what the frame adds */
     dstreak_rc      how;
     int             conflicts; /* STREAK: lost compare-and-sets */
+    char           *akey;      /* DONE: the attempt record "a.<stem>" */
+    int             afound;    /* ... it exists: */
+    uint32_t        afail;     /*     device attempts that failed */
+    uint32_t        aparts;    /*     split gifts: parts confirmed */
+    uint64_t        arounds;   /*     ... their rounds */
+    char            adev[DSP_DEVICE_MAX + 1];   /* the device chosen */
     int64_t         lat_us;    /* time spent in the KV thread */
     dkvjob_t       *next;
 };
@@ -624,6 +668,9 @@ typedef struct {
     uint64_t  streak_frames, streak_new, streak_known, streak_stale;
     uint64_t  streak_conflicts;
     uint64_t  rate_waits;          /* times a device waited for its rate */
+    uint64_t  expired;             /* dead-lettered past max_gift_age */
+    uint64_t  capped;              /* gifts clamped to rules.max_rounds */
+    uint64_t  offline_requeued;    /* gifts put back: device offline */
     uint64_t  kv_jobs;
     uint64_t  naks;                /* naks sent (retries and releases) */
     uint64_t  rpc_lat_le[16];      /* RPC latency histogram (cumulative) */

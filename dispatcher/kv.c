@@ -72,6 +72,7 @@ kv_job_free(dkvjob_t *j)
         free(j->key);
         free(j->ckey);
         free(j->probe_id);
+        free(j->akey);
         free(j->val);
         free(j);
     }
@@ -333,6 +334,56 @@ run_streak(dkv_t *k, dkvjob_t *j)
     }
 }
 
+/* The attempt record of a redelivered gift (dispatch.c, attempt_record):
+ * "v1 <failures> <device> <parts> <rounds>". */
+static void
+run_attempts(dkv_t *k, dkvjob_t *j)
+{
+    kvEntry    *e = NULL;
+    natsStatus  s;
+    int         ms = 50;
+    char        val[160];
+    size_t      n;
+    unsigned    fail = 0, parts = 0;
+    unsigned long long rounds = 0;
+
+    if (k->done == NULL || j->akey == NULL) {
+        return;
+    }
+    for (;;) {
+        s = kvStore_Get(&e, k->done, j->akey);
+        if (s == NATS_OK) {
+            n = (size_t) kvEntry_ValueLen(e);
+            n = n < sizeof(val) - 1 ? n : sizeof(val) - 1;
+            memcpy(val, kvEntry_Value(e), n);
+            val[n] = '\0';
+            kvEntry_Destroy(e);
+            if (sscanf(val, "v1 %u %64s %u %llu", &fail, j->adev, &parts,
+                       &rounds) == 4)
+            {
+                j->afound = 1;
+                j->afail = fail;
+                j->aparts = parts;
+                j->arounds = rounds;
+            } else {
+                j->adev[0] = '\0';
+                gift_log(GIFT_LOG_WARN, "KV %s: %s is not an attempt record;"
+                         " ignored", GIFT_KV_DONE, j->akey);
+            }
+            return;
+        }
+        if (s == NATS_NOT_FOUND) {
+            return;
+        }
+        kv_warn("get", j->akey, s);
+        if (pause_or_stop(k, ms)) {
+            j->failed = 1;
+            return;
+        }
+        ms = backoff_next(ms);
+    }
+}
+
 /* Keep our RPC tag's lease fresh (the kv thread, every minute). */
 static void
 lease_refresh(dkv_t *k)
@@ -397,8 +448,14 @@ kv_main(void *arg)
             j->failed = 1;
         } else if (j->kind == KVJ_DONE && j->key == NULL) {
             run_probe(k, j);
+            if (!j->found && !j->failed) {
+                run_attempts(k, j);
+            }
         } else if (j->kind == KVJ_DONE) {
             run_done(k, j);
+            if (!j->found && !j->failed) {
+                run_attempts(k, j);
+            }
         } else {
             run_streak(k, j);
         }
@@ -478,8 +535,22 @@ ctl_parse(kvEntry *e)
         char               *end;
         unsigned long long  v;
 
+        if (strcmp(val, "unlimited") == 0) {
+            c->value = 0;
+            return c;
+        }
+        if (strcmp(val, "stopped") == 0) {
+            c->value = -2;
+            return c;
+        }
         errno = 0;
         v = strtoull(val, &end, 10);
+        if (v == 0 && *end == '\0' && val[0] == '0') {
+            /* written by an older ctl, where 0 meant no limit */
+            gift_log(GIFT_LOG_WARN, "KV %s: %s = 0 is read as \"unlimited\" "
+                     "(its old meaning); set \"unlimited\" or \"stopped\"",
+                     GIFT_KV_DEVICES, key);
+        }
         if (val[0] < '0' || val[0] > '9' || *end != '\0' || errno != 0
             || v > DSP_ROUNDS_JSON_MAX)
         {

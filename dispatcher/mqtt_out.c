@@ -301,8 +301,8 @@ mqtt_out_send(dsp_t *d, drpc_t *r)
         return -1;
     }
     for (g = r->gifts; g != NULL && k < 1024; g = g->qnext) {
-        evs[k].id = g->ev->event_id;
-        evs[k].rounds = g->rounds;
+        evs[k].id = r->part ? r->part_id : g->ev->event_id;
+        evs[k].rounds = r->part ? r->rounds : g->rounds;
         k++;
     }
     need = rpc_payload_max(c->mqtt_method, r->dev->name, evs, k);
