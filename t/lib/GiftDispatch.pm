@@ -513,7 +513,7 @@ sub _pb_decode {
 
 my @ACK_FIELDS = (undef, qw(event_id device_id rounds status reason attempts
     rpc_latency_us completed_at_ms platform room_id user_id user_name
-    gift_name diamond quantity received_at_ms));
+    gift_name diamond quantity received_at_ms rounds_requested capped parts));
 my @EVENT_FIELDS = (undef, qw(event_id platform room_id user_id user_name
     gift_id gift_name diamond quantity occurred_at_ms received_at_ms
     streak_id streak_count streak_end));
