@@ -12,7 +12,12 @@
  * executed and ignored as duplicates, and writes them as JSON on SIGUSR1
  * and at exit, so that tests and benchmarks can check what the motors did:
  *   {"snapshot":S,"devices":{"motor_01":{"rounds":N,"rpcs":M,"events":K,
- *    "duplicates":D,"errors":E,"ignored":I}},"totals":{...}}
+ *    "duplicates":D,"errors":E,"ignored":I,"max_cmd_rounds":X,"stops":P}},
+ *    "totals":{...}}
+ * "duplicates" counts commands' events for ids already executed: tests
+ * assert it (0 where exactly-once is promised).  "max_cmd_rounds" is the
+ * largest command a motor got (the dispatcher's per-command limit);
+ * "stops" counts the emergency "stop" method, which is always accepted.
  *
  * One thread: ppoll() over the broker socket (libmosquitto driven with
  * mosquitto_loop_read/write/misc) and a timer heap of replies due, so
@@ -112,6 +117,8 @@ typedef struct idnode {
 typedef struct {
     char        *name;
     uint64_t     rounds, rpcs, events, duplicates, errors, ignored;
+    uint64_t     max_cmd_rounds;  /* the largest command's rounds */
+    uint64_t     stops;           /* "stop" commands (emergency stop) */
     int          offline;
     /* the dedup window: a ring of the last `window` ids, and a hash */
     idnode_t   **ring;
@@ -417,9 +424,10 @@ write_totals(void)
         }
         fprintf(f, "\":{\"rounds\":%" PRIu64 ",\"rpcs\":%" PRIu64
                 ",\"events\":%" PRIu64 ",\"duplicates\":%" PRIu64
-                ",\"errors\":%" PRIu64 ",\"ignored\":%" PRIu64 "}",
+                ",\"errors\":%" PRIu64 ",\"ignored\":%" PRIu64
+                ",\"max_cmd_rounds\":%" PRIu64 ",\"stops\":%" PRIu64 "}",
                 d->rounds, d->rpcs, d->events, d->duplicates, d->errors,
-                d->ignored);
+                d->ignored, d->max_cmd_rounds, d->stops);
         t[0] += d->rounds;
         t[1] += d->rpcs;
         t[2] += d->events;
@@ -549,6 +557,14 @@ on_message(struct mosquitto *m, void *obj, const struct mosquitto_message *msg)
         json_decref(root);
         return;
     }
+    if (method != NULL && strcmp(method, "stop") == 0) {
+        /* the emergency stop of the firmware contract: accepted at once */
+        d->stops++;
+        gift_log(GIFT_LOG_INFO, "device %s: stop", d->name);
+        schedule_reply(id, d->name, "{\"ok\":true}");
+        json_decref(root);
+        return;
+    }
     if (method == NULL || strcmp(method, opt.method) != 0) {
         d->errors++;
         schedule_reply(id, d->name,
@@ -595,6 +611,16 @@ on_message(struct mosquitto *m, void *obj, const struct mosquitto_message *msg)
         d->events++;
     }
     d->rounds += rounds;
+    {
+        /* what the command asked for, duplicates included */
+        json_t  *pr = json_object_get(params, "rounds");
+        uint64_t asked = json_is_integer(pr) && json_integer_value(pr) > 0
+                         ? (uint64_t) json_integer_value(pr) : rounds;
+
+        if (asked > d->max_cmd_rounds) {
+            d->max_cmd_rounds = asked;
+        }
+    }
     if (opt.verbose) {
         gift_log(GIFT_LOG_DEBUG, "rpc %s %s: +%" PRIu64 " rounds (total %"
                  PRIu64 ")", id, d->name, rounds, d->rounds);
