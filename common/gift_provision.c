@@ -28,7 +28,9 @@ gift_provision_defaults(gift_provision_opts_t *o)
     o->events_max_bytes = -1;
     o->ack_wait_ms = GIFT_ACK_WAIT_S * 1000;
     o->max_deliver = GIFT_MAX_DELIVER;
-    o->max_ack_pending = -1;
+    /* well above nats.max_inflight: a device's backlog released with a
+     * delay (devices.max_held) stays pending on the server meanwhile */
+    o->max_ack_pending = GIFT_MAX_ACK_PENDING;
     o->state_ttl_s = GIFT_DONE_TTL_S;
 }
 

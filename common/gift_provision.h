@@ -36,6 +36,7 @@
  * `giftctl setup --upgrade`. */
 #define GIFT_MAX_DELIVER        (-1)
 #define GIFT_MAX_ATTEMPTS       5             /* device attempts per gift */
+#define GIFT_MAX_ACK_PENDING    100000        /* consumer MaxAckPending */
 #define GIFT_MAX_GIFT_AGE_S     ((int64_t) 3600)         /* older: dead letter "expired" */
 #define GIFT_STATE_MARGIN_S     600           /* state outlives that bound */
 #define GIFT_DUP_WINDOW_S       600           /* >= signature window (300 s) */

@@ -319,7 +319,7 @@ static const char *const k_tls[] = {
 static const char *const k_dev[] = {
     "max_inflight", "coalesce_max_events", "coalesce_max_rounds",
     "rounds_per_minute", "control", "device", "offline_grace_ms",
-    "offline_retry_ms", NULL
+    "offline_retry_ms", "max_held", "busy_retry_ms", NULL
 };
 static const char *const k_rules[] = {
     "default_device", "default_multiplier", "max_rounds", "over_max_rounds",
@@ -369,6 +369,8 @@ defaults(dconf_t *c)
     c->rounds_per_minute = DSP_DEF_RPM;
     c->offline_grace_ms = 60000;
     c->offline_retry_ms = 1000;
+    c->max_held = 0;                    /* a quarter of nats.max_inflight */
+    c->busy_retry_ms = 2000;
     c->control = 1;
 }
 
@@ -628,6 +630,8 @@ load_devices(errs_t *e, const config_setting_t *g, dconf_t *c)
     get_bool(e, g, "control", &c->control);
     get_int(e, g, "offline_grace_ms", 0, 3600000, &c->offline_grace_ms);
     get_int(e, g, "offline_retry_ms", 10, 600000, &c->offline_retry_ms);
+    get_int(e, g, "max_held", 0, 1000000, &c->max_held);
+    get_int(e, g, "busy_retry_ms", 10, 600000, &c->busy_retry_ms);
 
     if ((s = config_setting_get_member(g, "device")) != NULL) {
         if (!config_setting_is_list(s)) {
@@ -925,6 +929,10 @@ dconf_load(const char *path, dconf_t **out, char *err, size_t cap)
     }
     if (c->nats_name == NULL) {
         c->nats_name = strdup(DSP_PROGRAM);
+    }
+    if (c->max_held == 0) {
+        /* one slow device holds at most a quarter of the in-flight credit */
+        c->max_held = c->max_inflight / 4 > 0 ? c->max_inflight / 4 : 1;
     }
     if (c->retry_delays_ms == NULL) {
         static const int64_t d[] = { 1000, 2000, 5000, 10000 };

@@ -336,6 +336,9 @@ held_touch(dsp_t *d, dgift_t *g, int64_t now)
 static void
 gift_free(dsp_t *d, dgift_t *g)
 {
+    if (g->dev != NULL && g->dev_counted) {
+        g->dev->held--;
+    }
     held_unlink(d, g);
     dmap_del(&d->by_seq, g->seq);
     d->nheld--;
@@ -1123,6 +1126,16 @@ gift_route(dsp_t *d, dgift_t *g)
         gift_release(d, g, 1000);
         return;
     }
+    if (g->dev->held >= (size_t) d->conf->max_held) {
+        /* one device (paused, offline, slow) holds at most its share of
+         * nats.max_inflight: the others keep theirs.  Back later; no
+         * attempt spent. */
+        STAT_ADD(d, busy_released, 1);
+        gift_release(d, g, d->conf->busy_retry_ms);
+        return;
+    }
+    g->dev->held++;
+    g->dev_counted = 1;
     if (rc == ROUTE_OVERFLOW
         && rules_rounds_raw(g->diamond, streak ? 1 : e->quantity,
                             g->multiplier, &rt.rounds) != 0)

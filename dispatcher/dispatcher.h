@@ -218,6 +218,9 @@ typedef struct {
                                           waited for this long (attempts
                                           not spent) */
     int          offline_retry_ms;     /* its probes, one RPC at a time */
+    int          max_held;             /* gifts one device may hold (its
+                                          share of nats.max_inflight) */
+    int          busy_retry_ms;        /* above it: released, back then */
     ddevconf_t  *devconf;              /* devices.device: per device */
     size_t       ndevconf;
     int          control;              /* watch KV GIFT_DEVICES */
@@ -470,6 +473,7 @@ struct dgift {
     int64_t                received_ms;  /* nginx's clock (0: unknown) */
     uint64_t               rounds_req;   /* before rules.max_rounds */
     int                    capped;       /* rounds clamped to max_rounds */
+    int                    dev_counted;  /* counted in dev->held */
     uint32_t               parts_done;   /* split gifts: parts confirmed */
     uint64_t               rounds_done;  /* ... their rounds */
     dgift_state            state;
@@ -517,6 +521,7 @@ struct ddevice {
                                       of an outage; 0: online */
     int64_t        probe_at_us;    /* offline: the next RPC not before */
     uint64_t       offline_waits;  /* gifts put back while offline */
+    size_t         held;           /* gifts routed to it and not freed */
     uint64_t       rpm;            /* effective rounds per minute; 0: none */
     int            kv_paused;      /* -1: not set in KV */
     int64_t        kv_rpm;         /* -1: not set in KV */
@@ -670,6 +675,7 @@ typedef struct {
     uint64_t  rate_waits;          /* times a device waited for its rate */
     uint64_t  expired;             /* dead-lettered past max_gift_age */
     uint64_t  capped;              /* gifts clamped to rules.max_rounds */
+    uint64_t  busy_released;       /* released: their device held its share */
     uint64_t  offline_requeued;    /* gifts put back: device offline */
     uint64_t  kv_jobs;
     uint64_t  naks;                /* naks sent (retries and releases) */
