@@ -982,6 +982,11 @@ dispatch_kick_all(dsp_t *d)
     size_t i;
 
     for (i = 0; i < d->devcap; i++) {
+        if (d->dev[i] != NULL && d->dev[i]->stop_pending
+            && mqtt_out_send_stop(d, d->dev[i]->name) == 0)
+        {
+            d->dev[i]->stop_pending = 0;
+        }
         if (d->dev[i] != NULL && d->dev[i]->qhead != NULL) {
             device_kick(d, d->dev[i]);
         }
@@ -1136,6 +1141,12 @@ gift_route(dsp_t *d, dgift_t *g)
     }
     g->dev->held++;
     g->dev_counted = 1;
+    if (g->dev->drop_before_ms > 0 && g->received_ms <= g->dev->drop_before_ms)
+    {
+        gift_dead_letter(d, g, "dropped", "the backlog of a paused device, "
+                         "dropped by the operator at resume");
+        return;
+    }
     if (rc == ROUTE_OVERFLOW
         && rules_rounds_raw(g->diamond, streak ? 1 : e->quantity,
                             g->multiplier, &rt.rounds) != 0)
@@ -1159,6 +1170,10 @@ gift_route(dsp_t *d, dgift_t *g)
         return;
     }
     j->count = e->streak_count ? e->streak_count : e->quantity;
+    j->again = g->delivered > 1 || g->replay;
+    j->end = e->streak_end;
+    n = strlen(e->streak_id);
+    j->nogroup = n >= 2 && strcmp(e->streak_id + n - 2, ":0") == 0;
     j->eh = streak_event_hash(e->event_id);
     n = GIFT_KVKEY_SIZE(strlen(e->streak_id)) + 2;
     j->key = malloc(n);
@@ -1282,6 +1297,12 @@ dispatch_kv(dsp_t *d, dkvjob_t *j)
 
     /* a streak frame: what it adds */
     STAT_ADD(d, streak_conflicts, (uint64_t) j->conflicts);
+    if (j->expired) {
+        kv_job_free(j);
+        gift_dead_letter(d, g, "streak_expired", "no state for its streak "
+                         "on a redelivery or replay: not counted from 0");
+        return;
+    }
     switch (j->how) {
     case STREAK_NEW:
         STAT_ADD(d, streak_new, 1);
@@ -1690,12 +1711,54 @@ dispatch_log_stats(const dsp_t *d)
 
 /* ------------------------------------------------------------ switches */
 
+/* ctl resume --drop-backlog: the gifts the device held from before the
+ * resume are dead-lettered "dropped" instead of turning. */
+static void
+device_drop_backlog(dsp_t *d, ddevice_t *dev)
+{
+    dgift_t *g, *next;
+    size_t   n = 0;
+
+    for (g = dev->qhead; g != NULL; g = next) {
+        next = g->qnext;
+        if (g->received_ms > dev->drop_before_ms || g->msg == NULL) {
+            continue;
+        }
+        queue_unlink(dev, g);
+        gift_dead_letter(d, g, "dropped", "the backlog of a paused device, "
+                         "dropped by the operator at resume");
+        n++;
+    }
+    gift_log(GIFT_LOG_INFO, "device %s: %zu gifts of its backlog dropped "
+             "(received before %" PRId64 ")", dev->name, n,
+             dev->drop_before_ms);
+}
+
 void
 dispatch_ctl(dsp_t *d, dctl_t *c)
 {
     ddevice_t *dev = device_get(d, c->device);
 
     if (dev != NULL) {
+        if (c->what == CTL_STOP) {
+            /* ctl stop: send "stop" now, unless this is an old switch
+             * read at start (a stop is for the moment it was given) */
+            if (c->value > 0 && gift_now_ms() - c->value < 60000) {
+                if (mqtt_out_send_stop(d, dev->name) != 0) {
+                    dev->stop_pending = 1;
+                }
+            }
+            free(c);
+            return;
+        }
+        if (c->what == CTL_DROP_BEFORE) {
+            dev->drop_before_ms = c->value > 0 ? c->value : 0;
+            if (dev->drop_before_ms > 0) {
+                device_drop_backlog(d, dev);
+            }
+            free(c);
+            return;
+        }
         if (c->what == CTL_PAUSED) {
             dev->kv_paused = (int) c->value;
         } else {

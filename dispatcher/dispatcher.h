@@ -321,6 +321,7 @@ typedef struct {
 /* The state of one streak (the value of "s.<streak id>"). */
 typedef struct {
     uint32_t  counted;            /* the highest count counted so far */
+    int       ended;              /* its end frame was counted */
     size_t    n;
     dclaim_t  recent[STREAK_RECENT];   /* oldest first */
 } dstreak_t;
@@ -346,6 +347,18 @@ size_t     streak_format(const dstreak_t *s, char *out, size_t cap);
  */
 dstreak_rc streak_apply(dstreak_t *s, uint64_t eh, uint32_t count,
     uint32_t *inc);
+
+/*
+ * The same, telling a user's next streak of the same gift from a late or
+ * repeated frame when streak ids repeat (TikTok without groupId: the id
+ * is "<platform>:<user>:<gift>:0"): for such `nogroup` streaks, a new
+ * frame after the end frame was counted, or one whose count is below what
+ * was counted, starts a new streak (counted from 0).  Streaks with a
+ * groupId keep streak_apply's rule (a lower count is a late frame).  `end`: this frame ends its
+ * streak.  Stored as "v1 <counted>e ..." once ended.
+ */
+dstreak_rc streak_apply_ex(dstreak_t *s, uint64_t eh, uint32_t count,
+    int nogroup, int end, uint32_t *inc);
 
 /* ------------------------------------------------------------------ limits */
 
@@ -522,6 +535,9 @@ struct ddevice {
     int64_t        probe_at_us;    /* offline: the next RPC not before */
     uint64_t       offline_waits;  /* gifts put back while offline */
     size_t         held;           /* gifts routed to it and not freed */
+    int64_t        drop_before_ms; /* ctl resume --drop-backlog: gifts
+                                      received before are dead-lettered */
+    int            stop_pending;   /* ctl stop: send "stop" when ready */
     uint64_t       rpm;            /* effective rounds per minute; 0: none */
     int            kv_paused;      /* -1: not set in KV */
     int64_t        kv_rpm;         /* -1: not set in KV */
@@ -605,6 +621,10 @@ struct dkvjob {
     char           *ckey;      /* STREAK: "e.<event id>" */
     uint64_t        eh;        /* STREAK: streak_event_hash(event id) */
     uint32_t        count;     /* STREAK: the frame's running total */
+    int             nogroup;   /* STREAK: its id says no groupId */
+    int             end;       /* STREAK: the frame ends its streak */
+    int             again;     /* STREAK: a redelivery or a replay */
+    int             expired;   /* STREAK: ... and its streak is gone */
     /* answers */
     int             failed;    /* no answer (stopping) */
     int             found;     /* DONE: a marker exists ... */
@@ -625,7 +645,7 @@ struct dkvjob {
 };
 
 /* A device switch changed in KV GIFT_DEVICES (watcher -> main). */
-typedef enum { CTL_PAUSED = 1, CTL_RPM } dctl_what;
+typedef enum { CTL_PAUSED = 1, CTL_RPM, CTL_DROP_BEFORE, CTL_STOP } dctl_what;
 
 typedef struct {
     char        device[DSP_DEVICE_MAX + 1];
@@ -899,6 +919,9 @@ int64_t mqtt_out_misc(dsp_t *d, int64_t now_us);
 /* Publish the request of rpc (its id and gifts set).  0, or -1 when the
  * client is not ready or the library refused (the caller requeues). */
 int  mqtt_out_send(dsp_t *d, drpc_t *rpc);
+/* The emergency stop: {"method":"stop","params":{"deviceId":D,...}} to
+ * the device (its answer is not waited for).  0, or -1 when not ready. */
+int  mqtt_out_send_stop(dsp_t *d, const char *device);
 /* Disconnect cleanly (at exit). */
 void mqtt_out_disconnect(dsp_t *d);
 

@@ -265,6 +265,35 @@ run_streak(dkv_t *k, dkvjob_t *j)
         } else if (s == NATS_NOT_FOUND) {
             rev = 0;
             memset(&st, 0, sizeof(st));
+            if (j->again) {
+                /* a redelivery or replay finds no streak: it lived longer
+                 * than its state (or never got this far).  Its own claim,
+                 * if any, still answers; else it is not counted from 0. */
+                s = kvStore_Get(&e, k->streaks, j->ckey);
+                if (s == NATS_OK) {
+                    char   num[24];
+                    size_t n = (size_t) kvEntry_ValueLen(e);
+
+                    n = n < sizeof(num) - 1 ? n : sizeof(num) - 1;
+                    memcpy(num, kvEntry_Value(e), n);
+                    num[n] = '\0';
+                    j->inc = (uint32_t) strtoul(num, NULL, 10);
+                    j->how = STREAK_KNOWN;
+                    kvEntry_Destroy(e);
+                    return;
+                }
+                if (s == NATS_NOT_FOUND) {
+                    j->expired = 1;
+                    return;
+                }
+                kv_warn("get", j->ckey, s);
+                if (pause_or_stop(k, ms)) {
+                    j->failed = 1;
+                    return;
+                }
+                ms = backoff_next(ms);
+                continue;
+            }
         } else {
             kv_warn("get", j->key, s);
             if (pause_or_stop(k, ms)) {
@@ -275,7 +304,8 @@ run_streak(dkv_t *k, dkvjob_t *j)
             continue;
         }
 
-        j->how = streak_apply(&st, j->eh, j->count, &j->inc);
+        j->how = streak_apply_ex(&st, j->eh, j->count, j->nogroup, j->end,
+                                 &j->inc);
         if (j->how == STREAK_KNOWN) {
             return;
         }
@@ -500,6 +530,10 @@ ctl_parse(kvEntry *e)
         c->what = CTL_PAUSED;
     } else if (strcmp(dot + 1, "rounds_per_minute") == 0) {
         c->what = CTL_RPM;
+    } else if (strcmp(dot + 1, "drop_before") == 0) {
+        c->what = CTL_DROP_BEFORE;
+    } else if (strcmp(dot + 1, "stop") == 0) {
+        c->what = CTL_STOP;
     }
     if (c->what == 0 || !rules_device_valid(c->device)) {
         gift_log(GIFT_LOG_WARN, "KV %s: key %s is not <device>.paused or "
@@ -515,6 +549,13 @@ ctl_parse(kvEntry *e)
     n = n < sizeof(val) - 1 ? n : sizeof(val) - 1;
     memcpy(val, kvEntry_Value(e), n);
     val[n] = '\0';
+    if (c->what == CTL_DROP_BEFORE || c->what == CTL_STOP) {
+        c->value = strtoll(val, NULL, 10);
+        if (c->value <= 0) {
+            c->value = -1;
+        }
+        return c;
+    }
     if (c->what == CTL_PAUSED) {
         if (strcmp(val, "true") == 0 || strcmp(val, "1") == 0
             || strcmp(val, "yes") == 0 || strcmp(val, "on") == 0)
