@@ -245,7 +245,7 @@ run_streak(dkv_t *k, dkvjob_t *j)
     uint64_t    rev;
     char        buf[STREAK_VALUE_MAX];
     size_t      len;
-    int         ms = 50, lost = 0;
+    int         ms = 50, lost = 0, ended_news = 0;
 
     for (;;) {
         if (lost > 2 && pause_or_stop(k, 5 * lost)) {
@@ -304,8 +304,13 @@ run_streak(dkv_t *k, dkvjob_t *j)
             continue;
         }
 
-        j->how = streak_apply_ex(&st, j->eh, j->count, j->nogroup, j->end,
-                                 &j->inc);
+        {
+            int was_ended = st.ended;
+
+            j->how = streak_apply_ex(&st, j->eh, j->count, j->nogroup,
+                                     j->end, &j->inc);
+            ended_news = st.ended && !was_ended;
+        }
         if (j->how == STREAK_KNOWN) {
             return;
         }
@@ -324,7 +329,21 @@ run_streak(dkv_t *k, dkvjob_t *j)
                 kvEntry_Destroy(e);
                 return;
             }
+            if (s == NATS_NOT_FOUND && !ended_news) {
+                return;
+            }
             if (s == NATS_NOT_FOUND) {
+                /* a stale end frame: only the end is news; store it */
+                len = streak_format(&st, buf, sizeof(buf));
+                s = rev == 0
+                    ? kvStore_Create(NULL, k->streaks, j->key, buf, (int) len)
+                    : kvStore_Update(NULL, k->streaks, j->key, buf, (int) len,
+                                     rev);
+                if (s != NATS_OK) {
+                    j->conflicts++;
+                    lost++;
+                    continue;
+                }
                 return;
             }
             kv_warn("get", j->ckey, s);

@@ -181,7 +181,9 @@ streak_apply_ex(dstreak_t *s, uint64_t eh, uint32_t count, int nogroup,
         s->ended = 0;
     }
     rc = streak_apply(s, eh, count, inc);
-    if (end && rc == STREAK_NEW) {
+    if (end && nogroup) {
+        /* TikTok's end frame repeats the last count: STALE, yet the
+         * streak is over all the same */
         s->ended = 1;
     }
     return rc;
