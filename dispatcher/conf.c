@@ -310,6 +310,7 @@ static const char *const k_nats[] = {
 static const char *const k_mqtt[] = {
     "host", "port", "client_id", "access_token", "password", "keepalive",
     "qos", "request_topic", "response_topic", "method", "rpc_timeout_ms",
+    "late_reply_ms",
     "reconnect_min_ms", "reconnect_max_ms", "send_maximum", "rpc_id_bits",
     "instance_id", "tls", NULL
 };
@@ -356,6 +357,7 @@ defaults(dconf_t *c)
     c->mqtt_keepalive = 30;
     c->mqtt_qos = 1;
     c->rpc_timeout_ms = 5000;
+    c->late_reply_ms = 600000;
     c->mqtt_reconnect_min_ms = 100;
     c->mqtt_reconnect_max_ms = 10000;
     c->mqtt_send_maximum = 1024;
@@ -500,6 +502,7 @@ load_mqtt(errs_t *e, const config_setting_t *g, dconf_t *c)
         get_str(e, g, "response_topic", 0, &c->mqtt_response_topic);
         get_str(e, g, "method", 0, &c->mqtt_method);
         get_int(e, g, "rpc_timeout_ms", 10, 600000, &c->rpc_timeout_ms);
+    get_int(e, g, "late_reply_ms", 0, 86400000, &c->late_reply_ms);
         get_int(e, g, "reconnect_min_ms", 1, 600000,
                 &c->mqtt_reconnect_min_ms);
         get_int(e, g, "reconnect_max_ms", 1, 600000,

@@ -703,6 +703,66 @@ device_wait(dsp_t *d, ddevice_t *dev, int64_t when)
     }
 }
 
+/*
+ * A new RPC id that no RPC in flight has and that no RPC timed out with
+ * in the last mqtt.late_reply_ms: the counter wraps (20 bits: about a
+ * minute at 15k RPCs/s), and a very late reply to an old RPC must not
+ * complete a new one.  Answered RPCs' ids are free at once: a device
+ * answers a command once.
+ */
+static uint64_t
+rpc_id_fresh(dsp_t *d)
+{
+    uint64_t n = 0;
+    int      k;
+
+    for (k = 0; k < 1024; k++) {
+        n = rpc_ids_next(&d->mqtt.ids);
+        if (dmap_get(&d->by_rpc, n) == NULL
+            && dmap_get(&d->quarantine, n) == NULL)
+        {
+            return n;
+        }
+    }
+    gift_log(GIFT_LOG_ERR, "no RPC id free of late replies in 1024 tries "
+             "(%zu quarantined): reusing %" PRIu64, d->quar_n, n);
+    return n;
+}
+
+/* An RPC timed out: keep its id away from new RPCs for late_reply_ms. */
+static void
+rpc_quarantine(dsp_t *d, uint64_t n, int64_t now)
+{
+    struct dquar *q;
+    size_t        i;
+
+    if (d->conf->late_reply_ms == 0 || dmap_get(&d->quarantine, n) != NULL) {
+        return;
+    }
+    if (d->quar_n == d->quar_cap) {
+        size_t cap = d->quar_cap ? d->quar_cap * 2 : 1024;
+
+        q = malloc(cap * sizeof(*q));
+        if (q == NULL) {
+            return;
+        }
+        for (i = 0; i < d->quar_n; i++) {
+            q[i] = d->quar[(d->quar_head + i) % d->quar_cap];
+        }
+        free(d->quar);
+        d->quar = q;
+        d->quar_cap = cap;
+        d->quar_head = 0;
+    }
+    if (dmap_put(&d->quarantine, n, (void *) 1) != 0) {
+        return;
+    }
+    q = &d->quar[(d->quar_head + d->quar_n) % d->quar_cap];
+    q->n = n;
+    q->until_us = now + (int64_t) d->conf->late_reply_ms * 1000;
+    d->quar_n++;
+}
+
 /* The rounds one command may carry for dev: devices.coalesce_max_rounds,
  * and never above the device's minute (a part must fit in it). */
 static uint64_t
@@ -775,7 +835,7 @@ device_kick(dsp_t *d, ddevice_t *dev)
             return;
         }
         r->dev = dev;
-        r->n = rpc_ids_next(&d->mqtt.ids);
+        r->n = rpc_id_fresh(d);
         if (g->rounds_done > 0 || gift_left(g) > cmax) {
             /* a split gift: its next part, alone */
             g = queue_pop(dev);
@@ -1527,9 +1587,17 @@ dispatch_timers(dsp_t *d, int64_t now)
     size_t    k;
     uint64_t  quiet;
 
+    /* ids out of quarantine */
+    while (d->quar_n > 0 && d->quar[d->quar_head].until_us <= now) {
+        dmap_del(&d->quarantine, d->quar[d->quar_head].n);
+        d->quar_head = (d->quar_head + 1) % d->quar_cap;
+        d->quar_n--;
+    }
+
     /* RPCs past their deadline */
     while ((r = d->rpcs) != NULL && r->deadline_us <= now) {
         dmap_del(&d->by_rpc, r->n);
+        rpc_quarantine(d, r->n, now);
         STAT_ADD(d, rpc_timeouts, 1);
         if (rlimit_ok(&rl_rpc, now, &quiet)) {
             gift_log(GIFT_LOG_WARN, "device %s: RPC %" PRIu64 " (%zu gifts) "
@@ -1874,7 +1942,8 @@ dispatch_init(dsp_t *d)
     if (d->dev == NULL
         || dmap_init(&d->by_seq, (size_t) d->conf->max_inflight) != 0
         || dmap_init(&d->by_rpc, 1024) != 0
-        || dmap_init(&d->by_pub, (size_t) d->conf->max_inflight) != 0)
+        || dmap_init(&d->by_pub, (size_t) d->conf->max_inflight) != 0
+        || dmap_init(&d->quarantine, 1024) != 0)
     {
         return -1;
     }
@@ -1919,4 +1988,7 @@ dispatch_destroy(dsp_t *d)
     dmap_free(&d->by_seq);
     dmap_free(&d->by_rpc);
     dmap_free(&d->by_pub);
+    dmap_free(&d->quarantine);
+    free(d->quar);
+    d->quar = NULL;
 }

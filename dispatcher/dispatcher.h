@@ -195,6 +195,8 @@ typedef struct {
     char        *mqtt_response_topic;
     char        *mqtt_method;
     int          rpc_timeout_ms;
+    int          late_reply_ms;        /* a timed-out RPC's id is not used
+                                          again for this long */
     int          mqtt_reconnect_min_ms;
     int          mqtt_reconnect_max_ms;
     int          mqtt_send_maximum;    /* QoS 1 publishes in flight */
@@ -721,6 +723,11 @@ typedef struct {
 
 typedef struct dmetrics dmetrics_t;
 
+struct dquar {
+    uint64_t  n;
+    int64_t   until_us;
+};
+
 struct dsp {
     dconf_t           *conf;       /* replaced on SIGHUP (rules part) */
     int                wake_fd;    /* eventfd: chans and signals */
@@ -734,6 +741,10 @@ struct dsp {
     dmap_t             by_seq;     /* stream seq -> dgift_t held */
     dmap_t             by_rpc;     /* RPC id -> drpc_t */
     dmap_t             by_pub;     /* natsMsg* published -> dgift_t */
+    dmap_t             quarantine; /* RPC ids timed out recently: a late
+                                      reply must not complete a new RPC */
+    struct dquar      *quar;       /* ... in expiry order (a ring) */
+    size_t             quar_cap, quar_head, quar_n;
     dgift_t           *held, *held_tail;   /* all held gifts */
     size_t             nheld;
     drpc_t            *rpcs, *rpcs_tail;   /* in flight, by deadline */
