@@ -581,6 +581,23 @@ gift_limit(dsp_t *d, dgift_t *g, uint64_t rounds)
     return 0;
 }
 
+/* Does the device the rules give g hold its share already? */
+static int
+gift_device_busy(dsp_t *d, const dgift_t *g)
+{
+    const Gift__V1__GiftEvent *e = g->ev;
+    droute_t                   rt;
+    ddevice_t                 *dev;
+
+    if (rules_route(d->conf->rules, e->platform, e->room_id, e->gift_id,
+                    e->gift_name, e->diamond, 1, &rt) == ROUTE_NO_DEVICE)
+    {
+        return 0;
+    }
+    dev = device_get(d, rt.device);
+    return dev != NULL && dev->held >= (size_t) d->conf->max_held;
+}
+
 /* Queue a routed gift for its device, or finish it when it has nothing
  * to turn. */
 static void
@@ -928,6 +945,14 @@ dispatch_msg(dsp_t *d, natsMsg *m)
     g->received_ms = e->received_at_ms > 0 ? e->received_at_ms
                                            : e->occurred_at_ms;
 
+    if (done_check_needed(g) && gift_device_busy(d, g)) {
+        /* a busy device's surplus coming back: released again before it
+         * costs a KV lookup (the rules' device; the exact one, which may
+         * be the recorded first device, is checked when it is routed) */
+        STAT_ADD(d, busy_released, 1);
+        gift_release(d, g, d->conf->busy_retry_ms);
+        return;
+    }
     if (done_check_needed(g)) {
         /* did an earlier delivery complete?  (a crash between the
          * device's answer and the ack) */
