@@ -14,7 +14,7 @@
 #define GIFT_JSON_MAX  16384
 
 /*
- * The acknowledgement JSON of DESIGN.md:
+ * The acknowledgement JSON of docs/design.md:
  * {"seq","eventId","deviceId","rounds","status","reason"(dead_letter only),
  *  "attempts","platform","roomId","userId","userName","giftName","diamond",
  *  "quantity","latencyMs","ts"}.  `seq` is the GIFT_ACKS sequence.

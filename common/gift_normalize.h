@@ -3,8 +3,8 @@
  *
  * Pure C (jansson + OpenSSL), no nginx types, so that the module, the unit
  * tests and the fuzzers share one copy.  Accepted shapes and limits are those
- * of DESIGN.md: the canonical shape and TikTok-Live-Connector's gift event in
- * its flat 1.x form and its 2.x form.
+ * of docs/input.md: the canonical shape and TikTok-Live-Connector's gift
+ * event in its flat 1.x form and its 2.x form.
  */
 #ifndef GIFT_NORMALIZE_H
 #define GIFT_NORMALIZE_H
@@ -35,8 +35,8 @@ typedef struct {
     int       streak_end;          /* 0 or 1 */
 } gift_event_t;
 
-/* Why a body was refused: an HTTP status, the DESIGN.md error code, the JSON
- * field at fault (empty when none) and a human sentence. */
+/* Why a body was refused: an HTTP status, the error code of docs/design.md,
+ * the JSON field at fault (empty when none) and a human sentence. */
 typedef struct {
     int       status;              /* 400 or 422 */
     const char *code;              /* "invalid_json" or "invalid_field" */

@@ -1,6 +1,6 @@
 /*
  * gift_provision: create the streams, the consumer and the KV buckets of
- * DESIGN.md when they are missing; report, and leave alone, those that
+ * docs/design.md when they are missing; report, and leave alone, those that
  * exist with other settings.
  */
 #include <inttypes.h>
@@ -44,7 +44,7 @@ jerr_text(natsStatus s, jsErrCode jerr)
     return buf;
 }
 
-/* Compare one setting; warn when it differs from what DESIGN.md asks. */
+/* Compare one setting; warn when it differs from what docs/design.md asks. */
 static int
 differs_i64(const char *what, const char *key, int64_t have, int64_t want)
 {

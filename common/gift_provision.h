@@ -1,5 +1,5 @@
 /*
- * gift_provision: the NATS names and settings of DESIGN.md, and the one
+ * gift_provision: the NATS names and settings of docs/design.md, and the one
  * copy of the code that creates them (`giftctl setup` and the dispatcher
  * at start).
  *
@@ -62,7 +62,7 @@ typedef struct {
     int64_t  state_ttl_s;        /* GIFT_STREAKS and GIFT_DONE TTL */
 } gift_provision_opts_t;
 
-/* Fill `o` with DESIGN.md's defaults. */
+/* Fill `o` with docs/design.md's defaults. */
 void gift_provision_defaults(gift_provision_opts_t *o);
 
 /*

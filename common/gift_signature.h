@@ -1,5 +1,5 @@
 /*
- * gift_signature: the X-Gift-Signature check of DESIGN.md.
+ * gift_signature: the X-Gift-Signature check of docs/design.md.
  *
  *   X-Gift-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>
  *
@@ -25,7 +25,8 @@ typedef enum {
     GIFT_SIG_EXPIRED      /* well-formed and matching, but |now - t| > window */
 } gift_sig_rc;
 
-/* The DESIGN.md error code for a result: "signature_missing" etc.; NULL for OK. */
+/* The error code of docs/design.md for a result: "signature_missing" etc.;
+ * NULL for OK. */
 const char *gift_sig_code(gift_sig_rc rc);
 
 /*

@@ -271,7 +271,7 @@ typedef struct {
 } drpc_event_t;
 
 /*
- * The request payload of DESIGN.md:
+ * The request payload of docs/design.md:
  * {"method":M,"params":{"deviceId":D,"rounds":R,"events":[{"id":..,"rounds":..},..]}}
  * Returns the length (no NUL counted), or 0 when cap is too small.
  * rpc_payload_max() is an upper bound for (nev, method, device).

@@ -1,6 +1,6 @@
 #!/usr/bin/perl
 # Webhook input end to end (real nginx with 2 workers + nats-server): every
-# class of input of DESIGN.md and docs/input.md gets its documented status,
+# class of input of docs/design.md and docs/input.md gets its documented status,
 # error code and field; the accepted ones are normalized as documented in
 # GIFTS; the refused ones change nothing.  At the end GIFTS holds exactly the
 # accepted gifts, and nginx is still healthy.
@@ -234,7 +234,7 @@ sub chunked_request {
         'retry: duplicate, same seq');
 }
 
-# DESIGN.md's example, without eventId: the id comes from the content.
+# docs/design.md's example, without eventId: the id comes from the content.
 my $example = '{"event":"gift","platform":"tiktok","userId":"user_123",'
     . '"giftName":"Motor","diamond":10,"quantity":1,'
     . '"timestamp":1700000000000}';

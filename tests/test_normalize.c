@@ -27,7 +27,7 @@
 #define STAR64 STAR8 STAR8 STAR8 STAR8 STAR8 STAR8 STAR8 STAR8
 #define STAR256 STAR64 STAR64 STAR64 STAR64        /* 256 bytes, 64 chars */
 
-/* The canonical example of DESIGN.md, one member at a time, so that a case
+/* The canonical example of docs/design.md, one member at a time, so that a case
  * can swap one for a bad value (duplicates would be refused). */
 #define EV   "\"event\":\"gift\""
 #define PL   "\"platform\":\"tiktok\""
@@ -175,7 +175,7 @@ static const ncase_t cases[] = {
          .streak_id = "tiktok:7111111111111111111:5658:1720000000000"),
 
     /* ---- canonical, accepted ---- */
-    GOOD(.name = "canonical example of DESIGN.md", .body = OK_CANON(""),
+    GOOD(.name = "canonical example of docs/design.md", .body = OK_CANON(""),
          .event_id = "h:*", .user_id = "user_123", .gift_name = "Motor",
          .user_name = "", .gift_id = "", .room_id = "", .streak_id = "",
          .diamond = "10", .quantity = "1", .streak_end = "1",
