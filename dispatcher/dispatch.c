@@ -418,8 +418,6 @@ gift_dead_letter(dsp_t *d, dgift_t *g, const char *reason,
     }
 }
 
-/* The device did not confirm: retry later, or dead-letter the last try
- * (the server never redelivers past MaxDeliver). */
 /*
  * The attempt record of g, key "a.<stem>" in GIFT_DONE: "v1 <failed
  * device attempts> <device> <parts confirmed> <their rounds>".  Written
@@ -449,6 +447,8 @@ attempt_record(dsp_t *d, dgift_t *g, uint32_t failures)
     nats_in_publish_core(d, subj, val, (size_t) len);
 }
 
+/* The device did not confirm: retry later (its attempt recorded first),
+ * or dead-letter the max_attempts-th failed attempt. */
 static void
 gift_fail(dsp_t *d, dgift_t *g, const char *reason, const char *detail)
 {

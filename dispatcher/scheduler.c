@@ -674,7 +674,7 @@ dispatch_device_metrics(const dsp_t *d, char *buf, size_t cap)
         "# HELP gift_dispatcher_device_paused 1 when the device is paused.\n"
         "# TYPE gift_dispatcher_device_paused gauge\n"
         "# HELP gift_dispatcher_device_rate_limit Rounds per minute allowed "
-        "(0: no limit).\n"
+        "(0: unlimited, -1: stopped).\n"
         "# TYPE gift_dispatcher_device_rate_limit gauge\n"
         "# HELP gift_dispatcher_device_rpcs_total RPCs sent per device.\n"
         "# TYPE gift_dispatcher_device_rpcs_total counter\n"
@@ -708,9 +708,14 @@ dispatch_device_metrics(const dsp_t *d, char *buf, size_t cap)
             case 4: v = dev->rpcs; break;
             default: v = dev->rounds_ok; break;
             }
-            w = snprintf(buf + o, cap - o, "gift_dispatcher_device_%s"
-                         "{device=\"%s\"} %" PRIu64 "\n", names[k],
-                         dev->name, v);
+            if (k == 3 && v == DSP_RPM_STOPPED) {
+                w = snprintf(buf + o, cap - o, "gift_dispatcher_device_%s"
+                             "{device=\"%s\"} -1\n", names[k], dev->name);
+            } else {
+                w = snprintf(buf + o, cap - o, "gift_dispatcher_device_%s"
+                             "{device=\"%s\"} %" PRIu64 "\n", names[k],
+                             dev->name, v);
+            }
             if (w < 0 || (size_t) w >= cap - o) {
                 return o;
             }
