@@ -255,14 +255,33 @@ device_wait(dsp_t *d, ddevice_t *dev, int64_t when)
  * complete a new one.  Answered RPCs' ids are free at once: a device
  * answers a command once.
  */
+static int fp_counter_bits = -1;
+
 static uint64_t
 rpc_id_fresh(dsp_t *d)
 {
-    uint64_t n = 0;
-    int      k;
+    uint64_t n = 0, high;
+    int      k, bits = d->mqtt.ids.counter_bits;
 
+    if (fp_counter_bits < 0) {
+        /* a failpoint for the tests (t/29-dispatcher-late-replies.t):
+         * GIFT_DISPATCHER_FAILPOINT="rpc_counter_bits=N" makes the counter
+         * wrap after 2^N ids, as 20 bits do within a minute at 15k RPCs/s */
+        const char *f = getenv("GIFT_DISPATCHER_FAILPOINT");
+
+        fp_counter_bits = 0;
+        if (f != NULL && strncmp(f, "rpc_counter_bits=", 17) == 0) {
+            fp_counter_bits = atoi(f + 17);
+            gift_log(GIFT_LOG_WARN, "failpoint: RPC ids wrap after %d bits",
+                     fp_counter_bits);
+        }
+    }
     for (k = 0; k < 1024; k++) {
         n = rpc_ids_next(&d->mqtt.ids);
+        if (fp_counter_bits > 0 && fp_counter_bits < bits) {
+            high = n >> bits << bits;
+            n = high | (n & ((1ULL << fp_counter_bits) - 1));
+        }
         if (dmap_get(&d->by_rpc, n) == NULL
             && dmap_get(&d->quarantine, n) == NULL)
         {

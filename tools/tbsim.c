@@ -28,6 +28,7 @@
  *   offline D1,D2     these devices stop answering
  *   online D1,D2      ... and answer again
  *   latency A[-B]     a new reply latency (ms)
+ *   slow D1,D2=MS     these devices answer after MS ms (-1: the global)
  *   error-rate P      a new error rate
  */
 #include <errno.h>
@@ -119,6 +120,7 @@ typedef struct {
     uint64_t     rounds, rpcs, events, duplicates, errors, ignored;
     uint64_t     max_cmd_rounds;  /* the largest command's rounds */
     uint64_t     stops;           /* "stop" commands (emergency stop) */
+    int          slow_ms;         /* its own reply latency; -1: --latency-ms */
     int          offline;
     /* the dedup window: a ring of the last `window` ids, and a hash */
     idnode_t   **ring;
@@ -169,6 +171,7 @@ device_get(const char *name)
     for (nb = 16; nb < opt.window; nb <<= 1) {
     }
     d->name = strdup(name);
+    d->slow_ms = -1;
     d->ring = calloc(opt.window, sizeof(idnode_t *));
     d->bucket = calloc(nb, sizeof(idnode_t *));
     d->nbucket = nb;
@@ -291,6 +294,20 @@ read_control(void)
                 if ((d = device_get(tok)) != NULL) {
                     d->offline = cmd[1] == 'f';
                     gift_log(GIFT_LOG_INFO, "device %s is %s", d->name, cmd);
+                }
+            }
+        } else if (strcmp(cmd, "slow") == 0 && strchr(arg, '=') != NULL) {
+            char *eq = strchr(arg, '='), *s2 = NULL;
+            int   ms = atoi(eq + 1);
+
+            *eq = '\0';
+            for (tok = strtok_r(arg, ",", &s2); tok;
+                 tok = strtok_r(NULL, ",", &s2))
+            {
+                if ((d = device_get(tok)) != NULL) {
+                    d->slow_ms = ms;
+                    gift_log(GIFT_LOG_INFO, "device %s: latency %d ms",
+                             d->name, ms);
                 }
             }
         } else if (strcmp(cmd, "latency") == 0) {
@@ -498,11 +515,14 @@ schedule_reply(const char *id, const char *device, const char *payload)
     reply_t r = { 0, 0, NULL, NULL };
     char    topic[512];
     int64_t lat = opt.lat_min_ms;
+    device_t *d = strcmp(device, "me") ? device_get(device) : NULL;
 
     if (response_topic(id, device, topic, sizeof(topic)) != 0) {
         return;
     }
-    if (opt.lat_max_ms > opt.lat_min_ms) {
+    if (d != NULL && d->slow_ms >= 0) {
+        lat = d->slow_ms;
+    } else if (opt.lat_max_ms > opt.lat_min_ms) {
         lat += (int64_t) (rng() % (uint64_t) (opt.lat_max_ms
                                                - opt.lat_min_ms + 1));
     }
