@@ -156,7 +156,7 @@ END_TEST
 START_TEST(overflow)
 {
     dconf_t *c = load_rules(
-        "default_device = \"m\"; max_rounds = 9007199254740991;\n"
+        "default_device = \"m\"; max_rounds = 9007199254740991L;\n"
         "rule = ( { gift = \"Big\"; device = \"m\"; multiplier = 1000000; } );");
     droute_t rt;
 
