@@ -32,31 +32,35 @@ CFLAGS      += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror \
 LDFLAGS     += $(SAN_FLAGS)
 LIBS_NATS   := -lnats -lprotobuf-c -ljansson -lcrypto -lpthread
 
-# Debian packages the project needs (build, run and test).
+# Debian packages the project needs (build, run and test; the tests need
+# promtool from prometheus and systemd-analyze from systemd).
 DEB_PKGS    := build-essential pkg-config nginx nginx-dev libnats-dev nats-server \
                libprotobuf-c-dev protobuf-c-compiler libmosquitto-dev mosquitto \
                check libjansson-dev libconfig-dev libmicrohttpd-dev libssl-dev \
-               curl wrk perl chromium prometheus clang libclang-rt-14-dev
+               curl wrk perl chromium prometheus clang libclang-rt-14-dev \
+               systemd
 
 # COMMON_OBJS: what every program links; INPUT_OBJS: the webhook's input
 # layer (also compiled into the module), linked by the tests and fuzzers.
 COMMON_SRCS := common/gift_provision.c common/gift_json.c common/gift_util.c
 INPUT_SRCS  := common/gift_normalize.c common/gift_signature.c \
-               common/gift_wsframe.c
+               common/gift_wsframe.c common/gift_ssereq.c
 COMMON_OBJS := $(patsubst common/%.c,$(OBJ)/common/%.o,$(COMMON_SRCS)) \
                $(OBJ)/gen/gift.pb-c.o
 INPUT_OBJS  := $(patsubst common/%.c,$(OBJ)/common/%.o,$(INPUT_SRCS))
 
 BINS        := $(BUILD)/giftctl
 UNIT_TESTS  := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard \
-               tests/test_proto.c tests/test_normalize.c tests/test_signature.c))
+               tests/test_proto.c tests/test_normalize.c tests/test_signature.c \
+               tests/test_nats.c))
 
 MODULE      := $(BUILD)/ngx_http_gift_module.so
 NGX_SRC     := $(BUILD)/nginx
 MODULE_SRCS := $(wildcard ngx_gift_module/*.c ngx_gift_module/*.h) config \
-               $(INPUT_SRCS) common/gift_json.c $(wildcard common/*.h)
+               $(INPUT_SRCS) common/gift_json.c common/gift_nkey.c \
+               $(wildcard common/*.h)
 
-.PHONY: all deps deps-quiet node-deps build run test unit itest bench soak \
+.PHONY: all deps deps-quiet node-deps node-check build run test unit itest bench soak \
         fuzz clean install
 
 # Two steps, so that nothing the build decides (pkg-config flags, which
@@ -88,6 +92,10 @@ FORWARDER_DEPS := tools/forwarder/node_modules/.package-lock.json
 $(FORWARDER_DEPS): tools/forwarder/package.json tools/forwarder/package-lock.json
 	cd tools/forwarder && npm ci --no-audit --no-fund
 
+TBSTANDIN_DEPS := tools/tbstandin/node_modules/.package-lock.json
+$(TBSTANDIN_DEPS): tools/tbstandin/package.json tools/tbstandin/package-lock.json
+	cd tools/tbstandin && npm ci --no-audit --no-fund
+
 # Debian's packages first (npm ci needs nothing from them, but the order is
 # the user's: system, then node packages).
 deps:
@@ -98,7 +106,12 @@ deps-quiet:
 	@scripts/deps.sh $(DEB_PKGS) >/dev/null
 	@$(MAKE) --no-print-directory node-deps
 
-node-deps: $(NODE_DEPS) $(FORWARDER_DEPS)
+node-deps: node-check $(NODE_DEPS) $(FORWARDER_DEPS) $(TBSTANDIN_DEPS)
+
+# node and npm come with the machine (never apt-get install npm)
+node-check:
+	@for p in node npm; do command -v $$p >/dev/null || { echo "$$p not found:" \
+	    "node and npm come with this machine (the tests need both)" >&2; exit 1; }; done
 
 clean:
 	rm -rf $(BUILD)
@@ -130,7 +143,8 @@ $(OBJ)/%.o: %.c $(GEN)/gift.pb-c.h $(wildcard common/*.h)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
 # ---------------------------------------------------------------- tools
-$(BUILD)/giftctl: $(OBJ)/tools/giftctl.o $(COMMON_OBJS)
+$(BUILD)/giftctl: $(OBJ)/tools/giftctl.o $(OBJ)/common/gift_nkey.o \
+        $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS_NATS)
 
 # ---------------------------------------------------------------- module
@@ -158,6 +172,15 @@ endif
 $(BUILD)/tests/test_%: tests/test_%.c $(INPUT_OBJS) $(COMMON_OBJS)
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_NATS) $(CHECK_LIBS)
+
+# the module's NATS parser is plain C: tested without nginx
+$(BUILD)/tests/test_nats: tests/test_nats.c \
+        ngx_gift_module/ngx_http_gift_nats_parse.c \
+        ngx_gift_module/ngx_http_gift_nats_parse.h $(OBJ)/common/gift_nkey.o
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -Ingx_gift_module $(LDFLAGS) -o $@ tests/test_nats.c \
+	    ngx_gift_module/ngx_http_gift_nats_parse.c $(OBJ)/common/gift_nkey.o \
+	    -lcrypto $(CHECK_LIBS)
 
 unit: build
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done

@@ -9,7 +9,9 @@
 #     acking each (what the dispatcher's NATS side could do at best);
 #   - Mosquitto round trips: RPCs of the dispatcher's shape answered by
 #     tbsim, 8 in flight (one per device, as without coalescing) and 64.
-# It checks that tbsim's motors turned exactly the expected rounds, and
+# Then the coalescing run again through the ThingsBoard stand-in and its
+# motors (tools/tbstandin; GIFT_BENCH_STANDIN=0 skips it).
+# It checks that the motors turned exactly the expected rounds, and
 # reports the daemon's RSS (peak and at the end).
 #
 # Loopback only, free ports, its own nats-server, mosquitto and tbsim in a
@@ -127,10 +129,31 @@ start_tbsim() {  # name
     echo "dispatcher bench: tbsim did not connect" >&2; exit 1
 }
 
+# The ThingsBoard stand-in (tools/tbstandin) and its 8 motors, on their own
+# port: sets SB_PORT, SB_PID (endpoint), TB_PID (motors).
+start_standin() {  # name
+    SB_PORT=$(free_port "$MQTT_PORT")
+    node "$ROOT/tools/tbstandin/tb.mjs" --host 127.0.0.1 --port "$SB_PORT" \
+        --motors 8 --dispatchers 1 --out "$WORK/$1-tb.json" >"$WORK/$1-tb.log" 2>&1 &
+    SB_PID=$!
+    PIDS+=("$SB_PID")
+    wait_port "$SB_PORT" gift-tbstandin "$SB_PID" "$WORK/$1-tb.log"
+    node "$ROOT/tools/tbstandin/motors.mjs" --host 127.0.0.1 --port "$SB_PORT" \
+        --motors 8 --window 262144 --out "$WORK/$1.json" >"$WORK/$1.log" 2>&1 &
+    TB_PID=$!
+    PIDS+=("$TB_PID")
+    for _ in $(seq 200); do
+        grep -q serving "$WORK/$1.log" && return 0
+        sleep 0.05
+    done
+    echo "dispatcher bench: gift-motors did not connect" >&2; exit 1
+}
+
 # One run: a fresh nats-server, N gifts stored, then the dispatcher.
 # Sets RUN_* variables.
-run() {  # name coalesce_max_events ceiling(0|1) done_markers(true|false)
-    local name=$1 events=$2 ceiling=$3 markers=${4:-true} port url fill line
+run() {  # name coalesce_max_events ceiling(0|1) done_markers(true|false) [standin]
+    local name=$1 events=$2 ceiling=$3 markers=${4:-true} tb=${5:-tbsim}
+    local port url fill line mqtt_conf
     port=$(free_port "$MQTT_PORT")
     url=nats://127.0.0.1:$port
     mkdir -p "$WORK/nats-$name"
@@ -150,11 +173,17 @@ run() {  # name coalesce_max_events ceiling(0|1) done_markers(true|false)
         PULL_RATE=$(sed -E 's/.*\(([0-9]+)\/s\).*/\1/' <<<"$line")
     fi
 
-    start_tbsim "tbsim-$name"
+    if [[ $tb == standin ]]; then
+        start_standin "tbsim-$name"
+        mqtt_conf="port = $SB_PORT; access_token = \"gift-dispatcher-1\";"
+    else
+        start_tbsim "tbsim-$name"
+        mqtt_conf="port = $MQTT_PORT;"
+    fi
     cat >"$WORK/$name.conf" <<EOC
 log_level = "warning";
 nats = { url = "$url"; max_inflight = 8000; fetch_batch = 256; done_markers = $markers; };
-mqtt = { host = "127.0.0.1"; port = $MQTT_PORT; };
+mqtt = { host = "127.0.0.1"; $mqtt_conf };
 devices = { max_inflight = 1; coalesce_max_events = $events;
             coalesce_max_rounds = 100000; rounds_per_minute = "unlimited"; };
 metrics = { enabled = false; };
@@ -206,6 +235,10 @@ EOC
         print $t->{totals}{rpcs};' "$WORK/tbsim-$name.json" "$RUN_WANT") ||
         { echo "dispatcher bench: $name: the motors' totals are wrong" >&2; exit 1; }
     echo "  $name: $N gifts in $RUN_SECS s from start = $RUN_RATE/s (steady $RUN_STEADY/s), $RUN_RPCS RPCs, RSS $((RUN_RSS / 1024)) MiB (peak $((RUN_HWM / 1024)) MiB)"
+    if [[ $tb == standin ]]; then
+        stop_pid "$SB_PID"
+        forget "$SB_PID"
+    fi
     stop_pid "$NATS_PID"
     forget "$NATS_PID"
     rm -rf "$WORK/nats-$name"
@@ -221,6 +254,18 @@ S_RSS=$RUN_RSS S_HWM=$RUN_HWM
 run nomarkers 64 0 false
 P_RATE=$RUN_RATE P_STEADY=$RUN_STEADY P_SECS=$RUN_SECS P_RPCS=$RUN_RPCS
 P_RSS=$RUN_RSS P_HWM=$RUN_HWM
+
+# The same with coalescing through the ThingsBoard stand-in (aedes, the rule
+# chain, a 1 ms queue delay per hop, motors as MQTT sessions of their own)
+# instead of tbsim answering on mosquitto: what ThingsBoard's routing costs
+# in time per command, which coalescing absorbs.
+SB_RATE=0 SB_STEADY=0 SB_SECS=0 SB_RPCS=0 SB_RSS=0 SB_HWM=0
+if [[ ${GIFT_BENCH_STANDIN:-1} == 1 && -d $ROOT/tools/tbstandin/node_modules/aedes ]] \
+   && command -v node >/dev/null; then
+    run standin 64 0 true standin
+    SB_RATE=$RUN_RATE SB_STEADY=$RUN_STEADY SB_SECS=$RUN_SECS SB_RPCS=$RUN_RPCS
+    SB_RSS=$RUN_RSS SB_HWM=$RUN_HWM
+fi
 
 start_tbsim tbsim-rtt
 RTT8=$("$BIN/dispbench" rtt --host 127.0.0.1 --port "$MQTT_PORT" --count "$RTT_N" --window 8)
@@ -248,6 +293,11 @@ perl -MJSON::PP -e '
             gifts_per_s => 0 + $a{p_rate}, steady_gifts_per_s => 0 + $a{p_steady},
             seconds => 0 + $a{p_secs}, rpcs => 0 + $a{p_rpcs}, rss_kib => 0 + $a{p_rss},
             peak_rss_kib => 0 + $a{p_hwm} },
+        coalescing_through_tbstandin => { coalesce_max_events => 64,
+            gifts_per_s => 0 + $a{sb_rate}, steady_gifts_per_s => 0 + $a{sb_steady},
+            seconds => 0 + $a{sb_secs}, rpcs => 0 + $a{sb_rpcs}, rss_kib => 0 + $a{sb_rss},
+            peak_rss_kib => 0 + $a{sb_hwm},
+            note => "the ThingsBoard stand-in (rule chain, 1 ms per queue hop) and motors as MQTT sessions instead of tbsim; 0: not run" },
         ceilings => {
             jetstream_pull_ack_per_s => 0 + $a{pull},
             mosquitto_rtt_window8_per_s => 0 + $a{r8},
@@ -263,6 +313,7 @@ perl -MJSON::PP -e '
     printf "%-44s %12d %8d %10.1f\n", "with coalescing (64 per RPC)", $a{c_rate}, $a{c_rpcs}, $a{c_hwm} / 1024;
     printf "%-44s %12d %8d %10.1f\n", "without coalescing (1 per RPC)", $a{s_rate}, $a{s_rpcs}, $a{s_hwm} / 1024;
     printf "%-44s %12d %8d %10.1f\n", "coalescing, done_markers = false (probe)", $a{p_rate}, $a{p_rpcs}, $a{p_hwm} / 1024;
+    printf "%-44s %12d %8d %10.1f\n", "coalescing, through the ThingsBoard stand-in", $a{sb_rate}, $a{sb_rpcs}, $a{sb_hwm} / 1024;
     printf "%-44s %12d\n", "ceiling: JetStream pull + ack", $a{pull};
     printf "%-44s %12d   (p50 %d us)\n", "ceiling: Mosquitto RPC round trips, window 8", $a{r8}, $a{p8};
     printf "%-44s %12d   (p50 %d us)\n", "ceiling: Mosquitto RPC round trips, window 64", $a{r64}, $a{p64};
@@ -272,6 +323,8 @@ perl -MJSON::PP -e '
   c_rpcs "$C_RPCS" c_rss "$C_RSS" c_hwm "$C_HWM" s_rate "$S_RATE" \
   s_steady "$S_STEADY" s_secs "$S_SECS" s_rpcs "$S_RPCS" s_rss "$S_RSS" \
   s_hwm "$S_HWM" p_rate "$P_RATE" p_steady "$P_STEADY" p_secs "$P_SECS" \
-  p_rpcs "$P_RPCS" p_rss "$P_RSS" p_hwm "$P_HWM" pull "$PULL_RATE" r8 "$R8" p8 "$(p50_of "$RTT8")" \
+  p_rpcs "$P_RPCS" p_rss "$P_RSS" p_hwm "$P_HWM" sb_rate "$SB_RATE" \
+  sb_steady "$SB_STEADY" sb_secs "$SB_SECS" sb_rpcs "$SB_RPCS" sb_rss "$SB_RSS" \
+  sb_hwm "$SB_HWM" pull "$PULL_RATE" r8 "$R8" p8 "$(p50_of "$RTT8")" \
   r64 "$R64" p64 "$(p50_of "$RTT64")" file "$OUT/dispatcher.json"
 echo "dispatcher bench: $OUT/dispatcher.json"

@@ -14,6 +14,10 @@
 # connections), checks with giftctl that every 202 is in GIFTS, prints a
 # report and writes build/bench/ingest.json (ingest-million.json).
 #
+# GIFT_BENCH_TLS=1: the same over tls:// (nats-server with a certificate of
+# a CA made here by the openssl CLI; nginx verifies it), written as
+# ingest-tls.json; bench/ingest-tls.sh runs it in make bench.
+#
 # Environment: GIFT_BENCH_DURATION (s, default 10), GIFT_BENCH_ROUNDS (3),
 # GIFT_BENCH_CONNS (64), GIFT_BENCH_THREADS (2), GIFT_BENCH_MILLION
 # (1000000), GIFT_BENCH_OUT (build/bench), GIFT_BENCH_KEEP=1 keeps the
@@ -37,7 +41,8 @@ CONNS=${GIFT_BENCH_CONNS:-64}
 THREADS=${GIFT_BENCH_THREADS:-2}
 MILLION=${GIFT_BENCH_MILLION:-1000000}
 OUT=${GIFT_BENCH_OUT:-$ROOT/build/bench}
-MODULE=$ROOT/build/ngx_http_gift_module.so
+# GIFT_BENCH_MODULE: another build of the module, to compare two
+MODULE=${GIFT_BENCH_MODULE:-$ROOT/build/ngx_http_gift_module.so}
 GIFTCTL=$ROOT/build/giftctl
 
 for f in "$MODULE" "$GIFTCTL"; do
@@ -103,12 +108,34 @@ wait_port() {  # port, name, pid, log
     echo "ingest: $2 did not open port $1" >&2; exit 1
 }
 
-"$NATS" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK/nats" \
+NAME=ingest
+NATS_TLS=()
+GIFTCTL_TLS=()
+NGINX_TLS=
+NATS_URL=nats://127.0.0.1:$NATS_PORT
+if [[ ${GIFT_BENCH_TLS:-0} == 1 ]]; then
+    NAME=ingest-tls
+    (
+        cd "$WORK"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+            -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=bench-ca
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+            -nodes -keyout server.key -out server.csr -subj /CN=localhost
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key \
+            -CAcreateserial -out server.pem -days 2 -extfile server.ext
+    ) >"$WORK/openssl.log" 2>&1 || { cat "$WORK/openssl.log" >&2; exit 1; }
+    NATS_TLS=(--tls --tlscert "$WORK/server.pem" --tlskey "$WORK/server.key")
+    GIFTCTL_TLS=(--tls-ca "$WORK/ca.pem")
+    NGINX_TLS="gift_nats_ssl_trusted_certificate $WORK/ca.pem;"
+    NATS_URL=tls://localhost:$NATS_PORT
+fi
+
+"$NATS" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK/nats" "${NATS_TLS[@]}" \
     >"$WORK/nats.log" 2>&1 &
 NATS_PID=$!
 wait_port "$NATS_PORT" nats-server "$NATS_PID" "$WORK/nats.log"
-NATS_URL=nats://127.0.0.1:$NATS_PORT
-"$GIFTCTL" -s "$NATS_URL" setup >"$WORK/setup.log" 2>&1 ||
+"$GIFTCTL" "${GIFTCTL_TLS[@]}" -s "$NATS_URL" setup >"$WORK/setup.log" 2>&1 ||
     { cat "$WORK/setup.log" >&2; exit 1; }
 
 cat >"$WORK/nginx.conf" <<EOF
@@ -132,6 +159,7 @@ http {
     # the default (1000) would reconnect every thousand requests
     keepalive_requests 100000000;
     gift_nats_url $NATS_URL;
+    $NGINX_TLS
 
     server {
         listen 127.0.0.1:$HTTP_PORT backlog=4096;
@@ -224,7 +252,7 @@ run_wrk() {
 }
 
 gifts_stored() {
-    "$GIFTCTL" -s "$NATS_URL" info | awk '$1 == "GIFTS" { print $2 }'
+    "$GIFTCTL" "${GIFTCTL_TLS[@]}" -s "$NATS_URL" info | awk '$1 == "GIFTS" { print $2 }'
 }
 
 # ---------------------------------------------------------------- rates
@@ -292,7 +320,7 @@ bench_rates() {
         my $ok = $stored >= $g->{accepted} && $stored <= $g->{accepted} + $slack
             && $g->{duplicates} == 0 && $g->{other} == 0;
         my %r = (
-            bench => "ingest",
+            bench => ($out =~ m{([^/]+)\.json$})[0],
             date => scalar(gmtime) . " UTC",
             cpus => 0 + `nproc`,
             # other jobs on the machine skew every figure: the 1-minute
@@ -340,11 +368,11 @@ bench_rates() {
             . "jobs were running, the figures are low and noisy\n", $load0,
             $load1, $cpus if $load0 > $cpus || $load1 > $cpus + 4;
         exit($ok ? 0 : 1);
-    ' "$WORK/runs.txt" "$OUT/ingest.json" "$stored" "$rss0" "$rss1" \
+    ' "$WORK/runs.txt" "$OUT/$NAME.json" "$stored" "$rss0" "$rss1" \
         "$WORKER" "$WORKER_NOW" "$CONNS" "$ROUNDS" "$DURATION" "$THREADS" \
         "$load0" "$load1" ||
         rc=$?
-    echo "ingest: wrote $OUT/ingest.json"
+    echo "ingest: wrote $OUT/$NAME.json"
     return $rc
 }
 

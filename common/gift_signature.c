@@ -214,6 +214,16 @@ gift_signature_verify(const char *hdr, size_t hlen,
     const gift_secret_t *secrets, size_t nsecrets,
     time_t now, time_t window)
 {
+    return gift_signature_verify_skew(hdr, hlen, body, blen, secrets,
+                                      nsecrets, now, window, window);
+}
+
+gift_sig_rc
+gift_signature_verify_skew(const char *hdr, size_t hlen,
+    const unsigned char *body, size_t blen,
+    const gift_secret_t *secrets, size_t nsecrets,
+    time_t now, time_t window, time_t skew)
+{
     gs_header_t     h;
     EVP_MAC_CTX    *ctx;
     unsigned char   mac[GS_MAC_LEN];
@@ -260,8 +270,11 @@ gift_signature_verify(const char *hdr, size_t hlen,
     if (window < 0) {
         window = 0;
     }
+    if (skew < 0) {
+        skew = 0;
+    }
     age = (int64_t) now - h.tval;
-    if (age > (int64_t) window || age < -(int64_t) window) {
+    if (age > (int64_t) window || age < -(int64_t) skew) {
         return GIFT_SIG_EXPIRED;
     }
 

@@ -39,6 +39,17 @@ gift_sig_rc gift_signature_verify(const char *hdr, size_t hlen,
     const gift_secret_t *secrets, size_t nsecrets,
     time_t now, time_t window);
 
+/*
+ * The same, with a separate bound into the future: valid when
+ * now - window <= t <= now + skew.  A request is then replayable for at
+ * most window + skew seconds after it was signed (gift_signature_verify()
+ * is this with skew = window).
+ */
+gift_sig_rc gift_signature_verify_skew(const char *hdr, size_t hlen,
+    const unsigned char *body, size_t blen,
+    const gift_secret_t *secrets, size_t nsecrets,
+    time_t now, time_t window, time_t skew);
+
 /* Write the header value for (secret, t, body) into out (>= 100 bytes).
  * Used by tests, giftbench and the forwarder's C twin. Returns its length. */
 size_t gift_signature_make(const gift_secret_t *secret, time_t t,

@@ -300,7 +300,8 @@ static const char *const k_devone[] = {
     "id", "rounds_per_minute", "paused", NULL
 };
 static const char *const k_nats[] = {
-    "url", "urls", "name", "user", "password", "token", "creds", "tls_ca",
+    "url", "urls", "name", "user", "password", "token", "creds", "nkey",
+    "tls_ca",
     "tls_cert", "tls_key", "reconnect_min_ms", "reconnect_max_ms",
     "provision", "replicas", "ack_wait_ms", "max_ack_pending", "fetch_batch",
     "fetch_wait_ms", "max_inflight", "publish_timeout_ms", "publish_retry_ms",
@@ -312,7 +313,7 @@ static const char *const k_mqtt[] = {
     "qos", "request_topic", "response_topic", "method", "rpc_timeout_ms",
     "late_reply_ms",
     "reconnect_min_ms", "reconnect_max_ms", "send_maximum", "rpc_id_bits",
-    "instance_id", "tls", NULL
+    "instance_id", "tls", "max_payload", "access_tokens", NULL
 };
 static const char *const k_tls[] = {
     "ca_file", "ca_path", "cert_file", "key_file", "version", "insecure", NULL
@@ -373,6 +374,7 @@ defaults(dconf_t *c)
     c->offline_retry_ms = 1000;
     c->max_held = 0;                    /* a quarter of nats.max_inflight */
     c->busy_retry_ms = 2000;
+    c->mqtt_max_payload = 65536;         /* ThingsBoard's NETTY_MAX_PAYLOAD_SIZE */
     c->control = 1;
 }
 
@@ -423,6 +425,10 @@ load_nats(errs_t *e, const config_setting_t *g, dconf_t *c)
     get_str(e, g, "password", 1, &c->nats_password);
     get_str(e, g, "token", 1, &c->nats_token);
     get_file(e, g, "creds", &c->nats_creds);
+    get_file(e, g, "nkey", &c->nats_nkey);
+    if (c->nats_creds != NULL && c->nats_nkey != NULL) {
+        errf(e, g, "nkey", "creds and nkey exclude each other");
+    }
     get_file(e, g, "tls_ca", &c->nats_tls_ca);
     get_file(e, g, "tls_cert", &c->nats_tls_cert);
     get_file(e, g, "tls_key", &c->nats_tls_key);
@@ -495,12 +501,43 @@ load_mqtt(errs_t *e, const config_setting_t *g, dconf_t *c)
         get_int(e, g, "port", 1, 65535, &c->mqtt_port);
         get_str(e, g, "client_id", 1, &c->mqtt_client_id);
         get_str(e, g, "access_token", 1, &c->mqtt_token);
+        if (config_setting_get_member(g, "access_tokens") != NULL) {
+            dstrset_t set = { NULL, 0 };
+
+            if (c->mqtt_token != NULL) {
+                errf(e, config_setting_get_member(g, "access_tokens"), NULL,
+                     "give access_token or access_tokens, not both");
+            }
+            if (get_set(e, g, "access_tokens", &set) == 1) {
+                c->mqtt_tokens = set.v;
+                c->nmqtt_tokens = set.n;
+            }
+        }
         get_str(e, g, "password", 1, &c->mqtt_password);
         get_int(e, g, "keepalive", 5, 65535, &c->mqtt_keepalive);
         get_int(e, g, "qos", 0, 1, &c->mqtt_qos);
         get_str(e, g, "request_topic", 0, &c->mqtt_request_topic);
         get_str(e, g, "response_topic", 0, &c->mqtt_response_topic);
         get_str(e, g, "method", 0, &c->mqtt_method);
+        if (get_int(e, g, "max_payload", 1, 268435455, &c->mqtt_max_payload)
+            == 1)
+        {
+            /* one gift of the longest id to a device of the longest name
+             * must fit: commands are split below it, never above */
+            size_t one = rpc_payload_max(c->mqtt_method ? c->mqtt_method
+                                                        : "rotate",
+                                         "0123456789012345678901234567890"
+                                         "123456789012345678901234567890123",
+                                         NULL, 0)
+                         + GIFT_ID_MAX + 42;
+
+            if ((size_t) c->mqtt_max_payload < one) {
+                errf(e, config_setting_get_member(g, "max_payload"), NULL,
+                     "%d cannot hold one command (at least %zu bytes)",
+                     c->mqtt_max_payload, one);
+                c->mqtt_max_payload = 65536;
+            }
+        }
         get_int(e, g, "rpc_timeout_ms", 10, 600000, &c->rpc_timeout_ms);
     get_int(e, g, "late_reply_ms", 0, 86400000, &c->late_reply_ms);
         get_int(e, g, "reconnect_min_ms", 1, 600000,
@@ -972,6 +1009,10 @@ dconf_free(dconf_t *c)
     if (c == NULL) {
         return;
     }
+    for (i = 0; i < c->nmqtt_tokens; i++) {
+        free(c->mqtt_tokens[i]);
+    }
+    free(c->mqtt_tokens);
     for (i = 0; i < c->nnats_urls; i++) {
         free(c->nats_urls[i]);
     }
@@ -982,6 +1023,7 @@ dconf_free(dconf_t *c)
     free(c->nats_password);
     free(c->nats_token);
     free(c->nats_creds);
+    free(c->nats_nkey);
     free(c->nats_tls_ca);
     free(c->nats_tls_cert);
     free(c->nats_tls_key);

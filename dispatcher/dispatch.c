@@ -521,7 +521,8 @@ gift_answered(dsp_t *d, dgift_t *g, const drpc_t *r, drpc_reply_rc rc,
         STAT_ADD(d, offline_requeued, 1);
         return 1;
     } else {
-        gift_fail(d, g, why == NULL ? "timeout" : "device_error", why);
+        gift_fail(d, g, why == NULL ? "timeout" : rpc_error_reason(why),
+                  why);
     }
     return 0;
 }

@@ -164,6 +164,7 @@ typedef struct {
     char        *nats_password;
     char        *nats_token;
     char        *nats_creds;           /* a .creds file (JWT + nkey) */
+    char        *nats_nkey;            /* an NKey seed file */
     char        *nats_tls_ca;
     char        *nats_tls_cert;
     char        *nats_tls_key;
@@ -188,12 +189,15 @@ typedef struct {
     int          mqtt_port;
     char        *mqtt_client_id;       /* default gift-dispatcher-<host>-<pid> */
     char        *mqtt_token;           /* access token: the MQTT user name */
+    char       **mqtt_tokens;          /* mqtt.access_tokens: a pool, one */
+    size_t       nmqtt_tokens;         /* leased per dispatcher (identity.c) */
     char        *mqtt_password;
     int          mqtt_keepalive;
     int          mqtt_qos;
     char        *mqtt_request_topic;   /* template: {n}, {device} */
     char        *mqtt_response_topic;
     char        *mqtt_method;
+    int          mqtt_max_payload;     /* request payload bytes (65536) */
     int          rpc_timeout_ms;
     int          late_reply_ms;        /* a timed-out RPC's id is not used
                                           again for this long */
@@ -280,6 +284,11 @@ size_t rpc_payload_build(char *out, size_t cap, const char *method,
     const char *device, uint64_t rounds, const drpc_event_t *ev, size_t nev);
 size_t rpc_payload_max(const char *method, const char *device,
     const drpc_event_t *ev, size_t nev);
+/* Upper bound of the bytes one event adds to a request payload. */
+size_t rpc_event_bytes(const char *id);
+/* "device_timeout" (TIMEOUT), "device_offline" (NO_ACTIVE_CONNECTION), or
+ * "device_error": the acknowledgement's reason for a failed reply. */
+const char *rpc_error_reason(const char *why);
 
 typedef enum {
     RPC_REPLY_OK = 0,          /* {"ok":true} */
@@ -757,6 +766,9 @@ struct dsp {
     dstats_t           st;
 
     dkv_t              kv;
+    int                identity;   /* index in mqtt.access_tokens; -1 */
+    char               identity_key[64];
+    char               identity_val[384];
     size_t             nwaiting;   /* devices with wake_us set */
     int64_t            wake_min_us;
     dmetrics_t        *metrics;
@@ -864,6 +876,16 @@ void nats_in_fetch_join(dsp_t *d);
  * destroy all.  Every gift must have been freed before (acks use the
  * subscription). */
 void nats_in_stop(dsp_t *d);
+
+/* identity.c ------------------------------------------------------------ */
+
+/* With mqtt.access_tokens: lease one token in KV GIFT_DEVICES (compare-and-
+ * set; a lease not refreshed for KV_LEASE_STALE_S may be taken over) and
+ * make it the MQTT user name.  Before the KV thread starts and before MQTT
+ * connects.  0 (also without a pool), or -1: none free. */
+int  identity_claim(dsp_t *d);
+void identity_refresh(dsp_t *d);       /* the kv thread, every minute */
+void identity_release(dsp_t *d);       /* at exit */
 
 /* kv.c ------------------------------------------------------------------ */
 

@@ -7,12 +7,13 @@ DISPATCHER_LIBS     := -lmosquitto -lconfig -lmicrohttpd
 DISPATCHER_LIB_OBJS := $(OBJ)/dispatcher/conf.o $(OBJ)/dispatcher/rules.o \
                        $(OBJ)/dispatcher/rpc.o $(OBJ)/dispatcher/util.o \
                        $(OBJ)/dispatcher/streaks.o $(OBJ)/dispatcher/limits.o \
-                       $(OBJ)/common/gift_kvkey.o
+                       $(OBJ)/common/gift_kvkey.o $(OBJ)/common/gift_nkey.o
 DISPATCHER_OBJS     := $(DISPATCHER_LIB_OBJS) $(OBJ)/dispatcher/main.o \
                        $(OBJ)/dispatcher/dispatch.o $(OBJ)/dispatcher/scheduler.o \
                        $(OBJ)/dispatcher/nats_in.o $(OBJ)/dispatcher/mqtt_out.o \
                        $(OBJ)/dispatcher/kv.o $(OBJ)/dispatcher/ctl.o \
-                       $(OBJ)/dispatcher/metrics.o
+                       $(OBJ)/dispatcher/metrics.o \
+                       $(OBJ)/dispatcher/identity.o
 
 BINS        += $(BUILD)/gift-dispatcher
 DISPATCHER_TESTS := $(BUILD)/tests/test_rules $(BUILD)/tests/test_dconf \

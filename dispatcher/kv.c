@@ -439,6 +439,9 @@ lease_refresh(dkv_t *k)
 {
     natsStatus s;
 
+    if (k->lease_key[0] == '\0') {
+        return;
+    }
     s = kvStore_PutString(NULL, k->devices, k->lease_key, k->lease_val);
     if (s != NATS_OK) {
         kv_warn("put", k->lease_key, s);
@@ -455,17 +458,18 @@ kv_main(void *arg)
     int64_t   t0, lease_at = gift_mono_us();
 
     for (;;) {
-        if (k->lease_key[0] != '\0'
+        if ((k->lease_key[0] != '\0' || d->identity >= 0)
             && gift_mono_us() - lease_at >= KV_LEASE_REFRESH_S * 1000000LL)
         {
             lease_refresh(k);             /* busy or idle: every minute */
+            identity_refresh(d);
             lease_at = gift_mono_us();
         }
         pthread_mutex_lock(&k->mu);
         while (!k->stop && k->head == NULL) {
             struct timespec until;
 
-            if (k->lease_key[0] == '\0') {
+            if (k->lease_key[0] == '\0' && d->identity < 0) {
                 pthread_cond_wait(&k->cond, &k->mu);
                 continue;
             }
@@ -476,6 +480,7 @@ kv_main(void *arg)
             {
                 pthread_mutex_unlock(&k->mu);
                 lease_refresh(k);
+                identity_refresh(d);
                 lease_at = gift_mono_us();
                 pthread_mutex_lock(&k->mu);
             }
@@ -729,11 +734,15 @@ kv_start(dsp_t *d)
         if (s == NATS_OK && k->done == NULL) {
             s = open_bucket(d, &k->done, GIFT_KV_DONE, 0);
         }
-        if (s == NATS_OK && d->conf->control && k->devices == NULL) {
+        if (s == NATS_OK && (d->conf->control || d->conf->nmqtt_tokens > 0)
+            && k->devices == NULL)
+        {
             s = open_bucket(d, &k->devices, GIFT_KV_DEVICES,
                             d->conf->provision);
         }
-        if (s == NATS_OK && k->devices != NULL && k->watch == NULL) {
+        if (s == NATS_OK && d->conf->control && k->devices != NULL
+            && k->watch == NULL)
+        {
             s = kvStore_WatchAll(&k->watch, k->devices, NULL);
             /* the current switches, before any gift is dispatched; a NULL
              * entry marks the end of what exists now */
@@ -775,6 +784,9 @@ kv_start(dsp_t *d)
 
     if (d->conf->instance_id < 0) {
         kv_claim_tag(d);
+    }
+    if (identity_claim(d) != 0) {
+        return -1;
     }
 
     sigfillset(&all);
@@ -898,6 +910,7 @@ kv_destroy(dsp_t *d)
     if (k->lease_key[0] != '\0' && k->devices != NULL) {
         kvStore_Delete(k->devices, k->lease_key);      /* free it for others */
     }
+    identity_release(d);
     kvWatcher_Destroy(k->watch);
     k->watch = NULL;
     kvStore_Destroy(k->streaks);

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "dispatcher.h"
+#include "gift_nkey.h"
 #include "gift_util.h"
 
 /* ------------------------------------------------------------ callbacks */
@@ -148,6 +149,34 @@ pause_ms(int ms)
     ppoll(NULL, 0, &ts, &none);
 }
 
+/* An NKey seed file: cnats wants the public key beside it. */
+static natsStatus
+set_nkey(natsOptions *o, const char *file)
+{
+    char         buf[4096];
+    size_t       n;
+    FILE        *f;
+    const char  *seed, *err;
+    gift_nkey_t  k;
+
+    f = fopen(file, "r");
+    if (f == NULL) {
+        gift_log(GIFT_LOG_ERR, "nats.nkey %s: %s", file, strerror(errno));
+        return NATS_ERR;
+    }
+    n = fread(buf, 1, sizeof(buf), f);
+    fclose(f);
+
+    if (gift_nkey_find_seed(buf, n, &seed, &err) != 0
+        || gift_nkey_from_seed(seed, GIFT_NKEY_SEED_LEN, &k, &err) != 0)
+    {
+        gift_log(GIFT_LOG_ERR, "nats.nkey %s: %s", file, err);
+        return NATS_ERR;
+    }
+
+    return natsOptions_SetNKeyFromSeed(o, k.public_key, file);
+}
+
 natsStatus
 nats_options_base(const dconf_t *c, natsOptions **out)
 {
@@ -170,6 +199,9 @@ nats_options_base(const dconf_t *c, natsOptions **out)
     }
     if (s == NATS_OK && c->nats_creds != NULL) {
         s = natsOptions_SetUserCredentialsFromFiles(o, c->nats_creds, NULL);
+    }
+    if (s == NATS_OK && c->nats_nkey != NULL) {
+        s = set_nkey(o, c->nats_nkey);
     }
     if (s == NATS_OK && (c->nats_tls_ca != NULL || c->nats_tls_cert != NULL)) {
         s = natsOptions_SetSecure(o, true);

@@ -273,12 +273,41 @@ rpc_reply_parse(const char *payload, size_t len, char *err, size_t cap)
         } else {
             snprintf(err, cap, "device error");
         }
+    } else if (json_is_string(e = json_object_get(root, "error"))) {
+        /* ThingsBoard's own failure shape, {"error":"TIMEOUT"} */
+        rc = RPC_REPLY_ERROR;
+        snprintf(err, cap, "%s", json_string_value(e));
     } else {
         snprintf(err, cap, "reply has no boolean \"ok\"");
         rc = RPC_REPLY_MALFORMED;
     }
     json_decref(root);
     return rc;
+}
+
+/*
+ * The acknowledgement's reason for a failed reply: ThingsBoard's RPC
+ * errors by name (the rule chain passes them on as the error text), the
+ * rest "device_error".
+ */
+const char *
+rpc_error_reason(const char *why)
+{
+    if (why != NULL && strcmp(why, "TIMEOUT") == 0) {
+        return "device_timeout";          /* the motor got it, never answered */
+    }
+    if (why != NULL && strcmp(why, "NO_ACTIVE_CONNECTION") == 0) {
+        return "device_offline";          /* the motor was not connected */
+    }
+    return "device_error";
+}
+
+/* Bytes one event adds to the request payload, at most (event ids are
+ * [A-Za-z0-9._:-]: no escapes): {"id":"..","rounds":N} and a comma. */
+size_t
+rpc_event_bytes(const char *id)
+{
+    return strlen(id) + 42;
 }
 
 void

@@ -358,6 +358,7 @@ device_kick(dsp_t *d, ddevice_t *dev)
     dgift_t       *g, *last;
     int64_t        now;
     uint64_t       room = UINT64_MAX, sent, cmax, head;
+    size_t         bytes;
 
     while (dev->qhead != NULL && dev->inflight < c->dev_max_inflight
            && d->mqtt.ready && dev->paused <= 0
@@ -407,11 +408,18 @@ device_kick(dsp_t *d, ddevice_t *dev)
                      g->ev->event_id, r->part);
         } else {
             last = NULL;
+            /* split before mqtt.max_payload (ThingsBoard closes the
+             * connection of a bigger PUBLISH) */
+            bytes = rpc_payload_max(c->mqtt_method, dev->name, NULL, 0);
             while (dev->qhead != NULL && dev->qhead->rounds_done == 0
                    && coalesce_more(r->ngifts, r->rounds, dev->qhead->rounds,
                                     (size_t) c->coalesce_max_events, cmax,
-                                    room))
+                                    room)
+                   && (r->ngifts == 0
+                       || bytes + rpc_event_bytes(dev->qhead->ev->event_id)
+                          <= (size_t) c->mqtt_max_payload))
             {
+                bytes += rpc_event_bytes(dev->qhead->ev->event_id);
                 g = queue_pop(dev);
                 g->state = GIFT_SENT;
                 g->rpc = r;
@@ -478,7 +486,10 @@ lat_observe(dsp_t *d, int64_t us)
 static int
 reply_offline(const char *why)
 {
-    return why != NULL && (strstr(why, "NO_ACTIVE_CONNECTION") != NULL
+    /* ThingsBoard's TIMEOUT: the rule chain's RPC to the motor got no
+     * answer; NO_ACTIVE_CONNECTION: the motor is not connected */
+    return why != NULL && (strcmp(why, "TIMEOUT") == 0
+                           || strstr(why, "NO_ACTIVE_CONNECTION") != NULL
                            || strstr(why, "offline") != NULL
                            || strstr(why, "not connected") != NULL);
 }

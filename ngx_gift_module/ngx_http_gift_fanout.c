@@ -18,6 +18,10 @@
 
 #include "ngx_http_gift_module.h"
 
+#include <sys/eventfd.h>
+
+#include "gift_ssereq.h"
+
 
 typedef struct {
     ngx_http_gift_frame_t    **ring;
@@ -34,6 +38,7 @@ typedef struct {
     ngx_log_t                 *log;
     ngx_http_gift_out_t       *out_free;        /* written, reusable */
     ngx_uint_t                 nfree;
+    ngx_connection_t          *sentinel;        /* see init_process */
 } ngx_http_gift_fanout_t;
 
 
@@ -43,6 +48,9 @@ typedef struct {
  * worker, not each client's worst moment (a request pool never shrinks).
  */
 #define NGX_HTTP_GIFT_OUT_FREE_MAX  4096
+
+/* server pings a WebSocket client may leave unanswered, one a heartbeat */
+#define NGX_HTTP_GIFT_WS_MAX_PINGS  3
 
 
 static ngx_int_t ngx_http_gift_client_push(ngx_http_gift_client_t *c,
@@ -61,12 +69,18 @@ static ngx_int_t ngx_http_gift_fanout_replay(ngx_http_gift_client_t *c,
     uint64_t after, uint64_t upto, ngx_chain_t **out, ngx_chain_t ***last);
 static void ngx_http_gift_client_write_handler(ngx_http_request_t *r);
 static void ngx_http_gift_heartbeat_handler(ngx_event_t *ev);
+static void ngx_http_gift_client_end(ngx_http_gift_client_t *c,
+    ngx_int_t rc, const char *why);
+static void ngx_http_gift_fanout_shutdown(ngx_event_t *ev);
+static void ngx_http_gift_sse_end(ngx_http_gift_client_t *c);
 
 
 static ngx_http_gift_fanout_t  *ngx_http_gift_fanout;
 
 static u_char  ngx_http_gift_sse_heartbeat[] = ":\n\n";
 static u_char  ngx_http_gift_sse_heartbeat_chunk[] = "3\r\n:\n\n\r\n";
+/* the end of a chunked body */
+static u_char  ngx_http_gift_last_chunk[] = "0\r\n\r\n";
 /* a WebSocket ping with no payload */
 static u_char  ngx_http_gift_ws_ping[] = { 0x89, 0x00 };
 
@@ -75,6 +89,7 @@ ngx_int_t
 ngx_http_gift_fanout_init_process(ngx_cycle_t *cycle,
     ngx_http_gift_main_conf_t *gmcf)
 {
+    int                      fd;
     ngx_http_gift_fanout_t  *fo;
 
     fo = ngx_pcalloc(cycle->pool, sizeof(ngx_http_gift_fanout_t));
@@ -102,6 +117,35 @@ ngx_http_gift_fanout_init_process(ngx_cycle_t *cycle,
     fo->heartbeat_ev.cancelable = 1;
     ngx_add_timer(&fo->heartbeat_ev, fo->heartbeat);
 
+    /*
+     * Graceful shutdown and reload must end every stream cleanly, HTTP/2
+     * streams included.  nginx tells idle connections (c->idle) when it
+     * starts to shut down, but an HTTP/2 connection with a stream open is
+     * not idle, and its streams are no connections of the cycle: it would
+     * leave them open ("open socket left") and cut them without END_STREAM.
+     * So the worker keeps one idle connection of its own, on an eventfd
+     * that is never polled, whose read handler nginx calls at that moment:
+     * it ends SSE streams (last chunk, END_STREAM) and closes WebSockets
+     * with 1001.
+     */
+    fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fd == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "gift: eventfd() failed");
+        return NGX_ERROR;
+    }
+
+    fo->sentinel = ngx_get_connection(fd, cycle->log);
+    if (fo->sentinel == NULL) {
+        close(fd);
+        return NGX_ERROR;
+    }
+
+    fo->sentinel->idle = 1;
+    fo->sentinel->read->handler = ngx_http_gift_fanout_shutdown;
+    fo->sentinel->read->log = cycle->log;
+    fo->sentinel->data = fo;
+
     ngx_http_gift_fanout = fo;
 
     return NGX_OK;
@@ -122,6 +166,11 @@ ngx_http_gift_fanout_exit_process(ngx_cycle_t *cycle)
 
     if (fo->heartbeat_ev.timer_set) {
         ngx_del_timer(&fo->heartbeat_ev);
+    }
+
+    if (fo->sentinel != NULL) {
+        ngx_close_connection(fo->sentinel);
+        fo->sentinel = NULL;
     }
 
     for (i = 0; i < fo->n; i++) {
@@ -153,6 +202,20 @@ ngx_uint_t
 ngx_http_gift_fanout_clients(void)
 {
     return ngx_http_gift_fanout ? ngx_http_gift_fanout->nclients : 0;
+}
+
+
+/*
+ * The acknowledgement follower says where GIFT_ACKS was when it started:
+ * acknowledgements up to it are history, newer ones are live.
+ */
+static uint64_t  ngx_http_gift_fanout_origin_seq;
+
+
+void
+ngx_http_gift_fanout_origin(uint64_t seq)
+{
+    ngx_http_gift_fanout_origin_seq = seq;
 }
 
 
@@ -249,9 +312,8 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
 
         if (rc != NGX_OK) {
             conn = c->request->connection;
-            ngx_http_gift_client_close(c, rc == NGX_DECLINED ? "backlog full"
-                                          : rc == NGX_DONE ? "closed"
-                                          : "write error");
+            ngx_http_gift_client_end(c, rc, rc == NGX_DECLINED
+                                            ? "backlog full" : "write error");
             ngx_http_run_posted_requests(conn);
         }
     }
@@ -288,7 +350,7 @@ ngx_http_gift_client_due(ngx_http_gift_client_t *c, ngx_http_gift_frame_t *f)
         return 0;
     }
 
-    if (c->from_now && f->seq <= ngx_http_gift_nats_acks_origin()) {
+    if (c->from_now && f->seq <= ngx_http_gift_fanout_origin_seq) {
         return 0;
     }
 
@@ -340,7 +402,9 @@ ngx_http_gift_fanout_full(void)
 {
     ngx_http_gift_fanout_t  *fo = ngx_http_gift_fanout;
 
-    return fo == NULL || fo->nclients >= fo->max_clients;
+    /* a worker that shuts down takes no new stream: it would stay open */
+    return fo == NULL || ngx_exiting || ngx_terminate
+           || fo->nclients >= fo->max_clients;
 }
 
 
@@ -370,9 +434,6 @@ ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
     ngx_http_gift_stat_add(c->kind == NGX_HTTP_GIFT_CLIENT_SSE
                            ? NGX_HTTP_GIFT_STAT_SSE_CLIENTS
                            : NGX_HTTP_GIFT_STAT_WS_CLIENTS, 1);
-
-    /* graceful shutdown and reload close streaming connections */
-    c->request->connection->idle = 1;
 
     /*
      * Events are small writes: without TCP_NODELAY, one written while the
@@ -467,9 +528,19 @@ ngx_http_gift_fanout_replay(ngx_http_gift_client_t *c, uint64_t after,
 
         len = sizeof("{\"event\":\"gap\",\"from\":,\"to\":}") - 1
               + 2 * NGX_INT64_LEN + sizeof("event: gap\ndata: \n\n");
-        p = ngx_pnalloc(c->request->pool, len);
-        if (p == NULL) {
-            return NGX_ERROR;
+        /*
+         * A WebSocket client may resume again and again (by message): its
+         * gap notice goes in the client's own buffer when nothing is
+         * queued (so the previous one is written), else in the pool.
+         */
+        if (c->out_head == NULL && *out == NULL && len <= sizeof(c->gap)) {
+            p = c->gap;
+
+        } else {
+            p = ngx_pnalloc(c->request->pool, len);
+            if (p == NULL) {
+                return NGX_ERROR;
+            }
         }
 
         if (c->kind == NGX_HTTP_GIFT_CLIENT_SSE) {
@@ -728,6 +799,14 @@ ngx_http_gift_client_write(ngx_http_gift_client_t *c, ngx_chain_t *out)
         return NGX_DONE;
     }
 
+    if (c->out_head == NULL && c->kind == NGX_HTTP_GIFT_CLIENT_WS) {
+        /* a pong held back while the output was busy */
+        rc = ngx_http_gift_ws_drained(c);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+    }
+
     wev = r->connection->write;
 
     if (c->out_head != NULL) {
@@ -803,9 +882,32 @@ ngx_http_gift_client_write_handler(ngx_http_request_t *r)
     rc = ngx_http_gift_client_write(c, NULL);
 
     if (rc != NGX_OK) {
-        ngx_http_gift_client_close(c, rc == NGX_DONE ? "closed"
-                                                     : "write error");
+        ngx_http_gift_client_end(c, rc, "write error");
     }
+}
+
+
+/*
+ * After a write that did not return NGX_OK: NGX_DONE is a last frame
+ * written (a WebSocket close: wait for the peer's; an SSE stream's end:
+ * finalize), anything else closes with `why`.
+ */
+static void
+ngx_http_gift_client_end(ngx_http_gift_client_t *c, ngx_int_t rc,
+    const char *why)
+{
+    if (rc == NGX_DONE && c->kind == NGX_HTTP_GIFT_CLIENT_WS) {
+        ngx_http_gift_ws_close_written(c);
+        return;
+    }
+
+    if (rc == NGX_DONE && c->ending) {
+        /* the stream's end is out: a clean end (END_STREAM over HTTP/2) */
+        ngx_http_finalize_request(c->request, NGX_OK);
+        return;
+    }
+
+    ngx_http_gift_client_close(c, rc == NGX_DONE ? "closed" : why);
 }
 
 
@@ -849,18 +951,27 @@ ngx_http_gift_heartbeat_handler(ngx_event_t *ev)
             continue;       /* output is pending: the stream is not idle */
         }
 
+        conn = c->request->connection;
+
         if (c->kind == NGX_HTTP_GIFT_CLIENT_SSE) {
             rc = ngx_http_gift_fanout_send_raw(c, ngx_http_gift_sse_heartbeat,
                                           sizeof(ngx_http_gift_sse_heartbeat)
                                           - 1);
+
+        } else if (c->pings_out >= NGX_HTTP_GIFT_WS_MAX_PINGS) {
+            /* a client that answers no ping is gone, or pretends to be */
+            ngx_http_gift_client_close(c, "no pong to the last pings");
+            ngx_http_run_posted_requests(conn);
+            continue;
+
         } else {
+            c->pings_out++;
             rc = ngx_http_gift_fanout_send_raw(c, ngx_http_gift_ws_ping,
                                           sizeof(ngx_http_gift_ws_ping));
         }
 
         if (rc != NGX_OK) {
-            conn = c->request->connection;
-            ngx_http_gift_client_close(c, "write error");
+            ngx_http_gift_client_end(c, rc, "write error");
             ngx_http_run_posted_requests(conn);
         }
     }
@@ -869,13 +980,132 @@ ngx_http_gift_heartbeat_handler(ngx_event_t *ev)
 }
 
 
+/*
+ * nginx starts a graceful shutdown (quit, reload): it calls idle
+ * connections' read handlers with c->close set; this is ours.
+ */
+static void
+ngx_http_gift_fanout_shutdown(ngx_event_t *ev)
+{
+    ngx_connection_t        *sentinel = ev->data;
+
+    ngx_queue_t             *q, *next;
+    ngx_connection_t        *conn;
+    ngx_http_gift_client_t  *c;
+    ngx_http_gift_fanout_t  *fo;
+
+    fo = sentinel->data;
+
+    if (!sentinel->close) {
+        return;
+    }
+
+    ngx_close_connection(sentinel);
+    fo->sentinel = NULL;
+
+    ngx_log_error(NGX_LOG_INFO, fo->log, 0,
+                  "gift: shutting down: ending %ui streams", fo->nclients);
+
+    for (q = ngx_queue_head(&fo->clients);
+         q != ngx_queue_sentinel(&fo->clients);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        c = ngx_queue_data(q, ngx_http_gift_client_t, queue);
+        conn = c->request->connection;
+
+        if (c->kind == NGX_HTTP_GIFT_CLIENT_WS) {
+            ngx_http_gift_ws_going_away(c);
+            continue;
+        }
+
+        ngx_http_gift_sse_end(c);
+        ngx_http_run_posted_requests(conn);
+    }
+}
+
+
+/*
+ * End an SSE stream the way a finished response ends: the last chunk over
+ * HTTP/1.1, END_STREAM over HTTP/2; EventSource then reconnects (to a new
+ * worker) after the retry: hint, with Last-Event-ID.
+ */
+static void
+ngx_http_gift_sse_end(ngx_http_gift_client_t *c)
+{
+    ngx_int_t            rc;
+    ngx_chain_t         *out, **last;
+    ngx_http_request_t  *r;
+#if (NGX_HTTP_V2)
+    ngx_connection_t    *hc;
+#endif
+
+    if (c->closing) {
+        return;
+    }
+
+    r = c->request;
+    r->keepalive = 0;
+    c->closing = 1;
+    c->ending = 1;
+
+    out = NULL;
+    last = &out;
+
+    if (c->chunked
+        && ngx_http_gift_client_push(c, NULL, ngx_http_gift_last_chunk,
+                                     sizeof(ngx_http_gift_last_chunk) - 1,
+                                     &last) != NGX_OK)
+    {
+        ngx_http_gift_client_close(c, "shutting down");
+        return;
+    }
+
+    if (out != NULL) {
+        rc = ngx_http_gift_client_write(c, out);
+
+    } else {
+        rc = (c->out_head == NULL) ? NGX_DONE : NGX_OK;
+    }
+
+#if (NGX_HTTP_V2)
+    if (r->stream != NULL) {
+        /*
+         * HTTP/2: the last (empty) DATA frame carries END_STREAM; then the
+         * connection is told to close, which sends GOAWAY and closes it
+         * once no stream is left (it is not idle, so nginx did not).
+         */
+        if (ngx_http_send_special(r, NGX_HTTP_LAST) == NGX_ERROR) {
+            ngx_http_gift_client_close(c, "shutting down");
+            return;
+        }
+
+        hc = r->stream->connection->connection;
+        hc->close = 1;
+        ngx_post_event(hc->read, &ngx_posted_events);
+    }
+#endif
+
+    if (rc == NGX_DONE) {
+        ngx_http_finalize_request(r, NGX_OK);
+
+    } else if (rc != NGX_OK) {
+        ngx_http_gift_client_close(c, "write error");
+    }
+
+    /* else: the rest goes out within send_timeout, then it is finalized */
+}
+
+
 /* Add the comma-separated, URL-escaped values in v to *arr. */
 static ngx_int_t
 ngx_http_gift_filter_add(ngx_http_request_t *r, ngx_array_t **arr,
     ngx_str_t *v)
 {
-    u_char     *p, *end, *comma, *dst, *src;
-    ngx_str_t  *s;
+    size_t       n;
+    u_char      *buf;
+    ngx_str_t   *s;
+    const char  *p, *end;
 
     if (*arr == NULL) {
         *arr = ngx_array_create(r->pool, 2, sizeof(ngx_str_t));
@@ -884,36 +1114,29 @@ ngx_http_gift_filter_add(ngx_http_request_t *r, ngx_array_t **arr,
         }
     }
 
-    p = v->data;
-    end = v->data + v->len;
+    p = (const char *) v->data;
+    end = p + v->len;
 
-    while (p < end) {
-        comma = ngx_strlchr(p, end, ',');
-        if (comma == NULL) {
-            comma = end;
+    for ( ;; ) {
+        /* values only shrink when unescaped: the rest of v is room enough */
+        buf = ngx_pnalloc(r->pool, end - p + 1);
+        if (buf == NULL) {
+            return NGX_ERROR;
         }
 
-        if (comma > p) {
-            s = ngx_array_push(*arr);
-            if (s == NULL) {
-                return NGX_ERROR;
-            }
-
-            dst = ngx_pnalloc(r->pool, comma - p);
-            if (dst == NULL) {
-                return NGX_ERROR;
-            }
-
-            s->data = dst;
-            src = p;
-            ngx_unescape_uri(&dst, &src, comma - p, NGX_UNESCAPE_URI);
-            s->len = dst - s->data;
+        n = gift_filter_next(&p, end, (char *) buf);
+        if (n == (size_t) -1) {
+            return NGX_OK;
         }
 
-        p = comma + 1;
+        s = ngx_array_push(*arr);
+        if (s == NULL) {
+            return NGX_ERROR;
+        }
+
+        s->data = buf;
+        s->len = n;
     }
-
-    return NGX_OK;
 }
 
 
@@ -921,49 +1144,35 @@ ngx_int_t
 ngx_http_gift_fanout_parse_filters(ngx_http_request_t *r,
     ngx_http_gift_client_t *c)
 {
-    u_char       *p, *end, *amp, *eq;
-    ngx_str_t     key, value;
+    size_t        klen, vlen;
+    ngx_str_t     value;
+    const char   *p, *end, *key, *val;
     ngx_array_t **arr;
 
-    p = r->args.data;
-    end = r->args.data + r->args.len;
+    p = (const char *) r->args.data;
+    end = p + r->args.len;
 
-    while (p < end) {
-        amp = ngx_strlchr(p, end, '&');
-        if (amp == NULL) {
-            amp = end;
+    while (gift_query_next(&p, end, &key, &klen, &val, &vlen)) {
+
+        if (klen == 6 && ngx_strncmp(key, "device", 6) == 0) {
+            arr = &c->devices;
+
+        } else if (klen == 4 && ngx_strncmp(key, "room", 4) == 0) {
+            arr = &c->rooms;
+
+        } else if (klen == 6 && ngx_strncmp(key, "status", 6) == 0) {
+            arr = &c->statuses;
+
+        } else {
+            continue;
         }
 
-        eq = ngx_strlchr(p, amp, '=');
+        value.data = (u_char *) val;
+        value.len = vlen;
 
-        if (eq != NULL) {
-            key.data = p;
-            key.len = eq - p;
-            value.data = eq + 1;
-            value.len = amp - eq - 1;
-
-            arr = NULL;
-
-            if (key.len == 6 && ngx_strncmp(key.data, "device", 6) == 0) {
-                arr = &c->devices;
-
-            } else if (key.len == 4 && ngx_strncmp(key.data, "room", 4) == 0)
-            {
-                arr = &c->rooms;
-
-            } else if (key.len == 6 && ngx_strncmp(key.data, "status", 6) == 0)
-            {
-                arr = &c->statuses;
-            }
-
-            if (arr != NULL
-                && ngx_http_gift_filter_add(r, arr, &value) != NGX_OK)
-            {
-                return NGX_ERROR;
-            }
+        if (ngx_http_gift_filter_add(r, arr, &value) != NGX_OK) {
+            return NGX_ERROR;
         }
-
-        p = amp + 1;
     }
 
     return NGX_OK;

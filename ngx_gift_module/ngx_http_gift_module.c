@@ -1,9 +1,9 @@
 /*
  * ngx_http_gift_module: directives, configuration and init hooks.
  *
- * The handlers live in their own files (see ngx_http_gift_module.h).  NATS
- * is set up per worker in init_process, never in the master: cnats starts
- * threads on first use, and threads do not survive fork().
+ * The handlers live in their own files (see ngx_http_gift_module.h).  The
+ * NATS connection is opened per worker in init_process, never in the
+ * master; the master only reads the NATS files (keys, certificates).
  */
 
 #include "ngx_http_gift_module.h"
@@ -16,10 +16,6 @@ static char *ngx_http_gift_init_main_conf(ngx_conf_t *cf, void *conf);
 static void *ngx_http_gift_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
-static char *ngx_http_gift_nats_url(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-static ngx_int_t ngx_http_gift_nats_server(ngx_conf_t *cf,
-    ngx_http_gift_main_conf_t *gmcf, ngx_str_t *value);
 
 static char *ngx_http_gift_handler(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
@@ -77,6 +73,16 @@ static ngx_conf_num_bounds_t  ngx_http_gift_backlog_bounds = {
 };
 
 
+static char *ngx_http_gift_secret_file(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_gift_secret_add(ngx_conf_t *cf,
+    ngx_http_gift_loc_conf_t *glcf, u_char *data, size_t len);
+
+static ngx_conf_num_bounds_t  ngx_http_gift_frame_rate_bounds = {
+    ngx_conf_check_num_bounds, 1, 100000000
+};
+
+
 static ngx_command_t  ngx_http_gift_commands[] = {
 
     { ngx_string("gift_nats_url"),
@@ -99,6 +105,64 @@ static ngx_command_t  ngx_http_gift_commands[] = {
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_http_gift_main_conf_t, reconnect_wait),
       NULL },
+
+    /* TLS and credentials for NATS (ngx_http_gift_nats_conf.c) */
+
+    { ngx_string("gift_nats_ssl_trusted_certificate"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, nats.ssl_trusted_certificate),
+      NULL },
+
+    { ngx_string("gift_nats_ssl_verify"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, nats.ssl_verify),
+      NULL },
+
+    { ngx_string("gift_nats_ssl_name"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, nats.ssl_name),
+      NULL },
+
+    { ngx_string("gift_nats_ssl_certificate"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, nats.ssl_certificate),
+      NULL },
+
+    { ngx_string("gift_nats_ssl_certificate_key"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, nats.ssl_certificate_key),
+      NULL },
+
+    { ngx_string("gift_nats_token"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, nats.token),
+      NULL },
+
+    { ngx_string("gift_nats_nkey"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_gift_nats_key_file,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gift_nats_credentials"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_gift_nats_key_file,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      (void *) "creds" },
 
     { ngx_string("gift_webhook"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
@@ -212,6 +276,29 @@ static ngx_command_t  ngx_http_gift_commands[] = {
       offsetof(ngx_http_gift_main_conf_t, max_backlog),
       &ngx_http_gift_backlog_bounds },
 
+    /* hostile clients (docs/security.md) */
+
+    { ngx_string("gift_webhook_signature_skew"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_gift_loc_conf_t, signature_skew),
+      NULL },
+
+    { ngx_string("gift_webhook_secret_file"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_gift_secret_file,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gift_websocket_frame_rate"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_gift_loc_conf_t, ws_frame_rate),
+      &ngx_http_gift_frame_rate_bounds },
+
       ngx_null_command
 };
 
@@ -269,7 +356,14 @@ ngx_http_gift_init_process(ngx_cycle_t *cycle)
         return NGX_ERROR;
     }
 
-    if (ngx_http_gift_publisher_init_process(cycle, gmcf) != NGX_OK) {
+    /* the connection's users first, then the connection */
+    if (ngx_http_gift_js_init_process(cycle, gmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (gmcf->follow_acks
+        && ngx_http_gift_follow_init_process(cycle, gmcf) != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
@@ -280,8 +374,8 @@ ngx_http_gift_init_process(ngx_cycle_t *cycle)
 static void
 ngx_http_gift_exit_process(ngx_cycle_t *cycle)
 {
-    ngx_http_gift_publisher_exit_process(cycle);
     ngx_http_gift_nats_exit_process(cycle);
+    ngx_http_gift_follow_exit_process(cycle);
     ngx_http_gift_fanout_exit_process(cycle);
 }
 
@@ -302,6 +396,14 @@ ngx_http_gift_create_main_conf(ngx_conf_t *cf)
      *     gmcf->nats_urls = NULL;
      *     gmcf->used = 0;
      *     gmcf->follow_acks = 0;
+     *     gmcf->nats.ssl = NULL;
+     *     gmcf->nats.ssl_name = { 0, NULL };
+     *     gmcf->nats.ssl_trusted_certificate = { 0, NULL };
+     *     gmcf->nats.ssl_certificate = { 0, NULL };
+     *     gmcf->nats.ssl_certificate_key = { 0, NULL };
+     *     gmcf->nats.token = { 0, NULL };
+     *     gmcf->nats.jwt = { 0, NULL };
+     *     gmcf->nats.nkey = NULL;
      */
 
     gmcf->queue_size = NGX_CONF_UNSET_UINT;
@@ -310,6 +412,7 @@ ngx_http_gift_create_main_conf(ngx_conf_t *cf)
     gmcf->heartbeat = NGX_CONF_UNSET_MSEC;
     gmcf->max_clients = NGX_CONF_UNSET_UINT;
     gmcf->max_backlog = NGX_CONF_UNSET_UINT;
+    gmcf->nats.ssl_verify = NGX_CONF_UNSET;
 
     return gmcf;
 }
@@ -336,6 +439,10 @@ ngx_http_gift_init_main_conf(ngx_conf_t *cf, void *conf)
                            "gift_webhook and gift_sse need \"gift_nats_url\""
                            " in the http block");
         return NGX_CONF_ERROR;
+    }
+
+    if (gmcf->nats_urls != NULL) {
+        return ngx_http_gift_nats_init_conf(cf, gmcf);
     }
 
     return NGX_CONF_OK;
@@ -368,6 +475,8 @@ ngx_http_gift_create_loc_conf(ngx_conf_t *cf)
     glcf->max_body = NGX_CONF_UNSET_SIZE;
     glcf->signature_window = NGX_CONF_UNSET;
     glcf->retry_after = NGX_CONF_UNSET;
+    glcf->signature_skew = NGX_CONF_UNSET;
+    glcf->ws_frame_rate = NGX_CONF_UNSET_UINT;
 
     return glcf;
 }
@@ -400,15 +509,22 @@ ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         conf->secrets = prev->secrets;
     }
 
+    ngx_conf_merge_value(conf->signature_skew, prev->signature_skew, 30);
+    ngx_conf_merge_uint_value(conf->ws_frame_rate, prev->ws_frame_rate, 100);
+
     /*
      * A replayed request must fall inside GIFTS' duplicate window (10
-     * minutes), or a captured webhook could turn a motor twice.
+     * minutes), or a captured webhook could turn a motor twice.  A request
+     * stays valid from t - skew to t + window (server clock): the two
+     * together may not exceed it.
      */
-    if (conf->signature_window > 600) {
+    if (conf->signature_window + conf->signature_skew > 600) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "gift_webhook_signature_window %T is longer than "
-                           "the GIFTS duplicate window (600s)",
-                           conf->signature_window);
+                           "gift_webhook_signature_window %T plus "
+                           "gift_webhook_signature_skew %T is longer than "
+                           "the GIFTS duplicate window (600s): a captured "
+                           "request could be stored twice",
+                           conf->signature_window, conf->signature_skew);
         return NGX_CONF_ERROR;
     }
 
@@ -422,133 +538,6 @@ ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     }
 
     return NGX_CONF_OK;
-}
-
-
-static char *
-ngx_http_gift_nats_url(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    ngx_http_gift_main_conf_t *gmcf = conf;
-
-    ngx_str_t   *value, *url;
-    ngx_uint_t   i;
-
-    if (gmcf->nats_urls == NULL) {
-        gmcf->nats_urls = ngx_array_create(cf->pool, 4, sizeof(ngx_str_t));
-        if (gmcf->nats_urls == NULL) {
-            return NGX_CONF_ERROR;
-        }
-    }
-
-    value = cf->args->elts;
-
-    for (i = 1; i < cf->args->nelts; i++) {
-        if (ngx_strncmp(value[i].data, "nats://", 7) != 0
-            && ngx_strncmp(value[i].data, "tls://", 6) != 0)
-        {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid NATS URL \"%V\": expected "
-                               "nats://host:port or tls://host:port",
-                               &value[i]);
-            return NGX_CONF_ERROR;
-        }
-
-        url = ngx_array_push(gmcf->nats_urls);
-        if (url == NULL) {
-            return NGX_CONF_ERROR;
-        }
-
-        /* cnats wants NUL-terminated strings; conf values are */
-        *url = value[i];
-
-        if (value[i].data[0] == 't') {
-            gmcf->nats_tls = 1;
-        }
-
-        if (ngx_http_gift_nats_server(cf, gmcf, &value[i]) != NGX_OK) {
-            return NGX_CONF_ERROR;
-        }
-    }
-
-    return NGX_CONF_OK;
-}
-
-
-/*
- * scheme://[user:password@ | token@]host[:port] into a server: resolved
- * now (as nginx resolves its upstream servers), so that a bad name fails
- * at start and the workers never resolve.
- */
-static ngx_int_t
-ngx_http_gift_nats_server(ngx_conf_t *cf, ngx_http_gift_main_conf_t *gmcf,
-    ngx_str_t *value)
-{
-    u_char                       *at, *colon, *host, *p;
-    ngx_url_t                     u;
-    ngx_http_gift_nats_server_t  *srv;
-
-    if (gmcf->nats_servers == NULL) {
-        gmcf->nats_servers = ngx_array_create(cf->pool, 4,
-                                          sizeof(ngx_http_gift_nats_server_t));
-        if (gmcf->nats_servers == NULL) {
-            return NGX_ERROR;
-        }
-    }
-
-    srv = ngx_array_push(gmcf->nats_servers);
-    if (srv == NULL) {
-        return NGX_ERROR;
-    }
-    ngx_memzero(srv, sizeof(ngx_http_gift_nats_server_t));
-    srv->url = *value;
-
-    host = (u_char *) ngx_strstr(value->data, "://") + 3;
-
-    /*
-     * The last '@': a password may hold one.  Taken as written, without
-     * percent-decoding, as cnats (the dispatcher, giftctl) takes it.
-     */
-    at = NULL;
-    for (p = value->data + value->len; p > host; p--) {
-        if (p[-1] == '@') {
-            at = p - 1;
-            break;
-        }
-    }
-
-    if (at != NULL) {
-        colon = ngx_strlchr(host, at, ':');
-        if (colon != NULL) {
-            srv->user.data = host;
-            srv->user.len = colon - host;
-            srv->pass.data = colon + 1;
-            srv->pass.len = at - colon - 1;
-        } else {
-            srv->token.data = host;
-            srv->token.len = at - host;
-        }
-        host = at + 1;
-    }
-
-    ngx_memzero(&u, sizeof(ngx_url_t));
-    u.url.data = host;
-    u.url.len = value->data + value->len - host;
-    u.default_port = 4222;
-
-    if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.naddrs == 0) {
-        /* the host part only: the credentials stay out of the log */
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid NATS URL (host \"%V\")%s%s", &u.url,
-                           u.err ? ": " : "", u.err ? u.err : "");
-        return NGX_ERROR;
-    }
-
-    srv->addrs = u.addrs;
-    srv->naddrs = u.naddrs;
-    srv->name.data = host;
-    srv->name.len = u.url.len;
-
-    return NGX_OK;
 }
 
 
@@ -590,14 +579,23 @@ ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_gift_loc_conf_t *glcf = conf;
 
     ngx_str_t      *value;
-    gift_secret_t  *s;
 
     value = cf->args->elts;
 
-    if (value[1].len < 16) {
+    return ngx_http_gift_secret_add(cf, glcf, value[1].data, value[1].len);
+}
+
+
+static char *
+ngx_http_gift_secret_add(ngx_conf_t *cf, ngx_http_gift_loc_conf_t *glcf,
+    u_char *data, size_t len)
+{
+    gift_secret_t  *s;
+
+    if (len < 16) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "gift_webhook_secret is too short (%uz bytes; "
-                           "use at least 16)", value[1].len);
+                           "use at least 16)", len);
         return NGX_CONF_ERROR;
     }
 
@@ -613,8 +611,119 @@ ngx_http_gift_secret(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    s->data = value[1].data;
-    s->len = value[1].len;
+    s->data = data;
+    s->len = len;
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * gift_webhook_secret_file PATH: one secret a line (several during a key
+ * rotation); empty lines and lines starting with # are skipped.  Read by
+ * the master with the rest of the configuration, so a reload re-reads it
+ * and the file may be readable by root only.
+ */
+static char *
+ngx_http_gift_secret_file(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_gift_loc_conf_t *glcf = conf;
+
+    u_char           *buf, *p, *end, *eol, *last;
+    ssize_t           n;
+    ngx_fd_t          fd;
+    ngx_str_t        *value, path;
+    ngx_uint_t        count;
+    ngx_file_info_t   fi;
+
+    value = cf->args->elts;
+    path = value[1];
+
+    if (ngx_conf_full_name(cf->cycle, &path, 1) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    fd = ngx_open_file(path.data, NGX_FILE_RDONLY, NGX_FILE_OPEN, 0);
+    if (fd == NGX_INVALID_FILE) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           "gift_webhook_secret_file: cannot open \"%V\"",
+                           &path);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_fd_info(fd, &fi) == NGX_FILE_ERROR
+        || ngx_file_size(&fi) > 65536)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           "gift_webhook_secret_file: \"%V\" is not a "
+                           "readable file of at most 64k", &path);
+        ngx_close_file(fd);
+        return NGX_CONF_ERROR;
+    }
+
+    if (fi.st_mode & S_IROTH) {
+        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                           "gift_webhook_secret_file: \"%V\" is readable "
+                           "by every user; chmod o-r it", &path);
+    }
+
+    buf = ngx_pnalloc(cf->pool, (size_t) ngx_file_size(&fi) + 1);
+    if (buf == NULL) {
+        ngx_close_file(fd);
+        return NGX_CONF_ERROR;
+    }
+
+    n = ngx_read_fd(fd, buf, (size_t) ngx_file_size(&fi));
+    ngx_close_file(fd);
+
+    if (n == -1) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           "gift_webhook_secret_file: cannot read \"%V\"",
+                           &path);
+        return NGX_CONF_ERROR;
+    }
+
+    count = 0;
+    p = buf;
+    end = buf + n;
+
+    while (p < end) {
+        eol = ngx_strlchr(p, end, '\n');
+        if (eol == NULL) {
+            eol = end;
+        }
+
+        last = eol;
+        while (last > p && (last[-1] == '\r' || last[-1] == ' '
+                            || last[-1] == '\t'))
+        {
+            last--;
+        }
+        while (p < last && (*p == ' ' || *p == '\t')) {
+            p++;
+        }
+
+        if (p < last && *p != '#') {
+            if (ngx_http_gift_secret_add(cf, glcf, p, last - p)
+                != NGX_CONF_OK)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "in gift_webhook_secret_file \"%V\"",
+                                   &path);
+                return NGX_CONF_ERROR;
+            }
+            count++;
+        }
+
+        p = eol + 1;
+    }
+
+    if (count == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "gift_webhook_secret_file: \"%V\" holds no "
+                           "secret", &path);
+        return NGX_CONF_ERROR;
+    }
 
     return NGX_CONF_OK;
 }

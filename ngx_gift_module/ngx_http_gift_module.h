@@ -4,10 +4,10 @@
  *
  * Files, one concern each:
  *   ngx_http_gift_module.c   directives, configuration, init hooks
- *   ngx_http_gift_publisher.c  a NATS client on the worker's event loop:
- *                            webhook publishes, GIFT_ACKS followed
- *   ngx_http_gift_nats.c     the cnats bridge (its own thread), the same
- *                            for tls:// URLs; GiftAck framing
+ *   ngx_http_gift_nats_*.c   a NATS client on the worker's event loop
+ *                            (nats:// and tls://): webhook publishes,
+ *                            GIFT_ACKS followed (files listed below)
+ *   ngx_http_gift_frame.c    a GiftAck framed once for every client
  *   ngx_http_gift_webhook.c  POST handler: read, check, publish, answer
  *   ngx_http_gift_fanout.c   acknowledgements to clients: ring, filters,
  *                            shared frames, backlog, heartbeats
@@ -26,28 +26,52 @@
 
 #include "gift_normalize.h"
 #include "gift_signature.h"
+#include "gift_nkey.h"
 
 
 #define NGX_HTTP_GIFT_SUBJECT_PREFIX  "gift.events."
 #define NGX_HTTP_GIFT_VERSION         "0.1.0"
 
 
-/* One server of gift_nats_url, parsed and resolved at configuration. */
+/* One server of gift_nats_url (or learned from a cluster), parsed at
+ * configuration. */
 typedef struct {
-    ngx_str_t                  url;             /* as given (cnats) */
+    ngx_str_t                  url;             /* as given */
     ngx_str_t                  name;            /* host:port, for logs */
-    ngx_addr_t                *addrs;
+    ngx_str_t                  host;            /* NUL-terminated */
+    in_port_t                  port;
+    ngx_addr_t                *addrs;           /* the last resolution */
     ngx_uint_t                 naddrs;
     ngx_str_t                  user;            /* nats://user:pass@... */
     ngx_str_t                  pass;
     ngx_str_t                  token;           /* nats://token@... */
+    unsigned                   tls:1;           /* tls:// */
+    unsigned                   is_name:1;       /* host is not an address */
+    unsigned                   resolved:1;      /* addrs: ours (malloc) */
 } ngx_http_gift_nats_server_t;
+
+
+/* TLS and credentials for NATS: gift_nats_ssl_*, _token, _nkey, ... */
+typedef struct {
+#if (NGX_SSL)
+    ngx_ssl_t                 *ssl;             /* NULL: no TLS */
+#endif
+    ngx_flag_t                 ssl_verify;
+    ngx_str_t                  ssl_name;
+    ngx_str_t                  ssl_trusted_certificate;
+    ngx_str_t                  ssl_certificate;
+    ngx_str_t                  ssl_certificate_key;
+    ngx_str_t                  token;
+    ngx_str_t                  jwt;             /* from gift_nats_credentials */
+    gift_nkey_t               *nkey;            /* _nkey or _credentials */
+} ngx_http_gift_nats_conf_t;
 
 
 typedef struct {
     ngx_array_t               *nats_urls;       /* of ngx_str_t */
     ngx_array_t               *nats_servers;    /* of ..._nats_server_t */
-    ngx_flag_t                 nats_tls;        /* a tls:// URL: cnats */
+    ngx_flag_t                 nats_tls;        /* a tls:// URL */
+    ngx_http_gift_nats_conf_t  nats;
     ngx_uint_t                 queue_size;
     ngx_msec_t                 reconnect_wait;
     ngx_flag_t                 used;            /* a location needs NATS */
@@ -71,12 +95,14 @@ typedef struct {
     ngx_msec_t                 sse_retry;
     ngx_flag_t                 websocket;
     ngx_array_t               *ws_origins;      /* of ngx_str_t */
+    time_t                     signature_skew;  /* into the future */
+    ngx_uint_t                 ws_frame_rate;   /* client frames a second */
 } ngx_http_gift_loc_conf_t;
 
 
 /*
  * One acknowledgement from GIFT_ACKS, decoded and framed once per worker
- * (by the cnats thread that received it) and shared by every client that
+ * (where the follower reads it) and shared by every client that
  * gets it.  Counted references, touched by the event loop only: the replay
  * ring holds one, and every client buffer not yet written holds one.
  */
@@ -97,7 +123,7 @@ typedef struct {
 } ngx_http_gift_frame_t;
 
 
-/* How a publish ended, as the bridge reports it to the event loop. */
+/* How a publish ended. */
 typedef enum {
     NGX_HTTP_GIFT_PUB_OK = 0,
     NGX_HTTP_GIFT_PUB_UNAVAILABLE,      /* not connected, no responders */
@@ -117,9 +143,9 @@ typedef struct {
 
 /*
  * A publish waiting for its PubAck.  It lives in the request's pool; the
- * bridge keeps it in an rbtree keyed by id and calls `handler` from the
- * event loop when the PubAck (or an error) arrives.  The request cleanup
- * must call ngx_http_gift_nats_cancel() so that a late PubAck finds nothing.
+ * NATS client keeps it in an rbtree keyed by id and calls `handler` when
+ * the PubAck (or an error) arrives.  The request cleanup must call
+ * ngx_http_gift_nats_cancel() so that a late PubAck finds nothing.
  */
 typedef struct ngx_http_gift_pending_s  ngx_http_gift_pending_t;
 
@@ -130,6 +156,7 @@ struct ngx_http_gift_pending_s {
     ngx_rbtree_node_t              node;        /* key: publish id */
     ngx_http_gift_pub_handler_pt   handler;
     void                          *data;
+    uint64_t                       out_end;     /* its last byte's offset */
     unsigned                       queued:1;
 };
 
@@ -170,38 +197,47 @@ typedef enum {
 extern ngx_module_t  ngx_http_gift_module;
 
 
-/* ngx_http_gift_publisher.c */
-ngx_int_t ngx_http_gift_publisher_init_process(ngx_cycle_t *cycle,
-    ngx_http_gift_main_conf_t *gmcf);
-void ngx_http_gift_publisher_exit_process(ngx_cycle_t *cycle);
+/*
+ * The NATS client, on the worker's event loop (one connection per worker):
+ *   ngx_http_gift_nats_conf.c    gift_nats_* directives, TLS, credentials
+ *   ngx_http_gift_nats_conn.c    the connection: connect, TLS, CONNECT,
+ *                                read, write, PING, reconnect
+ *   ngx_http_gift_nats_parse.c   the protocol parser (no nginx in it)
+ *   ngx_http_gift_nats_js.c      JetStream publishes and their PubAcks
+ *   ngx_http_gift_nats_follow.c  GIFT_ACKS, followed by an ordered consumer
+ *   ngx_http_gift_frame.c        a GiftAck framed for the clients
+ */
 
-/* ngx_http_gift_nats.c */
+/* ngx_http_gift_nats_conf.c: directive handlers and their checks */
+char *ngx_http_gift_nats_url(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_gift_nats_key_file(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_gift_nats_init_conf(ngx_conf_t *cf,
+    ngx_http_gift_main_conf_t *gmcf);
+
+/* ngx_http_gift_nats_conn.c: connects once the users are registered */
 ngx_int_t ngx_http_gift_nats_init_process(ngx_cycle_t *cycle,
     ngx_http_gift_main_conf_t *gmcf);
 void ngx_http_gift_nats_exit_process(ngx_cycle_t *cycle);
 
-/* The bridge's own publish path, used for tls:// URLs. */
-ngx_uint_t ngx_http_gift_bridge_connected(void);
-ngx_int_t ngx_http_gift_bridge_publish(ngx_http_gift_pending_t *p,
-    const char *subject, const char *msg_id, const u_char *data, size_t len,
-    ngx_log_t *log);
-void ngx_http_gift_bridge_cancel(ngx_http_gift_pending_t *p);
+/* ngx_http_gift_nats_js.c, ngx_http_gift_nats_follow.c: register users */
+ngx_int_t ngx_http_gift_js_init_process(ngx_cycle_t *cycle,
+    ngx_http_gift_main_conf_t *gmcf);
+ngx_int_t ngx_http_gift_follow_init_process(ngx_cycle_t *cycle,
+    ngx_http_gift_main_conf_t *gmcf);
+void ngx_http_gift_follow_exit_process(ngx_cycle_t *cycle);
 
-uint64_t ngx_http_gift_bridge_acks_origin(void);
-
-/* One GiftAck framed for every protocol (refs 1, malloc'ed); any thread. */
+/* ngx_http_gift_frame.c: one GiftAck framed for every protocol (refs 1,
+ * malloc'ed), or NULL when it is not a GiftAck */
 ngx_http_gift_frame_t *ngx_http_gift_frame_create(uint64_t seq,
     const u_char *data, size_t len);
 
-/* The publish waiting for reply `id` in an rbtree of pendings, or NULL. */
-ngx_http_gift_pending_t *ngx_http_gift_pending_find(ngx_rbtree_t *pending,
-    uint64_t id);
+/* ngx_http_gift_nats_js.c */
 
 /* A JetStream publish reply (PubAck or error) into res (its id kept). */
 void ngx_http_gift_puback_parse(const char *data, size_t len,
     ngx_http_gift_pub_result_t *res);
-
-/* ngx_http_gift_publisher.c, or the bridge for tls:// URLs */
 
 /* Whether this worker's connection to NATS is up right now. */
 ngx_uint_t ngx_http_gift_nats_connected(void);
@@ -210,19 +246,13 @@ ngx_uint_t ngx_http_gift_nats_connected(void);
  * Publish one message as a JetStream request.  Returns NGX_OK (p is
  * registered and its handler will be called exactly once, unless
  * cancelled), NGX_DECLINED (NATS is not connected) or NGX_BUSY (the queue
- * of publishes not yet written is full).  Never blocks.
+ * of publishes not yet written is full).  Never blocks.  A publish not yet
+ * written when the connection drops ends at once, unavailable.
  */
 ngx_int_t ngx_http_gift_nats_publish(ngx_http_gift_pending_t *p,
     const char *subject, const char *msg_id, const u_char *data, size_t len,
     ngx_log_t *log);
 void ngx_http_gift_nats_cancel(ngx_http_gift_pending_t *p);
-
-/*
- * The GIFT_ACKS sequence this worker's ordered consumer started after: acks
- * up to it are history (they fill the replay ring), newer ones are live.
- * 0 until the consumer exists.
- */
-uint64_t ngx_http_gift_nats_acks_origin(void);
 
 /* A client's output not yet written: one buffer over a shared frame. */
 typedef struct ngx_http_gift_out_s  ngx_http_gift_out_t;
@@ -258,6 +288,9 @@ typedef struct {
     unsigned                   attached:1;
     unsigned                   closing:1;       /* close once written */
     unsigned                   chunked:1;       /* we frame HTTP chunks */
+    unsigned                   ending:1;        /* shutdown: end cleanly */
+    ngx_uint_t                 pings_out;       /* WebSocket: unanswered */
+    u_char                     gap[128];        /* an `event: gap` */
 } ngx_http_gift_client_t;
 
 
@@ -267,6 +300,8 @@ ngx_int_t ngx_http_gift_fanout_init_process(ngx_cycle_t *cycle,
 void ngx_http_gift_fanout_exit_process(ngx_cycle_t *cycle);
 /* A batch of new frames, in sequence order (takes one reference each). */
 void ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n);
+/* The GIFT_ACKS sequence the follower started after: up to it, history. */
+void ngx_http_gift_fanout_origin(uint64_t seq);
 void ngx_http_gift_frame_release(ngx_http_gift_frame_t *f);
 
 /*
@@ -313,11 +348,19 @@ void ngx_http_gift_stat_webhook(ngx_http_gift_outcome_e outcome);
 void ngx_http_gift_stat_publish(uint64_t us);
 void ngx_http_gift_stat_add(ngx_http_gift_stat_e which,
     ngx_atomic_int_t delta);
-/* Safe from cnats threads: atomic stores into shared memory only. */
 void ngx_http_gift_stat_nats(ngx_uint_t connected, ngx_uint_t reconnected);
 
 /* ngx_http_gift_websocket.c */
 ngx_int_t ngx_http_gift_websocket_handler(ngx_http_request_t *r);
+/* The client's output is all written: a held-back pong may go now. */
+ngx_int_t ngx_http_gift_ws_drained(ngx_http_gift_client_t *c);
+/*
+ * Our close frame is written: end the connection if the peer's close came
+ * first, else wait (bounded) for it.
+ */
+void ngx_http_gift_ws_close_written(ngx_http_gift_client_t *c);
+/* Graceful shutdown or reload: close 1001, then wait for the peer's close. */
+void ngx_http_gift_ws_going_away(ngx_http_gift_client_t *c);
 
 /* ngx_http_gift_webhook.c */
 ngx_int_t ngx_http_gift_webhook_handler(ngx_http_request_t *r);

@@ -12,6 +12,8 @@
 
 #include "ngx_http_gift_module.h"
 
+#include "gift_ssereq.h"
+
 
 static void ngx_http_gift_sse_cleanup(void *data);
 
@@ -178,8 +180,6 @@ ngx_http_gift_find_header(ngx_http_request_t *r, const char *name,
 ngx_int_t
 ngx_http_gift_last_event_id(ngx_http_request_t *r, uint64_t *seq)
 {
-    u_char           *p, *end;
-    uint64_t          v;
     ngx_str_t         value;
     ngx_table_elt_t  *h;
 
@@ -197,27 +197,14 @@ ngx_http_gift_last_event_id(ngx_http_request_t *r, uint64_t *seq)
         return NGX_DECLINED;
     }
 
-    if (value.len == 0) {
+    switch (gift_sse_event_id((const char *) value.data, value.len, seq)) {
+    case 0:
+        return NGX_OK;
+    case 1:
         return NGX_DECLINED;
-    }
-
-    if (value.len > 19) {
+    default:
         return NGX_ERROR;
     }
-
-    v = 0;
-    end = value.data + value.len;
-
-    for (p = value.data; p < end; p++) {
-        if (*p < '0' || *p > '9') {
-            return NGX_ERROR;
-        }
-        v = v * 10 + (*p - '0');
-    }
-
-    *seq = v;
-
-    return NGX_OK;
 }
 
 

@@ -4,7 +4,7 @@
  * The handshake answers 101 with Sec-WebSocket-Accept (nginx's SHA-1 and
  * base64).  The server then sends each acknowledgement as a text frame
  * holding the acknowledgement JSON, framed once per worker (the frame's
- * `ws` bytes, see ngx_http_gift_nats.c), and pings on the worker's
+ * `ws` bytes, see ngx_http_gift_frame.c), and pings on the worker's
  * heartbeat.  A client may send text messages:
  *
  *   {"device":"motor_01","room":["a","b"],"status":null}   set its filters
@@ -12,8 +12,24 @@
  *
  * Client frames are checked: they must be masked, carry no RSV bits and a
  * known opcode (else close 1002), fit NGX_HTTP_GIFT_WS_MAX_MESSAGE (else
- * close 1009); binary messages are refused (1003).  A close frame is
- * answered with a close frame, then the connection is closed.
+ * close 1009); binary messages are refused (1003), text that is not UTF-8
+ * too (1007).  A close frame with a valid code is answered with that code,
+ * then the connection is closed; an invalid code, or a one-byte payload,
+ * gets 1002.  When we close first (an error, a shutdown), we wait up to
+ * NGX_HTTP_GIFT_WS_CLOSE_WAIT for the client's close frame.
+ *
+ * What a client can make us hold is bounded per connection, not per frame:
+ * a ping is answered from one fixed buffer (only the latest ping is
+ * answered when pongs cannot be written as fast as pings come, as RFC 6455
+ * 5.5.3 allows), every frame counts against gift_websocket_frame_rate and
+ * every message against NGX_HTTP_GIFT_WS_MAX_MESSAGES, both per
+ * NGX_HTTP_GIFT_WS_WINDOW, and the filters of the latest message live in a
+ * pool of their own that the next message replaces.
+ *
+ * Origin: with gift_websocket_allow_origin, only the listed origins; without
+ * it, a browser (which always sends Origin) only from a page of this very
+ * origin: scheme, host and port of the request's Host.  No Origin: not a
+ * browser, accepted.
  */
 
 #include "ngx_http_gift_module.h"
@@ -25,7 +41,9 @@
 
 
 #define NGX_HTTP_GIFT_WS_MAX_MESSAGE   4096
-#define NGX_HTTP_GIFT_WS_MAX_CONTROL   64     /* messages per connection */
+#define NGX_HTTP_GIFT_WS_MAX_MESSAGES  64     /* per window */
+#define NGX_HTTP_GIFT_WS_WINDOW        10000  /* ms */
+#define NGX_HTTP_GIFT_WS_CLOSE_WAIT    5000   /* ms for the peer's close */
 #define NGX_HTTP_GIFT_WS_GUID          "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -33,10 +51,17 @@ typedef struct {
     ngx_http_gift_client_t     client;      /* first: the module's ctx */
     u_char                    *buf;         /* incoming bytes */
     size_t                     len;
-    u_char                    *msg;         /* a fragmented text message */
-    size_t                     msg_len;
+    gift_ws_reader_t           reader;      /* reassembly, checks */
+    ngx_msec_t                 window;      /* start of the rate window */
+    ngx_uint_t                 frames;      /* in this window */
     ngx_uint_t                 messages;
-    unsigned                   fragmented:1;
+    ngx_pool_t                *filters;     /* the latest message's */
+    size_t                     ping_len;
+    u_char                     ping[125];   /* latest unanswered ping */
+    u_char                     pong[127];   /* the pong being written */
+    unsigned                   pong_due:1;
+    unsigned                   pong_queued:1;
+    unsigned                   peer_closed:1;
 } ngx_http_gift_ws_t;
 
 
@@ -44,12 +69,15 @@ static void ngx_http_gift_ws_read(ngx_http_request_t *r);
 static ngx_int_t ngx_http_gift_ws_frames(ngx_http_gift_ws_t *ws);
 static ngx_int_t ngx_http_gift_ws_message(ngx_http_gift_ws_t *ws,
     u_char *data, size_t len);
-static ngx_int_t ngx_http_gift_ws_send(ngx_http_gift_ws_t *ws,
-    ngx_uint_t opcode, u_char *data, size_t len);
 static ngx_int_t ngx_http_gift_ws_close(ngx_http_gift_ws_t *ws,
     ngx_uint_t code, const char *reason);
-static ngx_int_t ngx_http_gift_ws_filter(ngx_http_request_t *r,
+static ngx_int_t ngx_http_gift_ws_pong(ngx_http_gift_ws_t *ws);
+static ngx_int_t ngx_http_gift_ws_origin(ngx_http_request_t *r,
+    ngx_http_gift_loc_conf_t *glcf);
+static ngx_int_t ngx_http_gift_ws_filter(ngx_pool_t *pool,
     ngx_array_t **arr, json_t *v);
+static ngx_array_t *ngx_http_gift_ws_filter_copy(ngx_pool_t *pool,
+    ngx_array_t *a);
 static ngx_uint_t ngx_http_gift_header_has(ngx_table_elt_t *h,
     const char *token, size_t len);
 static void ngx_http_gift_ws_cleanup(void *data);
@@ -61,16 +89,13 @@ ngx_http_gift_websocket_handler(ngx_http_request_t *r)
     u_char                    *p;
     uint64_t                   last;
     ngx_int_t                  rc, resume;
-    ngx_str_t                  key, decoded, accept, *origin;
-    ngx_uint_t                 i, ok;
+    ngx_str_t                  key, decoded, accept;
     ngx_sha1_t                 sha1;
     ngx_table_elt_t           *h;
     ngx_http_cleanup_t        *cln;
     ngx_http_gift_ws_t        *ws;
     ngx_http_gift_loc_conf_t  *glcf;
     u_char                     hash[20], kbuf[32];
-
-    static ngx_str_t  none = ngx_string("(none)");
 
     if (r->method != NGX_HTTP_GET) {
         return NGX_HTTP_NOT_ALLOWED;
@@ -131,31 +156,11 @@ ngx_http_gift_websocket_handler(ngx_http_request_t *r)
                                         "in base64", "Sec-WebSocket-Key");
     }
 
-    if (glcf->ws_origins != NULL) {
-        h = ngx_http_gift_find_header(r, "Origin", sizeof("Origin") - 1);
-        origin = glcf->ws_origins->elts;
-        ok = 0;
-
-        for (i = 0; i < glcf->ws_origins->nelts; i++) {
-            if ((origin[i].len == 1 && origin[i].data[0] == '*')
-                || (h != NULL && h->value.len == origin[i].len
-                    && ngx_strncasecmp(h->value.data, origin[i].data,
-                                       origin[i].len) == 0))
-            {
-                ok = 1;
-                break;
-            }
-        }
-
-        if (!ok) {
-            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                          "gift: WebSocket from a refused origin \"%V\"",
-                          h ? &h->value : &none);
-            return ngx_http_gift_send_error(r, NGX_HTTP_FORBIDDEN,
-                                            "origin_refused",
-                                            "this Origin may not connect",
-                                            NULL);
-        }
+    if (ngx_http_gift_ws_origin(r, glcf) != NGX_OK) {
+        return ngx_http_gift_send_error(r, NGX_HTTP_FORBIDDEN,
+                                        "origin_refused",
+                                        "this Origin may not connect",
+                                        NULL);
     }
 
     resume = ngx_http_gift_last_event_id(r, &last);
@@ -275,6 +280,12 @@ ngx_http_gift_ws_read(ngx_http_request_t *r)
         return;
     }
 
+    if (c->read->timedout) {
+        ngx_http_gift_client_close(&ws->client,
+                                   "no close frame from the client in time");
+        return;
+    }
+
     if (ws->buf == NULL) {
         ws->buf = ngx_pnalloc(r->pool, NGX_HTTP_GIFT_WS_MAX_MESSAGE + 14);
         if (ws->buf == NULL) {
@@ -308,19 +319,19 @@ ngx_http_gift_ws_read(ngx_http_request_t *r)
             return;
         }
 
-        if (ws->client.closing) {
-            /* after our close frame: read and drop until the peer closes */
-            ws->len = 0;
-            continue;
-        }
-
         ws->len += n;
 
         rc = ngx_http_gift_ws_frames(ws);
 
         if (rc == NGX_DONE) {
-            ngx_http_gift_client_close(&ws->client, "closed");
-            return;
+            if (ws->peer_closed) {
+                ngx_http_gift_client_close(&ws->client, "closed");
+                return;
+            }
+
+            /* our close frame is out: wait for the client's */
+            ngx_http_gift_ws_close_written(&ws->client);
+            continue;
         }
 
         if (rc != NGX_OK) {
@@ -332,105 +343,97 @@ ngx_http_gift_ws_read(ngx_http_request_t *r)
 
 
 /*
- * Handle every complete frame in ws->buf.  NGX_OK (wait for more),
- * NGX_DONE (a close frame is written: end the connection), NGX_ERROR.
+ * Handle every complete frame in ws->buf (gift_ws_read() checks and
+ * reassembles them).  NGX_OK (wait for more), NGX_DONE (a close frame is
+ * written), NGX_ERROR.  After our close frame, only the peer's close
+ * matters: everything else is dropped.
  */
 static ngx_int_t
 ngx_http_gift_ws_frames(ngx_http_gift_ws_t *ws)
 {
-    u_char           *payload;
-    size_t            hlen;
-    uint64_t          plen;
-    ngx_int_t         rc;
-    ngx_uint_t        fin, opcode, code;
-    gift_ws_frame_t   frame;
+    ngx_int_t                  rc;
+    ngx_msec_t                 now;
+    gift_ws_event_t            ev;
+    ngx_http_gift_loc_conf_t  *glcf;
 
-    while (ws->len >= 2 && !ws->client.closing) {
+    glcf = ngx_http_get_module_loc_conf(ws->client.request,
+                                        ngx_http_gift_module);
 
-        rc = gift_ws_parse(ws->buf, ws->len, NGX_HTTP_GIFT_WS_MAX_MESSAGE,
-                           &frame);
+    if (ws->reader.msg == NULL) {
+        ws->reader.msg = ngx_pnalloc(ws->client.request->pool,
+                                     NGX_HTTP_GIFT_WS_MAX_MESSAGE);
+        if (ws->reader.msg == NULL) {
+            return NGX_ERROR;
+        }
+        ws->reader.max_message = NGX_HTTP_GIFT_WS_MAX_MESSAGE;
+    }
 
-        if (rc == GIFT_WS_MORE) {
+    while (ws->len >= 2) {
+
+        gift_ws_read(&ws->reader, ws->buf, ws->len, &ev);
+
+        if (ev.type == GIFT_WS_EV_MORE) {
             return NGX_OK;
         }
 
-        if (rc != GIFT_WS_OK) {
-            return ngx_http_gift_ws_close(ws, rc, rc == 1009
-                                          ? "message too large"
-                                          : "protocol error");
+        if (ws->client.closing) {
+            if (ev.type == GIFT_WS_EV_CLOSE) {
+                ws->peer_closed = 1;
+                return NGX_DONE;
+            }
+
+            if (ev.type == GIFT_WS_EV_FAIL) {
+                ws->len = 0;            /* garbage after our close: drop */
+                return NGX_OK;
+            }
+
+            goto next;
         }
 
-        fin = frame.fin;
-        opcode = frame.opcode;
-        plen = frame.payload_len;
-        payload = ws->buf + (frame.payload - ws->buf);
+        if (ev.type == GIFT_WS_EV_FAIL) {
+            return ngx_http_gift_ws_close(ws, ev.code, ev.reason);
+        }
 
-        if (opcode == 0x0
-            && ws->msg_len + plen > NGX_HTTP_GIFT_WS_MAX_MESSAGE)
+        /* every frame counts, pings and pongs included */
+        now = ngx_current_msec;
+        if (now - ws->window >= NGX_HTTP_GIFT_WS_WINDOW) {
+            ws->window = now;
+            ws->frames = 0;
+            ws->messages = 0;
+        }
+
+        if (++ws->frames
+            > glcf->ws_frame_rate * (NGX_HTTP_GIFT_WS_WINDOW / 1000))
         {
-            return ngx_http_gift_ws_close(ws, 1009, "message too large");
+            return ngx_http_gift_ws_close(ws, 1008, "too many frames");
         }
-
-        gift_ws_unmask(payload, plen, frame.mask);
 
         rc = NGX_OK;
 
-        switch (opcode) {
+        switch (ev.type) {
 
-        case 0x1:   /* text */
-            if (ws->fragmented) {
-                return ngx_http_gift_ws_close(ws, 1002, "expected a "
-                                              "continuation frame");
-            }
-
-            if (fin) {
-                rc = ngx_http_gift_ws_message(ws, payload, plen);
-                break;
-            }
-
-            if (ws->msg == NULL) {
-                ws->msg = ngx_pnalloc(ws->client.request->pool,
-                                      NGX_HTTP_GIFT_WS_MAX_MESSAGE);
-                if (ws->msg == NULL) {
-                    return NGX_ERROR;
-                }
-            }
-
-            ngx_memcpy(ws->msg, payload, plen);
-            ws->msg_len = plen;
-            ws->fragmented = 1;
+        case GIFT_WS_EV_TEXT:
+            rc = ngx_http_gift_ws_message(ws, (u_char *) ev.data, ev.len);
             break;
 
-        case 0x0:   /* continuation */
-            if (!ws->fragmented) {
-                return ngx_http_gift_ws_close(ws, 1002, "unexpected "
-                                              "continuation frame");
-            }
+        case GIFT_WS_EV_CLOSE:
+            ws->peer_closed = 1;
+            return ngx_http_gift_ws_close(ws, ev.code, NULL);
 
-            ngx_memcpy(ws->msg + ws->msg_len, payload, plen);
-            ws->msg_len += plen;
-
-            if (fin) {
-                ws->fragmented = 0;
-                rc = ngx_http_gift_ws_message(ws, ws->msg, ws->msg_len);
-                ws->msg_len = 0;
+        case GIFT_WS_EV_PING:   /* only the latest needs an answer */
+            if (ev.len) {
+                ngx_memcpy(ws->ping, ev.data, ev.len);
             }
+            ws->ping_len = ev.len;
+            ws->pong_due = 1;
+            rc = ngx_http_gift_ws_pong(ws);
             break;
 
-        case 0x2:   /* binary */
-            return ngx_http_gift_ws_close(ws, 1003, "binary messages are "
-                                          "not accepted");
-
-        case 0x8:   /* close: answer with the peer's code */
-            code = plen >= 2 ? ((ngx_uint_t) payload[0] << 8 | payload[1])
-                             : 1000;
-            return ngx_http_gift_ws_close(ws, code, NULL);
-
-        case 0x9:   /* ping */
-            rc = ngx_http_gift_ws_send(ws, 0xa, payload, plen);
+        case GIFT_WS_EV_PONG:   /* the client is alive */
+            ws->client.pings_out = 0;
             break;
 
-        default:    /* pong */
+        default:                /* a fragment, kept */
             break;
         }
 
@@ -438,15 +441,107 @@ ngx_http_gift_ws_frames(ngx_http_gift_ws_t *ws)
             return rc;
         }
 
-        /* drop the frame from the buffer */
-        hlen = frame.header_len + plen;
-        ws->len -= hlen;
+        if (ws->client.closing) {
+            /* a message's answer closed the connection */
+            return NGX_OK;
+        }
+
+    next:
+
+        ws->len -= ev.consumed;
         if (ws->len) {
-            ngx_memmove(ws->buf, ws->buf + hlen, ws->len);
+            ngx_memmove(ws->buf, ws->buf + ev.consumed, ws->len);
         }
     }
 
     return NGX_OK;
+}
+
+
+/*
+ * Answer the latest ping from the connection's one pong buffer; while an
+ * earlier pong may still be queued, wait until the output drains (then
+ * ngx_http_gift_ws_drained() comes back here).
+ */
+static ngx_int_t
+ngx_http_gift_ws_pong(ngx_http_gift_ws_t *ws)
+{
+    if (!ws->pong_due || ws->client.closing) {
+        return NGX_OK;
+    }
+
+    if (ws->pong_queued) {
+        if (ws->client.out_head != NULL) {
+            return NGX_OK;
+        }
+        ws->pong_queued = 0;
+    }
+
+    ws->pong[0] = 0x8a;
+    ws->pong[1] = (u_char) ws->ping_len;
+    ngx_memcpy(ws->pong + 2, ws->ping, ws->ping_len);
+    ws->pong_due = 0;
+    ws->pong_queued = 1;
+
+    return ngx_http_gift_fanout_send_raw(&ws->client, ws->pong,
+                                         ws->ping_len + 2);
+}
+
+
+ngx_int_t
+ngx_http_gift_ws_drained(ngx_http_gift_client_t *c)
+{
+    ngx_http_gift_ws_t  *ws = (ngx_http_gift_ws_t *) c;
+
+    ws->pong_queued = 0;
+
+    return ngx_http_gift_ws_pong(ws);
+}
+
+
+void
+ngx_http_gift_ws_close_written(ngx_http_gift_client_t *c)
+{
+    ngx_http_gift_ws_t  *ws = (ngx_http_gift_ws_t *) c;
+
+    ngx_event_t  *rev;
+
+    if (ws->peer_closed) {
+        ngx_http_gift_client_close(c, "closed");
+        return;
+    }
+
+    rev = c->request->connection->read;
+
+    if (!rev->timer_set) {
+        ngx_add_timer(rev, NGX_HTTP_GIFT_WS_CLOSE_WAIT);
+    }
+}
+
+
+void
+ngx_http_gift_ws_going_away(ngx_http_gift_client_t *c)
+{
+    ngx_int_t            rc;
+    ngx_connection_t    *conn;
+    ngx_http_gift_ws_t  *ws = (ngx_http_gift_ws_t *) c;
+
+    if (c->closing) {
+        return;
+    }
+
+    conn = c->request->connection;
+
+    rc = ngx_http_gift_ws_close(ws, 1001, "server going away");
+
+    if (rc == NGX_DONE) {
+        ngx_http_gift_ws_close_written(c);
+
+    } else if (rc != NGX_OK) {
+        ngx_http_gift_client_close(c, "write error");
+    }
+
+    ngx_http_run_posted_requests(conn);
 }
 
 
@@ -457,15 +552,20 @@ ngx_http_gift_ws_message(ngx_http_gift_ws_t *ws, u_char *data, size_t len)
     json_t              *root, *v;
     uint64_t             last;
     ngx_int_t            rc;
+    ngx_pool_t          *pool;
+    ngx_array_t         *devices, *rooms, *statuses;
     json_error_t         err;
     ngx_http_request_t  *r;
 
-    static u_char  bad_json[] = "{\"event\":\"error\",\"error\":\"invalid_json\","
-                                "\"message\":\"send a JSON object\"}";
+    /* a ready frame: sent from static memory, never copied */
+    static u_char  bad_json[] = "\x81" "\x47"     /* 71 bytes of text */
+                                "{\"event\":\"error\",\"error\":"
+                                "\"invalid_json\",\"message\":\"send a JSON "
+                                "object\"}";
 
     r = ws->client.request;
 
-    if (++ws->messages > NGX_HTTP_GIFT_WS_MAX_CONTROL) {
+    if (++ws->messages > NGX_HTTP_GIFT_WS_MAX_MESSAGES) {
         return ngx_http_gift_ws_close(ws, 1008, "too many messages");
     }
 
@@ -473,21 +573,67 @@ ngx_http_gift_ws_message(ngx_http_gift_ws_t *ws, u_char *data, size_t len)
 
     if (root == NULL || !json_is_object(root)) {
         json_decref(root);
-        return ngx_http_gift_ws_send(ws, 0x1, bad_json, sizeof(bad_json) - 1);
+        return ngx_http_gift_fanout_send_raw(&ws->client, bad_json,
+                                             sizeof(bad_json) - 1);
     }
+
+    /*
+     * The filters this message sets, and copies of those it keeps, go to
+     * a new pool; the previous message's pool is then destroyed: a client
+     * that sends filters forever holds one set, not all of them.
+     */
+    pool = ngx_create_pool(1024, r->connection->log);
+    if (pool == NULL) {
+        json_decref(root);
+        return NGX_ERROR;
+    }
+
+    devices = ws->client.devices;
+    rooms = ws->client.rooms;
+    statuses = ws->client.statuses;
 
     rc = NGX_OK;
 
     if ((v = json_object_get(root, "device")) != NULL) {
-        rc = ngx_http_gift_ws_filter(r, &ws->client.devices, v);
+        rc = ngx_http_gift_ws_filter(pool, &devices, v);
     }
 
     if (rc == NGX_OK && (v = json_object_get(root, "room")) != NULL) {
-        rc = ngx_http_gift_ws_filter(r, &ws->client.rooms, v);
+        rc = ngx_http_gift_ws_filter(pool, &rooms, v);
     }
 
     if (rc == NGX_OK && (v = json_object_get(root, "status")) != NULL) {
-        rc = ngx_http_gift_ws_filter(r, &ws->client.statuses, v);
+        rc = ngx_http_gift_ws_filter(pool, &statuses, v);
+    }
+
+    if (rc == NGX_OK && ws->filters != NULL) {
+        /* what this message keeps, out of the pool about to go */
+        if (devices != NULL && devices == ws->client.devices) {
+            devices = ngx_http_gift_ws_filter_copy(pool, devices);
+            rc = (devices == NULL) ? NGX_ERROR : rc;
+        }
+        if (rooms != NULL && rooms == ws->client.rooms) {
+            rooms = ngx_http_gift_ws_filter_copy(pool, rooms);
+            rc = (rooms == NULL) ? NGX_ERROR : rc;
+        }
+        if (statuses != NULL && statuses == ws->client.statuses) {
+            statuses = ngx_http_gift_ws_filter_copy(pool, statuses);
+            rc = (statuses == NULL) ? NGX_ERROR : rc;
+        }
+    }
+
+    if (rc != NGX_OK) {
+        ngx_destroy_pool(pool);
+
+    } else {
+        ws->client.devices = devices;
+        ws->client.rooms = rooms;
+        ws->client.statuses = statuses;
+
+        if (ws->filters != NULL) {
+            ngx_destroy_pool(ws->filters);
+        }
+        ws->filters = pool;
     }
 
     if (rc == NGX_OK && (v = json_object_get(root, "lastEventId")) != NULL) {
@@ -503,7 +649,8 @@ ngx_http_gift_ws_message(ngx_http_gift_ws_t *ws, u_char *data, size_t len)
     json_decref(root);
 
     if (rc == NGX_DECLINED) {
-        return ngx_http_gift_ws_send(ws, 0x1, bad_json, sizeof(bad_json) - 1);
+        return ngx_http_gift_fanout_send_raw(&ws->client, bad_json,
+                                             sizeof(bad_json) - 1);
     }
 
     return rc;
@@ -512,7 +659,7 @@ ngx_http_gift_ws_message(ngx_http_gift_ws_t *ws, u_char *data, size_t len)
 
 /* A filter from JSON: a string, an array of strings, or null (any). */
 static ngx_int_t
-ngx_http_gift_ws_filter(ngx_http_request_t *r, ngx_array_t **arr, json_t *v)
+ngx_http_gift_ws_filter(ngx_pool_t *pool, ngx_array_t **arr, json_t *v)
 {
     size_t      i;
     json_t     *e;
@@ -527,7 +674,7 @@ ngx_http_gift_ws_filter(ngx_http_request_t *r, ngx_array_t **arr, json_t *v)
         return NGX_DECLINED;
     }
 
-    *arr = ngx_array_create(r->pool, 2, sizeof(ngx_str_t));
+    *arr = ngx_array_create(pool, 2, sizeof(ngx_str_t));
     if (*arr == NULL) {
         return NGX_ERROR;
     }
@@ -545,7 +692,7 @@ ngx_http_gift_ws_filter(ngx_http_request_t *r, ngx_array_t **arr, json_t *v)
         }
 
         s->len = json_string_length(e);
-        s->data = ngx_pnalloc(r->pool, s->len);
+        s->data = ngx_pnalloc(pool, s->len);
         if (s->data == NULL) {
             return NGX_ERROR;
         }
@@ -556,29 +703,44 @@ ngx_http_gift_ws_filter(ngx_http_request_t *r, ngx_array_t **arr, json_t *v)
 }
 
 
-/* One unmasked server frame (payload <= 125 bytes) from a copy. */
-static ngx_int_t
-ngx_http_gift_ws_send(ngx_http_gift_ws_t *ws, ngx_uint_t opcode,
-    u_char *data, size_t len)
+static ngx_array_t *
+ngx_http_gift_ws_filter_copy(ngx_pool_t *pool, ngx_array_t *a)
 {
-    u_char  *p;
+    ngx_str_t    *from, *to;
+    ngx_uint_t    i;
+    ngx_array_t  *b;
 
-    p = ngx_pnalloc(ws->client.request->pool, len + 2);
-    if (p == NULL) {
-        return NGX_ERROR;
+    if (a == NULL) {
+        return NULL;
     }
 
-    p[0] = (u_char) (0x80 | opcode);
-    p[1] = (u_char) len;
-    ngx_memcpy(p + 2, data, len);
+    b = ngx_array_create(pool, a->nelts ? a->nelts : 1, sizeof(ngx_str_t));
+    if (b == NULL) {
+        return NULL;
+    }
 
-    return ngx_http_gift_fanout_send_raw(&ws->client, p, len + 2);
+    from = a->elts;
+
+    for (i = 0; i < a->nelts; i++) {
+        to = ngx_array_push(b);
+        to->len = from[i].len;
+        to->data = ngx_pnalloc(pool, from[i].len + 1);
+        if (to->data == NULL) {
+            return NULL;
+        }
+        if (from[i].len) {
+            ngx_memcpy(to->data, from[i].data, from[i].len);
+        }
+    }
+
+    return b;
 }
 
 
 /*
- * Send a close frame and stop sending anything else; the connection ends
- * once it is written (NGX_DONE when that is already the case).
+ * Send a close frame and stop sending anything else (NGX_DONE when it is
+ * written already).  The frame lives in the connection's pong buffer: no
+ * pong is sent after a close.
  */
 static ngx_int_t
 ngx_http_gift_ws_close(ngx_http_gift_ws_t *ws, ngx_uint_t code,
@@ -588,6 +750,10 @@ ngx_http_gift_ws_close(ngx_http_gift_ws_t *ws, ngx_uint_t code,
     size_t      len;
     ngx_int_t   rc;
 
+    if (ws->client.closing) {
+        return NGX_OK;
+    }
+
     if (reason != NULL) {
         ngx_log_error(NGX_LOG_INFO, ws->client.request->connection->log, 0,
                       "gift: closing WebSocket with %ui: %s", code, reason);
@@ -595,24 +761,92 @@ ngx_http_gift_ws_close(ngx_http_gift_ws_t *ws, ngx_uint_t code,
 
     len = reason ? ngx_min(ngx_strlen(reason), 120) : 0;
 
-    p = ngx_pnalloc(ws->client.request->pool, len + 2);
-    if (p == NULL) {
-        return NGX_ERROR;
+    if (ws->pong_queued && ws->client.out_head != NULL) {
+        /* the pong buffer may still be on its way: a buffer of its own */
+        p = ngx_pnalloc(ws->client.request->pool, len + 4);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+    } else {
+        p = ws->pong;
     }
 
-    p[0] = (u_char) (code >> 8);
-    p[1] = (u_char) code;
-    ngx_memcpy(p + 2, reason, len);
+    p[0] = 0x88;
+    p[1] = (u_char) (len + 2);
+    p[2] = (u_char) (code >> 8);
+    p[3] = (u_char) code;
+    if (len) {
+        ngx_memcpy(p + 4, reason, len);
+    }
 
-    rc = ngx_http_gift_ws_send(ws, 0x8, p, len + 2);
-
+    ws->pong_due = 0;
     ws->client.closing = 1;
+
+    rc = ngx_http_gift_fanout_send_raw(&ws->client, p, len + 4);
 
     if (rc == NGX_OK && ws->client.out_head == NULL) {
         return NGX_DONE;
     }
 
     return rc;
+}
+
+
+/*
+ * Whether the handshake's Origin may connect: the configured list, or
+ * without one, the request's own origin (or no Origin at all).
+ */
+static ngx_int_t
+ngx_http_gift_ws_origin(ngx_http_request_t *r, ngx_http_gift_loc_conf_t *glcf)
+{
+    ngx_str_t        *origin;
+    ngx_uint_t        i, https;
+    ngx_table_elt_t  *h, *host;
+
+    static ngx_str_t  none = ngx_string("(none)");
+
+    h = ngx_http_gift_find_header(r, "Origin", sizeof("Origin") - 1);
+
+    if (glcf->ws_origins != NULL) {
+        origin = glcf->ws_origins->elts;
+
+        for (i = 0; i < glcf->ws_origins->nelts; i++) {
+            if ((origin[i].len == 1 && origin[i].data[0] == '*')
+                || (h != NULL && h->value.len == origin[i].len
+                    && ngx_strncasecmp(h->value.data, origin[i].data,
+                                       origin[i].len) == 0))
+            {
+                return NGX_OK;
+            }
+        }
+
+    } else {
+        if (h == NULL) {
+            return NGX_OK;          /* not a browser */
+        }
+
+        host = r->headers_in.host;
+        https = 0;
+#if (NGX_HTTP_SSL)
+        https = r->connection->ssl != NULL;
+#endif
+
+        if (host != NULL
+            && gift_ws_origin_same((const char *) h->value.data,
+                                   h->value.len,
+                                   (const char *) host->value.data,
+                                   host->value.len, (int) https))
+        {
+            return NGX_OK;
+        }
+    }
+
+    ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                  "gift: WebSocket from a refused origin \"%V\"",
+                  h ? &h->value : &none);
+
+    return NGX_DECLINED;
 }
 
 

@@ -2,10 +2,13 @@
 # make run: the whole stack on loopback, in the foreground; Ctrl-C stops it.
 # Ports (each overridable): GIFT_HTTP_PORT 8080, GIFT_NATS_PORT 14222,
 # GIFT_NATS_HTTP_PORT 18222, GIFT_MQTT_PORT 11883, GIFT_METRICS_PORT 19464.
+# GIFT_RUN_DIR: where the state and logs go (build/run; t/62 uses its own).
+# Every part runs in the foreground of this script, in its process group:
+# nothing daemonizes, so Ctrl-C, or a signal to the group, stops them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-RUN=$ROOT/build/run
+RUN=${GIFT_RUN_DIR:-$ROOT/build/run}
 HTTP_PORT=${GIFT_HTTP_PORT:-8080}
 NATS_PORT=${GIFT_NATS_PORT:-14222}
 NATS_HTTP_PORT=${GIFT_NATS_HTTP_PORT:-18222}
@@ -54,7 +57,28 @@ wait_port "$NATS_PORT" nats-server $!
 NATS_URL=nats://127.0.0.1:$NATS_PORT
 build/giftctl -s "$NATS_URL" setup
 
-if [[ -x build/tbsim && -x build/gift-dispatcher ]]; then
+# ThingsBoard: the stand-in (tools/tbstandin: ThingsBoard's MQTT transport
+# and the Gift RPC router rule chain, 4 dispatcher devices, 8 motors) and
+# its motors, as two node processes in this process group.  GIFT_TB=tbsim:
+# tbsim on mosquitto instead (devices on a plain broker).
+if [[ ${GIFT_TB:-} != tbsim && -x build/gift-dispatcher \
+      && -d tools/tbstandin/node_modules/aedes ]] && command -v node >/dev/null; then
+    node tools/tbstandin/tb.mjs --host 127.0.0.1 --port "$MQTT_PORT" \
+        --motors 8 --dispatchers 4 --out "$RUN/tb.json" \
+        >"$RUN/logs/tbstandin.log" 2>&1 &
+    pids+=($!)
+    wait_port "$MQTT_PORT" gift-tbstandin $!
+    node tools/tbstandin/motors.mjs --host 127.0.0.1 --port "$MQTT_PORT" \
+        --motors 8 --speed "${GIFT_MOTOR_SPEED:-0}" --out "$RUN/motors.json" \
+        --control "$RUN/motors.control" >"$RUN/logs/motors.log" 2>&1 &
+    pids+=($!)
+    sed -e "s#127.0.0.1:14222#127.0.0.1:$NATS_PORT#g" \
+        -e "s#11883#$MQTT_PORT#g" -e "s#19464#$METRICS_PORT#g" \
+        dispatcher/gift-dispatcher.conf.example >"$RUN/gift-dispatcher.conf"
+    build/gift-dispatcher -c "$RUN/gift-dispatcher.conf" \
+        >"$RUN/logs/dispatcher.log" 2>&1 &
+    pids+=($!)
+elif [[ -x build/tbsim && -x build/gift-dispatcher ]]; then
     cat >"$RUN/mosquitto.conf" <<MQ
 listener $MQTT_PORT 127.0.0.1
 allow_anonymous true
@@ -106,6 +130,10 @@ cat <<MSG
       http://127.0.0.1:$HTTP_PORT/gift
     build/giftctl -s $NATS_URL get GIFTS 1
     build/giftctl -s $NATS_URL info
+
+  What the motors did: kill -USR1 <gift-motors pid>; cat $RUN/motors.json
+  Every RPC a motor receives (the stand-in's read-only tap), e.g.:
+    mosquitto_sub -h 127.0.0.1 -p $MQTT_PORT -t 'v1/devices/+/rpc/request/+' -v
 
   Ctrl-C stops everything.
 MSG

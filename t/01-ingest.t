@@ -27,6 +27,7 @@ my $g = {
 };
 my $t0 = int(time * 1000);
 my ($st, $body, $res) = GiftTest::post_gift($ngx->port, $g);
+my $t1 = int(time * 1000);
 is($st, 202, 'gift accepted');
 is_deeply($body, { id => 'evt-1', seq => 1, duplicate => JSON::PP::false },
     '202 body names id, seq, duplicate') or diag explain $body;
@@ -47,7 +48,9 @@ is($e->{roomId}, 'room_9', 'room id');
 is($e->{diamond}, 10, 'diamond');
 is($e->{quantity}, 2, 'quantity');
 is($e->{occurredAtMs}, 1700000000000, 'sender timestamp');
-cmp_ok(abs($e->{receivedAtMs} - $t0), '<', 5000, "nginx's receive time");
+ok($e->{receivedAtMs} >= $t0 - 1 && $e->{receivedAtMs} <= $t1 + 1,
+    "nginx's receive time: between the request and the answer")
+    or diag "$t0 <= $e->{receivedAtMs} <= $t1";
 
 # --- the same event id again: deduplicated, same seq
 ($st, $body) = GiftTest::post_gift($ngx->port, $g);
@@ -91,17 +94,14 @@ $nats->stop;
 ok(GiftTest::wait_until(5, sub {
     GiftTest::slurp($ngx->error_log) =~ /disconnected from NATS/
 }), 'workers saw the disconnect');
-my @lat;
+# 'unavailable' (not connected), not a publish that timed out
 for (1 .. 10) {
-    my $t = time;
     ($st, $body, $res) = GiftTest::post_gift($ngx->port, GiftTest::gift());
-    push @lat, time - $t;
     last unless $st == 503;
 }
 is($st, 503, '503 without NATS');
 is($body->{error}, 'unavailable', 'code unavailable');
 is($res->{headers}{'retry-after'}, '1', 'Retry-After');
-cmp_ok((sort { $b <=> $a } @lat)[0], '<', 0.5, 'answered at once');
 
 # --- NATS back: webhooks work again without restarting nginx
 $nats->start;

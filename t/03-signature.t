@@ -216,9 +216,11 @@ refused('a key that is a prefix of the real one', $b,
         sig('nope', $b, $now - 400), 'signature_invalid');
     my $g = body();
     accepted('t 290 s old (inside the window)', $g, sig($K1, $g, $now - 290));
+    # into the future only gift_webhook_signature_skew (30 s by default)
+    refused('t 290 s ahead (inside the window, past the 30 s skew)', $b,
+        sig($K2, $b, $now + 290), 'signature_expired');
     $g = body();
-    accepted('t 290 s ahead (inside the window)', $g,
-        sig($K2, $g, $now + 290));
+    accepted('t 20 s ahead (inside the skew)', $g, sig($K2, $g, $now + 20));
 
     # gift_webhook_signature_window 10s
     my $short = "http://127.0.0.1:$port/gift-short";

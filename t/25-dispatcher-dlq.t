@@ -25,9 +25,10 @@ my $rules = <<'R';
     default_device = "motor_01";
     rule = ( { gift = "Ghost"; device = "motor_07"; } );
 R
-# retries after 200, 400, 800, then 1600 ms: at least 3 s in all
+# retries after 200, 400, 800, then 1600 ms (the debug log says each)
 my $d = GiftDispatch::start_dispatcher(dir => $dir, nats_url => $nats->url,
     mqtt_port => $mq->port, rules => $rules, rpc_timeout_ms => 250,
+    log_level => 'debug',
     extra_nats => 'retry_delays_ms = [ 200, 400, 800, 1600 ];');
 my $ngx = GiftTest::start_nginx(dir => "$dir/nginx", nats_url => $nats->url);
 GiftTest::wait_until(10, sub {
@@ -49,13 +50,18 @@ my $dead;
 ok(GiftTest::wait_until(20, sub { ($dead) = $acks_of->('ghost-1') }, 0.05),
     'a GiftAck comes after the retries');
 my $secs = time - $t0;
+my @delays = $d->log_text =~ /event ghost-1 device motor_07: .*; retry \d+ in (\d+) ms/g;
+is("@delays", '200 400 800 1600', 'growing back-off: retries after 200, 400, '
+    . '800, 1600 ms');
 is($dead->{ack}{status}, 'dead_letter', '... status dead_letter');
 is($dead->{ack}{reason}, 'timeout', '... reason timeout');
 is($dead->{ack}{attempts}, 5, '... after MaxDeliver (5) deliveries');
 is($dead->{ack}{rounds}, 21, '... reporting the rounds it would have turned');
 is($dead->{msg_id}, 'ghost-1:ack', '... Nats-Msg-Id ghost-1:ack');
-cmp_ok($secs, '>=', 3.0, sprintf('growing back-off: %.1f s >= 200+400+800+'
-    . '1600 ms of delays', $secs));
+# a lower bound: it cannot fail on a slow machine, only if NATS redelivered
+# before the delays asked for
+cmp_ok($secs, '>=', 3.0, sprintf('... and NATS held each redelivery back: '
+    . '%.1f s >= 200+400+800+1600 ms', $secs));
 is($motor->()->{ignored}, 5, 'the motor swallowed 5 RPCs, one per delivery');
 is($motor->()->{rounds} // 0, 0, '... and turned nothing');
 
@@ -96,7 +102,12 @@ ok(GiftTest::wait_until(10, sub { ($motor->()->{rounds} // 0) >= 20 }, 0.05),
 
 my ($out, $rc) = GiftTest::giftctl($nats->url, 'dlq', 'replay', '--all');
 is($rc, 0, 'giftctl dlq replay --all') or diag $out;
-like($out, qr/replayed DLQ #\d+ event ghost-1/, '... replays the gift');
+like($out, qr/^replayed DLQ #\d+ event ghost-1 as GIFTS #\d+$/m,
+    '... replays the gift');
+like($out, qr/^replayed DLQ #\d+ event tt:frame-4 as GIFTS #\d+$/m,
+    '... and the streak frame');
+is(scalar(() = $out =~ /^replayed /mg), 2, '... two replays, nothing else')
+    or diag $out;
 my @ok;
 ok(GiftTest::wait_until(10, sub {
     @ok = grep { $_->{ack}{status} eq 'ok' }
@@ -117,8 +128,17 @@ is(scalar(grep { $_->{event}{event_id} =~ /^(ghost-1|tt:frame-4)$/ }
 
 # a second replay of the same entry: nothing left to replay
 ($out, $rc) = GiftTest::giftctl($nats->url, 'dlq', 'replay', '--all');
-sleep 0.5;
-is($motor->()->{rounds}, 81, 'replaying again turns nothing');
+is($rc, 0, 'giftctl dlq replay --all again: exit 0');
+is($out, '', '... and nothing replayed') or diag $out;
+# a gift stored after it, once done, proves the dispatcher had its chance
+my ($st2) = GiftTest::post_gift($ngx->port, GiftTest::gift(
+    giftName => 'Ghost', diamond => 1, quantity => 1, eventId => 'ghost-2'));
+is($st2, 202, 'a later gift for the same motor');
+ok(GiftTest::wait_until(20, sub {
+    grep { $_->{ack}{status} eq 'ok' } $acks_of->('ghost-2') }, 0.05),
+    '... acknowledged');
+is($motor->()->{rounds}, 82, 'replaying again turned nothing (81 + the 1 '
+    . 'of the later gift)');
 is(scalar(() = $acks_of->('ghost-1')), 2,
     'ghost-1 has its dead_letter and its ok GiftAck, no more');
 

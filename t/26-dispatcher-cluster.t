@@ -145,8 +145,13 @@ my $dup_bound = 2 * 16 * 8 * 2;
 my $dup0 = $tb->totals->{totals}{duplicates};
 $wait = stream(1000, 'mq');
 GiftTest::wait_until(10, sub { $sum->($motors->()) > $sum->(\%want) }, 0.05);
+my @off = map { length $_->log_text } $da, $db;
 $mq->stop;
-sleep 1;
+# both dispatchers noticed the broker had gone before it comes back
+ok(GiftTest::wait_until(30, sub {
+    substr($da->log_text, $off[0]) =~ /connection lost/
+        && substr($db->log_text, $off[1]) =~ /connection lost/ }),
+    'mosquitto stopped: both dispatchers lost it');
 $mq->start;
 $n = $wait->();
 ok(GiftTest::wait_until(15, sub {

@@ -58,18 +58,18 @@ my $f = $ws->next_frame(3);
 $f = $ws->next_frame(3) while $f && $f->{op} == 9;
 ok($f && $f->{op} == 10 && $f->{payload} eq 'abc', 'pong echoes the ping');
 ok(!$f->{masked}, 'server frames are unmasked');
-$ws->take(1, 2.5);
-cmp_ok($ws->pings, '>=', 1, 'server pings on the heartbeat');
+ok(GiftTest::wait_until(30, sub { $ws->take(1, 0.2); $ws->pings >= 1 }),
+    'server pings on the heartbeat');
 
 # --- filters by message
 $ws->send_text('{"device":"motor_02"}');
-sleep 0.2;
+ok($ws->sync, 'filter message handled (our ping answered after it)');
 ack(deviceId => 'motor_01');
 my $s2 = ack(deviceId => 'motor_02');
 @m = $ws->take(1, 3);
 is_deeply([map { $_->{seq} } @m], [$s2], 'device filter set by message');
 $ws->send_text('{"device":null,"status":["dead_letter"]}');
-sleep 0.2;
+ok($ws->sync, 'filter message handled');
 ack();
 my $dl = ack(status => 'dead_letter', reason => 'timeout');
 @m = $ws->take(1, 3);
@@ -135,7 +135,7 @@ is($bad->wait_close(3), 1003, 'binary message: 1003');
 my $fr = GiftStream::WS->new(port => $ngx->port, headers => \%origin);
 $fr->send_frame(1, '{"dev', fin => 0);
 $fr->send_frame(0, 'ice":"motor_09"}');
-sleep 0.2;
+ok($fr->sync, 'fragmented filter message handled');
 ack(deviceId => 'motor_01');
 my $s9 = ack(deviceId => 'motor_09');
 is_deeply([map { $_->{seq} } $fr->take(1, 3)], [$s9],

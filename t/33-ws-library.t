@@ -13,11 +13,11 @@ use GiftStream;
 
 my $root = GiftTest::root();
 my $node = eval { GiftTest::find_bin('node') };
-plan skip_all => 'node not installed' unless $node;
+GiftTest::skip_all_unless($node, 'node not installed');
 if (!-d "$root/node_modules/ws") {
     system("cd '$root' && npm ci --no-audit --no-fund >/dev/null 2>&1");
 }
-plan skip_all => 'npm ws not installed' unless -d "$root/node_modules/ws";
+GiftTest::skip_all_unless(-d "$root/node_modules/ws", 'npm ws not installed');
 
 my $nats = GiftTest::start_nats();
 GiftTest::giftctl($nats->url, 'setup');
@@ -66,7 +66,8 @@ $r = cmd({ cmd => 'take', n => 99, timeout => 2500 });
 cmp_ok($r->{pings}, '>=', 1, 'and pings on its heartbeat');
 
 cmd({ cmd => 'send', data => { device => 'motor_02' } });
-sleep 1;
+# frames are handled in order: a pong to a later ping says it has the filter
+ok(cmd({ cmd => 'ping' })->{pong}, 'filter message handled');
 ack(deviceId => 'motor_01');
 my $want = ack(deviceId => 'motor_02');
 $r = cmd({ cmd => 'take', n => 1 });

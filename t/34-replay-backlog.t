@@ -26,7 +26,13 @@ ok(GiftTest::wait_until(10, sub {
 my $nc = GiftStream::nats_connect($nats->port);
 my @seqs = $nc->publish_acks_burst(map { { eventId => "r$_",
     deviceId => 'motor_01', rounds => 1 } } 1 .. 400);
-sleep 1;
+# the worker has them all once a client resuming after the last but one
+# gets the last
+my $m = GiftStream::SSE->new(port => $ngx->port,
+    headers => { 'Last-Event-ID' => $seqs[-2] });
+is_deeply([map { $_->{id} } $m->take(1, 30)], [$seqs[-1]],
+    'the worker has the 400 (a resume after #399 gets #400)');
+$m->close;
 
 my $c = GiftStream::SSE->new(port => $ngx->port,
     headers => { 'Last-Event-ID' => 0 });

@@ -25,6 +25,7 @@ use Time::HiRes qw(time sleep);
 use lib 't/lib';
 use GiftTest;
 use GiftStream;
+use GiftBrowser;
 
 my $ROOT = GiftTest::root();
 my $BUILD = GiftTest::build();
@@ -39,28 +40,25 @@ sub which {
     return undef;
 }
 
-my $node = which('node')
-    or plan skip_all => 'node not found: the overlay test drives Chromium '
-    . 'with playwright-core (Node.js)';
+my $node = which('node');
+GiftTest::skip_all_unless($node, 'node not found: the overlay test drives '
+    . 'Chromium with playwright-core (Node.js)');
 my $chromium = $ENV{GIFT_CHROMIUM} // '/usr/bin/chromium';
--x $chromium
-    or plan skip_all => "$chromium not found: run 'make deps' "
-    . '(Debian package chromium)';
+GiftTest::skip_all_unless(-x $chromium, "$chromium not found: run "
+    . "'make deps' (Debian package chromium)");
 
 # playwright-core and ws, as package-lock.json pins them
 if (!-f "$ROOT/node_modules/playwright-core/package.json") {
-    my $npm = which('npm')
-        or plan skip_all => 'node_modules/ missing and npm not found';
+    my $npm = which('npm');
+    GiftTest::skip_all_unless($npm, 'node_modules/ missing and npm not found');
     diag 'node_modules/playwright-core missing: npm ci';
     system("cd '$ROOT' && npm ci --no-audit --no-fund 1>&2") == 0
         or BAIL_OUT('npm ci failed');
 }
 
-# Bounded: the whole test, browser included, in under a minute.  On the
-# alarm the test dies; END blocks stop the driver (which closes Chromium)
+# Bounded by make test's limit per file (scripts/test-file.sh), and the
+# driver's own watchdog: END blocks stop the driver (which closes Chromium)
 # and GiftTest's servers.
-$SIG{ALRM} = sub { die "t/40-overlay.t: over 60 s, giving up\n" };
-alarm 58;
 
 # ------------------------------------------------------------ servers
 
@@ -119,7 +117,7 @@ for (['/', qr{^text/html}], ['/overlay.css', qr{^text/css}],
 
 # ------------------------------------------------------------ browser
 
-my $browser = Browser->start($node, "$ROOT/t/browser/driver.mjs");
+my $browser = GiftBrowser->start($node, "$ROOT/t/browser/driver.mjs");
 ok($browser, 'Chromium started (' . ($browser->{version} // '?') . ')');
 
 my $nc = GiftStream::nats_connect($nats->port);
@@ -231,7 +229,9 @@ ok($v->{layout}{totalsPanel}{x} > $v->{layout}{feedPanel}{x}
 
 # A reload ends every stream (the old workers exit); EventSource reconnects
 # after the retry: hint (3 s here) with Last-Event-ID.  What is published
-# meanwhile must arrive once.
+# meanwhile must arrive once.  The page cannot reconnect until the three
+# are published: its requests to /gift/events fail until then.
+$browser->cmd(block => url => '**/gift/events*');
 $ngx->reload;
 $v = wait_view(10, sub { $_[0]{state} eq 'reconnecting' });
 is($v->{state}, 'reconnecting', 'nginx reloaded: page reconnecting');
@@ -249,14 +249,14 @@ my @s2 = (
 );
 isnt($browser->view->{state}, 'live',
     'three published while the page was disconnected');
-$v = wait_view(15, sub { $_[0]{state} eq 'live' && @{$_[0]{feed}} >= 9 });
+$browser->cmd(unblock => url => '**/gift/events*');
+$v = wait_view(60, sub { $_[0]{state} eq 'live' && @{$_[0]{feed}} >= 9 });
 is($v->{state}, 'live', 'live again');
 is_deeply(seqs($v), [reverse @s1, @s2],
     'resumed: the missed three, once each, in order');
 is_deeply(totals($v), expected_totals(@s1, @s2), 'totals include them');
 is($v->{lastId}, "last id $s2[-1]", 'last id advanced');
 is_deeply($v->{problems}, [], 'no page errors, no CSP refusals');
-sleep 0.5;      # the entering animation is off (reduced motion) anyway
 $browser->cmd(screenshot => path => "$BUILD/overlay-1920.png");
 ok(-s "$BUILD/overlay-1920.png", 'screenshot build/overlay-1920.png');
 
@@ -293,8 +293,8 @@ is_deeply([map { $_->{device} } @{$v->{totals}}], ['motor_02'],
 # ------------------------------------------------------------ full chain
 
 SKIP: {
-    skip 'build/gift-dispatcher or build/tbsim not built', 9
-        unless -x "$BUILD/gift-dispatcher" && -x "$BUILD/tbsim";
+    GiftTest::skip_unless(-x "$BUILD/gift-dispatcher" && -x "$BUILD/tbsim",
+        'build/gift-dispatcher or build/tbsim not built', 9);
     require GiftDispatch;
 
     my $mq = GiftDispatch::start_mosquitto();
@@ -382,115 +382,12 @@ is_deeply($browser->view->{problems}, [], 'no page errors, no CSP refusals');
 
 my $profile = $browser->{profile};
 is($browser->close, 0, 'driver closed the browser and exited 0');
-ok(!browser_pids($profile), 'no Chromium process left');
+ok(!GiftBrowser::browser_pids($profile), 'no Chromium process left');
 
 $nc->close;
 is($ngx->stop, 0, 'nginx exits cleanly');
 is_deeply([$ngx->bad_log_lines], [], 'no [alert] or [emerg]');
-alarm 0;
 diag sprintf('overlay test: %.1f s', time - $T0);
 
 done_testing();
 
-# Processes whose command line names this test's Chromium profile.
-sub browser_pids {
-    my ($profile) = @_;
-    my @p;
-    for my $f (glob '/proc/[0-9]*/cmdline') {
-        my $c = GiftTest::slurp($f);
-        push @p, $f =~ m{/proc/(\d+)/} if index($c, $profile) >= 0;
-    }
-    return @p;
-}
-
-# ------------------------------------------------------------ the driver
-
-package Browser;
-
-use POSIX qw(:sys_wait_h);
-
-my @drivers;
-
-END {
-    local $?;
-    for my $b (@drivers) {
-        next unless $b->{pid};
-        # SIGTERM: the driver closes Chromium, then exits
-        kill 'TERM', $b->{pid};
-        my $end = Time::HiRes::time() + 10;
-        while (Time::HiRes::time() < $end
-            && waitpid($b->{pid}, WNOHANG) == 0)
-        {
-            Time::HiRes::sleep(0.05);
-        }
-        if (kill 0, $b->{pid}) {
-            kill 'KILL', $b->{pid};
-            waitpid($b->{pid}, 0);
-        }
-        # the last resort for a browser whose driver was killed
-        kill 'KILL', $_ for main::browser_pids($b->{profile});
-    }
-}
-
-sub start {
-    my ($class, $node, $script) = @_;
-    my $dir = GiftTest::tempdir();
-    my $self = bless { profile => "$dir/chromium-profile", buf => '',
-        id => 0 }, $class;
-    mkdir $self->{profile};
-    $self->{pid} = IPC::Open2::open2($self->{out}, $self->{in}, $node, $script,
-        '--user-data-dir', $self->{profile}, '--timeout-s', 70);
-    push @drivers, $self;
-    my $hello = $self->_answer(0, 40);
-    $self->{version} = $hello->{version};
-    return $self;
-}
-
-sub cmd {
-    my ($self, $cmd, %a) = @_;
-    my $id = ++$self->{id};
-    my $timeout = delete $a{timeout} // 20;
-    print { $self->{in} } $JSON->encode({ id => $id, cmd => $cmd, %a }),
-        "\n";
-    return $self->_answer($id, $timeout);
-}
-
-sub view { $_[0]->cmd('view') }
-
-sub _answer {
-    my ($self, $id, $timeout) = @_;
-    my $end = Time::HiRes::time() + $timeout;
-    my $sel = IO::Select->new($self->{out});
-    while (1) {
-        while ($self->{buf} =~ s/^(.*?)\n//) {
-            my $m = eval { $JSON->decode($1) } or next;
-            next unless defined $m->{id} && $m->{id} == $id;
-            die "driver: $m->{error}\n" unless $m->{ok};
-            return $m->{value};
-        }
-        my $left = $end - Time::HiRes::time();
-        die "driver: no answer to #$id within ${timeout}s\n" if $left <= 0;
-        next unless $sel->can_read($left > 0.5 ? 0.5 : $left);
-        my $got = sysread($self->{out}, my $chunk, 65536);
-        die "driver exited\n" unless $got;
-        $self->{buf} .= $chunk;
-    }
-}
-
-# Ask the driver to close the browser; returns its exit status.
-sub close {
-    my ($self) = @_;
-    eval { $self->cmd('close', timeout => 15) };
-    close $self->{in};
-    my $end = Time::HiRes::time() + 10;
-    my $st;
-    while (Time::HiRes::time() < $end) {
-        if (waitpid($self->{pid}, WNOHANG) == $self->{pid}) {
-            $st = $? >> 8;
-            last;
-        }
-        Time::HiRes::sleep(0.05);
-    }
-    $self->{pid} = undef if defined $st;
-    return $st;
-}

@@ -92,7 +92,7 @@ cmp_ok($metric->($t, 'gift_stream_deliveries_total'), '>=', 1,
     'deliveries counted');
 
 SKIP: {
-    skip 'promtool not installed', 1 unless $promtool;
+    GiftTest::skip_unless($promtool, 'promtool not installed', 1);
     my $f = $ngx->dir . '/metrics.txt';
     GiftTest::spurt($f, $t);
     my $out = `'$promtool' check metrics < '$f' 2>&1`;

@@ -20,7 +20,7 @@ use lib 't/lib';
 use GiftTest;
 
 my $node = eval { GiftTest::find_bin('node') };
-plan skip_all => 'node not found' unless $node;
+GiftTest::skip_all_unless($node, 'node not found');
 
 my $root = GiftTest::root();
 my $fwdir = "$root/tools/forwarder";
@@ -133,8 +133,12 @@ ok(GiftTest::wait_until(10, sub {
     GiftTest::slurp($log) =~ /: 503 .*unavailable.*; retry \d+ in \d+ ms/;
 }), 'NATS down: the forwarder gets 503 and schedules a retry')
     or diag GiftTest::slurp($log);
-sleep 1.5;
-ok(GiftTest::alive($pid), 'and keeps retrying while NATS is down');
+ok(GiftTest::wait_until(60, sub {
+    # an event's second retry: it went on after the first failed again
+    grep { $_ >= 2 }
+        GiftTest::slurp($log) =~ /: 503 .*unavailable.*; retry (\d+) in/g;
+}) && GiftTest::alive($pid), 'and keeps retrying while NATS is down')
+    or diag GiftTest::slurp($log);
 $nats->restart;
 $st = finish($pid, 30);
 is($st, 0, 'after NATS is back, the forwarder delivers everything, exit 0')
@@ -160,7 +164,6 @@ ok(GiftTest::wait_until(10, sub {
     GiftTest::slurp($log) =~ /timeout after 400 ms; retry \d+/;
 }), 'workers frozen: the forwarder times out and schedules a retry')
     or diag GiftTest::slurp($log);
-sleep 0.5;
 kill 'CONT', @w;
 $st = finish($pid, 30);
 is($st, 0, 'workers resumed: the forwarder delivers everything, exit 0')
@@ -189,9 +192,10 @@ is_deeply([\@missing, \@twice, \@extra], [[], [], []],
 SKIP: {
     unless (-d "$fwdir/node_modules/tiktok-live-connector") {
         my $npm = eval { GiftTest::find_bin('npm') };
-        skip 'npm not found', 1 unless $npm;
+        GiftTest::skip_unless($npm, 'npm not found', 1);
         my $o = `cd '$fwdir' && timeout 30 '$npm' ci --no-audit --no-fund 2>&1`;
-        skip "npm ci in tools/forwarder failed (offline?): $o", 1 if $?;
+        GiftTest::skip_unless(!$?, "npm ci in tools/forwarder failed "
+            . "(offline?): $o", 1);
     }
     my $c = `cd '$fwdir' && timeout 20 '$node' index.mjs --check 2>&1`;
     chomp $c;

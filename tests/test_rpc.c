@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "dispatcher.h"
+#include "gift_normalize.h"
 
 START_TEST(topic_check)
 {
@@ -237,6 +238,54 @@ START_TEST(ack_subject_metadata)
 }
 END_TEST
 
+/* ThingsBoard: its error replies by name, and the byte budget that splits
+ * a command before mqtt.max_payload (dispatch.c sums these bounds). */
+START_TEST(thingsboard_errors_and_sizes)
+{
+    char          err[64], id[3][GIFT_ID_MAX + 1], *buf;
+    drpc_event_t  ev[3];
+    size_t        len, bound, cap = 1 << 16, i, k;
+    uint64_t      rounds[3] = { 0, 7, 18446744073709551615ULL };
+
+#define P(s) rpc_reply_parse(s, strlen(s), err, sizeof(err))
+    ck_assert_int_eq(P("{\"error\":\"TIMEOUT\"}"), RPC_REPLY_ERROR);
+    ck_assert_str_eq(err, "TIMEOUT");
+    ck_assert_int_eq(P("{\"ok\":false,\"error\":\"NO_ACTIVE_CONNECTION\"}"),
+                     RPC_REPLY_ERROR);
+    ck_assert_str_eq(rpc_error_reason(err), "device_offline");
+    ck_assert_int_eq(P("{\"error\":7}"), RPC_REPLY_MALFORMED);
+#undef P
+    ck_assert_str_eq(rpc_error_reason("TIMEOUT"), "device_timeout");
+    ck_assert_str_eq(rpc_error_reason("jammed"), "device_error");
+    ck_assert_str_eq(rpc_error_reason(NULL), "device_error");
+
+    buf = malloc(cap);
+    ck_assert_ptr_nonnull(buf);
+    for (k = 0; k < 3; k++) {
+        /* ids of 1, 64 and GIFT_ID_MAX characters of the id alphabet */
+        size_t n = k == 0 ? 1 : k == 1 ? 64 : GIFT_ID_MAX;
+
+        for (i = 0; i < n; i++) {
+            id[k][i] = "Az09._:-"[i % 8];
+        }
+        id[k][n] = '\0';
+        ev[k].id = id[k];
+        ev[k].rounds = rounds[k];
+    }
+    for (k = 0; k <= 3; k++) {
+        bound = rpc_payload_max("rotate", "motor_01", NULL, 0);
+        for (i = 0; i < k; i++) {
+            bound += rpc_event_bytes(ev[i].id);
+        }
+        len = rpc_payload_build(buf, cap, "rotate", "motor_01",
+                                18446744073709551615ULL, ev, k);
+        ck_assert_uint_gt(len, 0);
+        ck_assert_uint_le(len, bound);
+    }
+    free(buf);
+}
+END_TEST
+
 static Suite *
 suite(void)
 {
@@ -252,6 +301,7 @@ suite(void)
     tcase_add_test(t, ids_fit_thingsboard);
     tcase_add_test(t, dmap_churn);
     tcase_add_test(t, ack_subject_metadata);
+    tcase_add_test(t, thingsboard_errors_and_sizes);
     suite_add_tcase(s, t);
     return s;
 }

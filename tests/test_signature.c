@@ -289,6 +289,30 @@ START_TEST(test_tolerated)
 }
 END_TEST
 
+/* The future is bounded by the skew, the past by the window. */
+START_TEST(test_skew)
+{
+    char  hdr[128];
+
+#define SKEWED() gift_signature_verify_skew(hdr, strlen(hdr),              \
+                      (const unsigned char *) BODY, sizeof(BODY) - 1,       \
+                      &new_key, 1, NOW, 300, 30)
+
+    make(&new_key, NOW + 30, hdr, sizeof(hdr));
+    ck_assert_int_eq(SKEWED(), GIFT_SIG_OK);
+    make(&new_key, NOW + 31, hdr, sizeof(hdr));
+    ck_assert_int_eq(SKEWED(), GIFT_SIG_EXPIRED);
+    make(&new_key, NOW - 300, hdr, sizeof(hdr));
+    ck_assert_int_eq(SKEWED(), GIFT_SIG_OK);
+    make(&new_key, NOW - 301, hdr, sizeof(hdr));
+    ck_assert_int_eq(SKEWED(), GIFT_SIG_EXPIRED);
+    make(&other_key, NOW + 31, hdr, sizeof(hdr));
+    ck_assert_int_eq(SKEWED(), GIFT_SIG_INVALID);
+
+#undef SKEWED
+}
+END_TEST
+
 START_TEST(test_no_usable_key)
 {
     char                 hdr[128];
@@ -349,6 +373,7 @@ signature_suite(void)
     tcase_add_test(tc, test_malformed);
     tcase_add_test(tc, test_tolerated);
     tcase_add_test(tc, test_no_usable_key);
+    tcase_add_test(tc, test_skew);
     tcase_add_test(tc, test_empty_body_and_small_buffer);
     suite_add_tcase(s, tc);
 

@@ -24,12 +24,24 @@
 
 #include "gift.pb-c.h"
 #include "gift_json.h"
+#include "gift_nkey.h"
 #include "gift_provision.h"
 #include "gift_util.h"
 
 #define DEFAULT_URL  "nats://127.0.0.1:14222"
 
 static volatile sig_atomic_t  stop;
+
+/* credentials and TLS, as the dispatcher and nginx take them */
+static struct {
+    const char  *creds;
+    const char  *nkey;
+    const char  *token;
+    const char  *tls_ca;
+    const char  *tls_cert;
+    const char  *tls_key;
+    const char  *tls_name;
+} auth;
 
 static void
 usage(FILE *f)
@@ -58,7 +70,15 @@ usage(FILE *f)
         "                       dispatcher's max_gift_age) stay in the DLQ\n"
         "\n"
         "  -s URL   NATS server, or several separated by commas\n"
-        "           (default $NATS_URL or " DEFAULT_URL ")\n");
+        "           (default $NATS_URL or " DEFAULT_URL "); nats://, or\n"
+        "           tls:// for TLS; user:password@ or token@ before the host\n"
+        "  --creds FILE       a .creds file (user JWT and NKey seed)\n"
+        "  --nkey FILE        an NKey seed file (\"SU...\")\n"
+        "  --token TOKEN      token authentication\n"
+        "  --tls-ca FILE      CA certificates to verify the server with\n"
+        "  --tls-cert FILE    client certificate (mutual TLS), with --tls-key\n"
+        "  --tls-key FILE     its private key\n"
+        "  --tls-name NAME    the name expected in the server's certificate\n");
 }
 
 static void
@@ -66,6 +86,65 @@ on_signal(int sig)
 {
     (void) sig;
     stop = 1;
+}
+
+/* An NKey seed file: cnats wants the public key beside it. */
+static natsStatus
+set_nkey(natsOptions *opts, const char *file)
+{
+    char         buf[4096];
+    size_t       n;
+    FILE        *f;
+    const char  *seed, *err;
+    gift_nkey_t  k;
+
+    f = fopen(file, "r");
+    if (f == NULL) {
+        fprintf(stderr, "giftctl: --nkey %s: %s\n", file, strerror(errno));
+        return NATS_ERR;
+    }
+    n = fread(buf, 1, sizeof(buf), f);
+    fclose(f);
+
+    if (gift_nkey_find_seed(buf, n, &seed, &err) != 0
+        || gift_nkey_from_seed(seed, GIFT_NKEY_SEED_LEN, &k, &err) != 0)
+    {
+        fprintf(stderr, "giftctl: --nkey %s: %s\n", file, err);
+        return NATS_ERR;
+    }
+
+    return natsOptions_SetNKeyFromSeed(opts, k.public_key, file);
+}
+
+static natsStatus
+set_auth(natsOptions *opts)
+{
+    natsStatus  s = NATS_OK;
+
+    if (auth.creds != NULL) {
+        s = natsOptions_SetUserCredentialsFromFiles(opts, auth.creds, NULL);
+    }
+    if (s == NATS_OK && auth.nkey != NULL) {
+        s = set_nkey(opts, auth.nkey);
+    }
+    if (s == NATS_OK && auth.token != NULL) {
+        s = natsOptions_SetToken(opts, auth.token);
+    }
+    if (s == NATS_OK && (auth.tls_ca || auth.tls_cert || auth.tls_name)) {
+        s = natsOptions_SetSecure(opts, true);
+    }
+    if (s == NATS_OK && auth.tls_ca != NULL) {
+        s = natsOptions_LoadCATrustedCertificates(opts, auth.tls_ca);
+    }
+    if (s == NATS_OK && auth.tls_cert != NULL) {
+        s = natsOptions_LoadCertificatesChain(opts, auth.tls_cert,
+                                              auth.tls_key);
+    }
+    if (s == NATS_OK && auth.tls_name != NULL) {
+        s = natsOptions_SetExpectedHostname(opts, auth.tls_name);
+    }
+
+    return s;
 }
 
 static int
@@ -100,6 +179,9 @@ connect_nats(const char *url, natsConnection **nc, jsCtx **js)
     }
     if (s == NATS_OK) {
         s = natsOptions_SetName(opts, "giftctl");
+    }
+    if (s == NATS_OK) {
+        s = set_auth(opts);
     }
     if (s == NATS_OK) {
         s = natsConnection_Connect(nc, opts);
@@ -204,6 +286,41 @@ print_stored(FILE *out, const char *stream, natsMsg *m)
     return rc;
 }
 
+/*
+ * A GIFTS stream that already existed keeps its settings (provisioning only
+ * warns).  Its duplicate window is what makes a replayed, still-valid signed
+ * webhook harmless (gift_webhook_signature_window + _skew <= 600 s): a
+ * shorter one is an error, named, and setup fails.
+ */
+static int
+check_dup_window(jsCtx *js)
+{
+    jsStreamInfo  *si = NULL;
+    jsErrCode      jerr = 0;
+    int64_t        have;
+
+    if (js_GetStreamInfo(&si, js, GIFT_STREAM_EVENTS, NULL, &jerr)
+        != NATS_OK)
+    {
+        return 0;               /* provisioning reported it already */
+    }
+    have = si->Config->Duplicates;
+    jsStreamInfo_Destroy(si);
+
+    if (have < (int64_t) GIFT_DUP_WINDOW_S * 1000000000LL) {
+        fprintf(stderr, "giftctl setup: stream %s has a duplicate window "
+                "(duplicate_window) of %" PRId64 " s, shorter than %d s: a "
+                "replayed signed webhook could be stored twice; raise it "
+                "(nats stream edit %s --dupe-window 10m) or lower "
+                "gift_webhook_signature_window + gift_webhook_signature_skew "
+                "below it\n", GIFT_STREAM_EVENTS,
+                (int64_t) (have / 1000000000LL), GIFT_DUP_WINDOW_S,
+                GIFT_STREAM_EVENTS);
+        return 1;
+    }
+    return 0;
+}
+
 static int
 cmd_setup(natsConnection *nc, jsCtx *js, int argc, char **argv)
 {
@@ -233,7 +350,10 @@ cmd_setup(natsConnection *nc, jsCtx *js, int argc, char **argv)
         fprintf(stderr, "giftctl setup: --state-ttl is seconds, >= 60\n");
         return 2;
     }
-    return gift_provision(nc, js, &o) == 0 ? 0 : 1;
+    if (gift_provision(nc, js, &o) != 0) {
+        return 1;
+    }
+    return check_dup_window(js);
 }
 
 static int
@@ -585,6 +705,33 @@ main(int argc, char **argv)
         if (strcmp(argv[i], "-s") == 0 && i + 1 < argc) {
             url = argv[i + 1];
             i += 2;
+        } else if (i + 1 < argc && (strcmp(argv[i], "--creds") == 0
+                                    || strcmp(argv[i], "--nkey") == 0
+                                    || strcmp(argv[i], "--token") == 0
+                                    || strncmp(argv[i], "--tls-", 6) == 0))
+        {
+            const char  **opt = NULL;
+
+            if (strcmp(argv[i], "--creds") == 0) {
+                opt = &auth.creds;
+            } else if (strcmp(argv[i], "--nkey") == 0) {
+                opt = &auth.nkey;
+            } else if (strcmp(argv[i], "--token") == 0) {
+                opt = &auth.token;
+            } else if (strcmp(argv[i], "--tls-ca") == 0) {
+                opt = &auth.tls_ca;
+            } else if (strcmp(argv[i], "--tls-cert") == 0) {
+                opt = &auth.tls_cert;
+            } else if (strcmp(argv[i], "--tls-key") == 0) {
+                opt = &auth.tls_key;
+            } else if (strcmp(argv[i], "--tls-name") == 0) {
+                opt = &auth.tls_name;
+            } else {
+                usage(stderr);
+                return 2;
+            }
+            *opt = argv[i + 1];
+            i += 2;
         } else if (strcmp(argv[i], "-h") == 0
                    || strcmp(argv[i], "--help") == 0)
         {
@@ -598,7 +745,7 @@ main(int argc, char **argv)
             return 2;
         }
     }
-    if (i >= argc) {
+    if (i >= argc || (auth.tls_cert == NULL) != (auth.tls_key == NULL)) {
         usage(stderr);
         return 2;
     }

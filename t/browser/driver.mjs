@@ -10,7 +10,10 @@
 //           {"id":2,"cmd":"view"}               what the overlay shows
 //           {"id":3,"cmd":"eval","expr":"..."}  a JS expression's JSON value
 //           {"id":4,"cmd":"screenshot","path":"...","transparent":true}
-//           {"id":5,"cmd":"close"}
+//           {"id":5,"cmd":"block","url":"**/gift/events*"}  requests
+//                 to such URLs fail (a network error) until "unblock"
+//           {"id":6,"cmd":"unblock","url":"**/gift/events*"}
+//           {"id":7,"cmd":"close"}
 // Answers:  {"id":1,"ok":true,"value":...} or {"id":1,"ok":false,"error":"..."}
 //
 // Uses Debian's /usr/bin/chromium (never a downloaded browser).  The
@@ -143,7 +146,11 @@ async function launch() {
         headless: true,
         args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
             '--no-first-run', '--disable-background-networking',
-            '--disable-component-update', '--disable-sync'],
+            '--disable-component-update', '--disable-sync',
+            // e.g. a name that resolves to 127.0.0.1 (DNS rebinding, t/41)
+            ...(process.env.GIFT_CHROMIUM_HOST_RULES
+                ? ['--host-resolver-rules=' + process.env.GIFT_CHROMIUM_HOST_RULES]
+                : [])],
         viewport: { width: 1920, height: 1080 },
         reducedMotion: 'reduce',     // screenshots without half-faded entries
         timeout: 30000,
@@ -175,6 +182,14 @@ const handlers = {
         await page.screenshot({ path: c.path, omitBackground: !!c.transparent,
             fullPage: !!c.fullPage });
         return { path: c.path };
+    },
+    block: async (c) => {
+        await context.route(c.url, (route) => route.abort());
+        return true;
+    },
+    unblock: async (c) => {
+        await context.unroute(c.url);
+        return true;
     },
     close: async () => {
         await context.close();

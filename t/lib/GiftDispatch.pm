@@ -359,8 +359,10 @@ sub js_publish_gifts {
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port,
         Proto => 'tcp', Timeout => 5) or die "NATS: $!";
     binmode $s;
+    GiftTest::io_timeout($s, 20);
     my $info = <$s>;
-    die "NATS: no INFO" unless $info && $info =~ /^INFO/;
+    die "NATS on port $port: no INFO within 20 s (wedged?)\n"
+        unless $info && $info =~ /^INFO/;
     my $inbox = "_INBOX.t$$." . int(rand(1e9));
     my $out = 'CONNECT {"verbose":false,"pedantic":false,"headers":true,'
         . '"no_responders":true,"protocol":1,"name":"gift-test"}' . "\r\n"
@@ -383,6 +385,9 @@ sub js_publish_gifts {
     my $buf = '';
     while ($got < @gifts && time < $end) {
         my $line = <$s>;
+        die "NATS on port $port: $got of " . scalar(@gifts) . ' PubAcks, '
+            . "then nothing for 20 s (wedged?)\n"
+            if !defined $line && $!{EAGAIN};
         last unless defined $line;
         if ($line =~ /^PING/) {
             print $s "PONG\r\n";
@@ -395,6 +400,8 @@ sub js_publish_gifts {
         }
     }
     close $s;
+    Test::More::diag("NATS on port $port: $got of " . scalar(@gifts)
+        . ' PubAcks within 30 s') if $got < @gifts;
     return $ok;
 }
 
@@ -422,12 +429,14 @@ sub new {
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port,
         Proto => 'tcp', Timeout => 5) or die "NATS: $!";
     binmode $s;
+    GiftTest::io_timeout($s, 20);
     my $info = <$s>;
-    die "NATS: no INFO" unless $info && $info =~ /^INFO/;
+    die "NATS on port $port: no INFO within 20 s (wedged?)\n"
+        unless $info && $info =~ /^INFO/;
     my $inbox = "_INBOX.r$$." . int(rand(1e9));
     print $s 'CONNECT {"verbose":false,"pedantic":false,"headers":true,'
         . '"no_responders":true,"protocol":1}' . "\r\nSUB $inbox.* 1\r\n";
-    return bless { s => $s, inbox => $inbox, n => 0 }, $class;
+    return bless { s => $s, inbox => $inbox, n => 0, port => $port }, $class;
 }
 
 # Send requests (subject, payload pairs) pipelined; returns the replies'
@@ -448,6 +457,8 @@ sub requests {
     my $left = keys %want;
     while ($left > 0 && Time::HiRes::time() < $end) {
         my $line = <$s>;
+        die "NATS on port $self->{port}: $left JetStream API replies missing, "
+            . "nothing for 20 s (wedged?)\n" if !defined $line && $!{EAGAIN};
         last unless defined $line;
         if ($line =~ /^PING/) {
             print $s "PONG\r\n";

@@ -159,6 +159,7 @@ sub _connect {
         PeerPort => $self->{port}, Proto => 'tcp', Timeout => 5)
         or return undef;
     setsockopt($s, IPPROTO_TCP, TCP_NODELAY, 1);
+    GiftTest::io_timeout($s, 20);       # reads use select; this bounds writes
     binmode $s;
     $self->{s} = $s;
     $self->{buf} = '';
@@ -258,7 +259,8 @@ sub workers_ready {
 #
 #   my $p = GiftFaults::start_posters(port => $port, conns => 6,
 #       pace => 0.005, prefix => 'r');
-#   ...; my @rec = $p->stop;   # [{ id, status, t0, t1, body, res, gift }]
+#   ...; my @rec = $p->stop;
+#   # [{ id, conn, status, t0, t1, body, raw, gift, retry_after }]
 sub start_posters {
     my (%a) = @_;
     my $self = bless {
@@ -289,8 +291,9 @@ sub start_posters {
                 my $res = $h->post_json($self->{path}, $body);
                 my $t1 = time;
                 (my $b = $res->{content} // '') =~ s/[\t\r\n]+/ /g;
-                printf $out "%s\t%d\t%.6f\t%.6f\t%s\t%s\n", $id,
-                    $res->{status}, $t0, $t1, $body, $b;
+                printf $out "%s\t%d\t%.6f\t%.6f\t%s\t%s\t%s\n", $id,
+                    $res->{status}, $t0, $t1, $body, $b,
+                    $res->{headers}{'retry-after'} // '-';
                 sleep($self->{pace}) if $self->{pace};
             }
             close $out;
@@ -310,17 +313,26 @@ sub records {
     my @r;
     for my $c (0 .. $self->{conns} - 1) {
         for (split /\n/, GiftTest::slurp("$self->{dir}/$c")) {
-            my ($id, $st, $t0, $t1, $req, $b) = split /\t/, $_, 6;
-            next unless defined $req;
+            my ($id, $st, $t0, $t1, $req, $b, $ra) = split /\t/, $_, 7;
+            next unless defined $ra;        # a line still being written
             my $dec = eval { $JSON->decode($b) };
-            push @r, { id => $id, status => $st, t0 => $t0, t1 => $t1,
-                gift => $req, body => $dec // $b, raw => $b };
+            push @r, { id => $id, conn => $c, status => $st, t0 => $t0,
+                t1 => $t1, gift => $req, body => $dec // $b, raw => $b,
+                retry_after => $ra eq '-' ? undef : $ra };
         }
     }
     return sort { $a->{t0} <=> $b->{t0} } @r;
 }
 
 sub count { scalar(my @r = $_[0]->records) }
+
+# True once every connection has finished a request it began after $t
+# (so whatever it had in flight at $t has ended).
+sub each_began_after {
+    my ($self, $t) = @_;
+    my %done = map { $_->{conn} => 1 } grep { $_->{t0} > $t } $self->records;
+    return keys(%done) == $self->{conns};
+}
 
 sub stop {
     my ($self) = @_;
@@ -393,6 +405,7 @@ sub new {
     my ($host, $port) = $url =~ m{^nats://([^:/]+):(\d+)} or die "bad url $url";
     my $s = IO::Socket::INET->new(PeerAddr => $host, PeerPort => $port,
         Proto => 'tcp', Timeout => 5) or die "connect $url: $!";
+    GiftTest::io_timeout($s, 20);       # reads use select; this bounds writes
     binmode $s;
     my $self = bless { s => $s, buf => '', inbox => "_GF.$$." . int(rand(1e9)),
         sel => IO::Select->new($s) }, $class;

@@ -13,6 +13,7 @@ use warnings;
 use IO::Select;
 use IO::Socket::INET;
 use JSON::PP ();
+use Socket ();
 use Time::HiRes qw(time);
 
 my $JSON = JSON::PP->new->canonical;
@@ -68,11 +69,20 @@ sub encode_ack {
 
 # ------------------------------------------------------------ NATS
 
+# Reads here wait in select() with a deadline; a write to a server that
+# stopped reading fails after 20 s instead of blocking the test.
+sub _send_timeout {
+    my ($s) = @_;
+    setsockopt($s, Socket::SOL_SOCKET(), Socket::SO_SNDTIMEO(),
+        pack('l!l!', 20, 0));
+}
+
 sub nats_connect {
     my ($port) = @_;
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port,
         Proto => 'tcp', Timeout => 5) or die "nats connect: $!";
     $s->autoflush(1);
+    _send_timeout($s);
     my $self = bless { sock => $s, buf => '', sid => 0,
         inbox => '_INBOX.t' . $$ . int(rand(1e9)) }, __PACKAGE__;
     $self->_readline =~ /^INFO/ or die "no INFO from nats-server";
@@ -101,7 +111,9 @@ sub _readline {
     my ($self, $timeout) = @_;
     my $end = time + ($timeout // 5);
     while ($self->{buf} !~ /\r\n/) {
-        die "nats: timeout" if time > $end;
+        die 'nats-server on port ' . ($self->{sock}->peerport // '?')
+            . ': no answer within ' . ($timeout // 5) . " s (wedged?)\n"
+            if time > $end;
         $self->_fill(0.5);
     }
     $self->{buf} =~ s/^(.*?)\r\n//s;
@@ -111,7 +123,8 @@ sub _readline {
 sub _readn {
     my ($self, $n) = @_;
     while (length $self->{buf} < $n + 2) {
-        $self->_fill(1) or die "nats: short read";
+        $self->_fill(1) or die 'nats-server on port '
+            . ($self->{sock}->peerport // '?') . ": short read (wedged?)\n";
     }
     my $d = substr($self->{buf}, 0, $n);
     substr($self->{buf}, 0, $n + 2) = '';
@@ -202,6 +215,7 @@ sub _connect {
         PeerPort => $port, Proto => 'tcp', Timeout => 5)
         or die "$what connect: $!";
     $s->autoflush(1);
+    GiftStream::_send_timeout($s);
     return $s;
 }
 
@@ -245,7 +259,9 @@ sub _read_head {
     my ($self) = @_;
     my $end = time + 5;
     while ($self->{raw} !~ /\r\n\r\n/) {
-        die "sse: no response header" if time > $end || $self->{eof};
+        die 'nginx on port ' . ($self->{sock}->peerport // '?')
+            . ': no SSE response header within 5 s' . "\n"
+            if time > $end || $self->{eof};
         $self->_fill(0.5);
     }
     $self->{raw} =~ s/^(.*?)\r\n\r\n//s;
@@ -374,12 +390,13 @@ sub new {
         %{$a{headers} // {}});
     delete $h{$_} for grep { !defined $h{$_} } keys %h;
     print $s "GET " . ($a{path} // '/gift/ws') . " HTTP/1.1\r\n"
-        . "Host: 127.0.0.1\r\n"
+        . "Host: " . ($a{host} // "127.0.0.1") . "\r\n"
         . join('', map { "$_: $h{$_}\r\n" } sort keys %h) . "\r\n";
     my $self = bless { sock => $s, raw => '', key => $key }, $class;
     my $end = time + 5;
     while ($self->{raw} !~ /\r\n\r\n/) {
-        die "ws: no response" if time > $end;
+        die "nginx on port $a{port}: no WebSocket response within 5 s\n"
+            if time > $end;
         $self->_fill(0.5) or ($self->{eof} and die "ws: closed");
     }
     $self->{raw} =~ s/^(.*?)\r\n\r\n//s;
@@ -457,6 +474,10 @@ sub next_frame {
             if ($len < 126 || $h > 2) {
                 if (length $r >= $h + $len) {
                     substr($self->{raw}, 0, $h + $len) = '';
+                    # a browser answers every ping (the server closes a
+                    # client that answers none); no_pong => 1 does not
+                    $self->send_frame(10, substr($r, $h, $len))
+                        if ($b0 & 0x0f) == 9 && !$self->{no_pong};
                     return { op => $b0 & 0x0f, fin => $b0 & 0x80,
                         masked => $b1 & 0x80,
                         payload => substr($r, $h, $len) };
@@ -494,6 +515,26 @@ sub take {
 
 sub pings { $_[0]{pings} // 0 }
 sub close_frame { $_[0]{close} }
+
+# Wait until the server has handled everything sent so far: a ping of our
+# own, answered by its pong (frames are handled in order).  Server pings
+# are counted; a text message meanwhile is a failure (returns false): none
+# is expected at such a point.
+sub sync {
+    my ($self, $timeout) = @_;
+    my $p = 'sync-' . ++$self->{syncs};
+    $self->send_frame(9, $p);
+    my $end = time + ($timeout // 30);
+    while (1) {
+        my $f = $self->next_frame($end - time) or return 0;
+        if ($f->{op} == 9) {
+            $self->{pings}++;
+            next;
+        }
+        return 1 if $f->{op} == 10 && $f->{payload} eq $p;
+        return 0 unless $f->{op} == 10;
+    }
+}
 
 # Wait for the server's close frame; returns its status code.
 sub wait_close {

@@ -16,6 +16,7 @@ use HTTP::Tiny;
 use IO::Socket::INET;
 use JSON::PP ();
 use POSIX qw(:sys_wait_h);
+use Socket ();
 use Time::HiRes qw(sleep time);
 
 our $ROOT = abs_path(dirname(__FILE__) . '/../..');
@@ -26,7 +27,90 @@ our $JSON = JSON::PP->new->canonical->allow_nonref;
 my %children;      # pid => name, for everything this process started
 my $owner = $$;
 
+# Sanitizer reports go to files under $SAN_DIR (ASan and UBSan log_path),
+# for everything this test starts that inherits the environment (the
+# dispatcher, tbsim, giftctl); nginx gets its own in its directory.  At
+# exit, those files, and the logs of what this test started, are scanned:
+# a report fails the test, naming the file.
+our $SAN_DIR;
+my @scan;       # files and globs scanned for sanitizer reports at exit
+our $SAN_RE = qr/ERROR:\ AddressSanitizer | LeakSanitizer | ThreadSanitizer
+    | UndefinedBehaviorSanitizer | runtime\ error:/x;
+if ($ENV{GIFT_SANITIZE}) {
+    $SAN_DIR = File::Temp::tempdir('gift-san-XXXXXX', TMPDIR => 1,
+        CLEANUP => !$ENV{GIFT_KEEP});
+    for my $v (qw(ASAN_OPTIONS UBSAN_OPTIONS)) {
+        (my $o = $ENV{$v} // '') =~ s/(^|:)log_path=[^:]*//g;
+        my $f = $v eq 'ASAN_OPTIONS' ? 'asan' : 'ubsan';
+        $ENV{$v} = join ':', grep { length } $o, "log_path=$SAN_DIR/$f";
+    }
+    push @scan, "$SAN_DIR/*";
+}
+
+# scan_later($file_or_glob): scanned for sanitizer reports when the test ends
+sub scan_later { push @scan, @_ }
+
+# Sanitizer report lines in the files registered so far, as
+# { file => [lines] }.
+sub sanitizer_findings {
+    my %found;
+    my %seen;
+    for my $f (map { /[*?]/ ? glob($_) : $_ } @scan) {
+        next if $seen{$f}++ || !-f $f;
+        my @l = grep { $_ =~ $SAN_RE } split /\n/, slurp($f);
+        $found{$f} = \@l if @l;
+    }
+    return \%found;
+}
+
+# prerequisite($ok, $what): a program or package the test needs.  Under
+# `make test` (GIFT_REQUIRE_ALL=1) a missing one is a failure; run by hand
+# (prove) the test, or the part that needs it, is skipped.
+#   GiftTest::skip_all_unless($ok, $what)      before any test
+#   GiftTest::skip_unless($ok, $what, $n)      inside SKIP: { }
+sub skip_all_unless {
+    my ($ok, $what) = @_;
+    return 1 if $ok;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
+    if ($ENV{GIFT_REQUIRE_ALL}) {
+        Test::More::plan(tests => 1);
+        Test::More::fail("$what (make test requires it: run 'make deps')");
+        exit 1;
+    }
+    Test::More::plan(skip_all => $what);
+}
+
+sub skip_unless {
+    my ($ok, $what, $n) = @_;
+    return 1 if $ok;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
+    if ($ENV{GIFT_REQUIRE_ALL}) {
+        Test::More::fail("$what (make test requires it: run 'make deps')");
+        $n--;
+    }
+    no warnings 'exiting';
+    Test::More::skip($what, $n);
+}
+
 END {
+    my $st = $?;
+    kill_children();
+    $? = $st;
+    return unless $$ == $owner;
+    my $found = sanitizer_findings();
+    if (%$found) {
+        for my $f (sort keys %$found) {
+            my @l = @{$found->{$f}};
+            print STDERR "# sanitizer report in $f:\n",
+                map { "#   $_\n" } @l[0 .. ($#l > 9 ? 9 : $#l)];
+        }
+        print STDERR "# FAILED: sanitizer reports in "
+            . join(', ', sort keys %$found) . "\n";
+        $? = 1 unless $?;
+    }
+}
+
+sub kill_children {
     local $?;       # waitpid below must not change the test's exit status
     return unless $$ == $owner;
     # nginx masters first, with TERM: a KILLed master leaves its workers
@@ -36,10 +120,20 @@ END {
         sleep 0.05 while waitpid($pid, WNOHANG) == 0 && time < $end;
         delete $children{$pid} unless kill(0, $pid);
     }
-    for my $pid (keys %children) {
+    # the others with TERM too, so that a sanitizer's exit report (leaks)
+    # is written; KILL what is still there after 5 s
+    my @rest = keys %children;
+    kill 'TERM', @rest;
+    my $end = time + 5;
+    while (@rest && time < $end) {
+        @rest = grep { waitpid($_, WNOHANG) == 0 } @rest;
+        sleep 0.05 if @rest;
+    }
+    for my $pid (@rest) {
         kill 'KILL', $pid;
         waitpid($pid, 0);
     }
+    %children = ();
 }
 
 sub root { $ROOT }
@@ -86,6 +180,19 @@ sub free_port {
     die "no free port\n";
 }
 
+# io_timeout($sock, $secs): no read or write on $sock blocks longer than
+# $secs (SO_RCVTIMEO, SO_SNDTIMEO): a blocking readline or read on a wedged
+# server returns (undef, EAGAIN) instead of hanging the test.
+sub io_timeout {
+    my ($sock, $secs) = @_;
+    my $tv = pack('l!l!', int($secs), int(($secs - int($secs)) * 1e6));
+    setsockopt($sock, Socket::SOL_SOCKET(), Socket::SO_RCVTIMEO(), $tv)
+        or die "SO_RCVTIMEO: $!";
+    setsockopt($sock, Socket::SOL_SOCKET(), Socket::SO_SNDTIMEO(), $tv)
+        or die "SO_SNDTIMEO: $!";
+    return $sock;
+}
+
 sub port_open {
     my ($port) = @_;
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port,
@@ -119,6 +226,7 @@ sub spawn {
         exec(@argv) or die "exec $argv[0]: $!";
     }
     $children{$pid} = $name;
+    scan_later($log);
     return $pid;
 }
 
@@ -231,19 +339,29 @@ sub start_nats {
     return GiftTest::Nats->new(%a)->start;
 }
 
+# giftctl's credential and TLS options (--creds FILE, --tls-ca FILE, ...)
+# for every call below, when a test's NATS needs them.
+our @GIFTCTL_OPTS;
+
 # Run giftctl against a NATS URL; returns stdout (and dies on failure
 # unless allow_fail).  In list context: (stdout, exit status).
 sub giftctl {
     my ($url, @args) = @_;
-    my $cmd = join(' ', map { "'$_'" } "$BUILD/giftctl", '-s', $url, @args);
-    my $out = `$cmd 2>&1`;
+    my $cmd = join(' ', map { "'$_'" } "$BUILD/giftctl", @GIFTCTL_OPTS,
+        '-s', $url, @args);
+    my $out = `timeout -k 5 120 $cmd 2>&1`;
+    Test::More::diag("giftctl @args: no answer within 120 s from $url "
+        . '(a wedged nats-server?)') if $? >> 8 == 124;
     return wantarray ? ($out, $? >> 8) : $out;
 }
 
 # giftctl get STREAM SEQ, decoded; undef when there is no such message.
 sub stored {
     my ($url, $stream, $seq) = @_;
-    my $out = `'$BUILD/giftctl' -s '$url' get '$stream' '$seq' 2>/dev/null`;
+    my $o = join(' ', map { "'$_'" } @GIFTCTL_OPTS);
+    my $out = `timeout -k 5 120 '$BUILD/giftctl' $o -s '$url' get '$stream' '$seq' 2>/dev/null`;
+    die "giftctl get $stream $seq: no answer within 120 s from $url\n"
+        if $? >> 8 == 124;
     return undef if $? != 0 || $out !~ /^\{/;
     return $JSON->decode($out);
 }
@@ -251,7 +369,10 @@ sub stored {
 # giftctl get STREAM FIRST-LAST, decoded: a list of messages.
 sub stored_range {
     my ($url, $stream, $first, $last) = @_;
-    my $out = `'$BUILD/giftctl' -s '$url' get '$stream' '$first-$last' 2>/dev/null`;
+    my $o = join(' ', map { "'$_'" } @GIFTCTL_OPTS);
+    my $out = `timeout -k 5 120 '$BUILD/giftctl' $o -s '$url' get '$stream' '$first-$last' 2>/dev/null`;
+    die "giftctl get $stream $first-$last: no answer within 120 s from $url\n"
+        if $? >> 8 == 124;
     return map { $JSON->decode($_) } grep { /^\{/ } split /\n/, $out;
 }
 
@@ -348,7 +469,9 @@ sub start {
     my @pre = $ENV{GIFT_NGINX_PRELOAD}
         ? ('env', "LD_PRELOAD=$ENV{GIFT_NGINX_PRELOAD}",
            'ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:'
-           . "log_path=$d/asan") : ();
+           . "log_path=$d/asan",
+           "UBSAN_OPTIONS=print_stacktrace=1:log_path=$d/ubsan") : ();
+    GiftTest::scan_later($self->error_log, "$d/asan.*", "$d/ubsan.*");
     $self->{pid} = GiftTest::spawn('nginx', "$d/stderr.log", @pre,
         GiftTest::find_bin('nginx'), '-p', "$d/", '-c', "$d/nginx.conf",
         '-e', "$d/error.log");
@@ -398,7 +521,7 @@ sub bad_log_lines {
     my ($self) = @_;
     my @bad = grep { /\[(alert|emerg)\]/ }
         split /\n/, GiftTest::slurp($self->error_log);
-    for my $f (glob "$self->{dir}/asan.*") {
+    for my $f (glob "$self->{dir}/asan.* $self->{dir}/ubsan.*") {
         push @bad, grep { /ERROR: |runtime error:/ }
             split /\n/, GiftTest::slurp($f);
     }
