@@ -184,9 +184,11 @@ run() {  # name coalesce_max_events ceiling(0|1) done_markers(true|false) [stand
 log_level = "warning";
 nats = { url = "$url"; max_inflight = 8000; fetch_batch = 256; done_markers = $markers; };
 mqtt = { host = "127.0.0.1"; $mqtt_conf };
-devices = { max_inflight = 1; coalesce_max_events = $events; };
+devices = { max_inflight = 1; coalesce_max_events = $events;
+            coalesce_max_rounds = 100000; rounds_per_minute = "unlimited"; };
 metrics = { enabled = false; };
 rules = {
+    max_rounds = 100000;
     rule = (
 $(for k in 1 2 3 4 5 6 7 8; do echo "        { gift = \"G$k\"; device = \"motor_0$k\"; },"; done | sed '$ s/,$//')
     );

@@ -228,10 +228,16 @@ mqtt = {
     host = "127.0.0.1";
     port = $MQTT_PORT;
 };
+devices = {
+    # simulated motors: the pipeline is measured, not a motor's pace
+    coalesce_max_rounds = 100000;
+    rounds_per_minute = "unlimited";
+};
 metrics = {
     listen = "127.0.0.1:$METRICS_PORT";
 };
 rules = {
+    max_rounds = 100000;
     default_device = "motor_01";
     rule = (
         { gift = "Rose";  device = "motor_02"; },

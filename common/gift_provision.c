@@ -10,7 +10,7 @@
 #include "gift_provision.h"
 #include "gift_util.h"
 
-#define NS_PER_S  1000000000LL
+#define NS_PER_S  ((int64_t) 1000000000)
 
 typedef struct {
     const char  *name;
@@ -28,7 +28,10 @@ gift_provision_defaults(gift_provision_opts_t *o)
     o->events_max_bytes = -1;
     o->ack_wait_ms = GIFT_ACK_WAIT_S * 1000;
     o->max_deliver = GIFT_MAX_DELIVER;
-    o->max_ack_pending = -1;
+    /* well above nats.max_inflight: a device's backlog released with a
+     * delay (devices.max_held) stays pending on the server meanwhile */
+    o->max_ack_pending = GIFT_MAX_ACK_PENDING;
+    o->state_ttl_s = GIFT_DONE_TTL_S;
 }
 
 static const char *
@@ -184,6 +187,28 @@ ensure_consumer(jsCtx *js, const gift_provision_opts_t *o)
                      "the dispatcher needs a pull consumer", GIFT_CONSUMER);
             d++;
         }
+        if (o->upgrade && ci->Config->MaxDeliver > 0 && cfg.MaxDeliver <= 0)
+        {
+            jsConsumerInfo *ui = NULL;
+            jsConsumerConfig up = *ci->Config;
+            int64_t         was = ci->Config->MaxDeliver;
+
+            up.MaxDeliver = -1;
+            jerr = 0;
+            s = js_UpdateConsumer(&ui, js, GIFT_STREAM_EVENTS, &up, NULL,
+                                  &jerr);
+            if (s != NATS_OK) {
+                gift_log(GIFT_LOG_ERR, "upgrading consumer %s: %s",
+                         GIFT_CONSUMER, jerr_text(s, jerr));
+                jsConsumerInfo_Destroy(ci);
+                return -1;
+            }
+            gift_log(GIFT_LOG_INFO, "upgraded consumer %s: max_deliver %"
+                     PRId64 " -> -1 (the dispatcher counts attempts)",
+                     GIFT_CONSUMER, was);
+            jsConsumerInfo_Destroy(ci);
+            ci = ui;
+        }
         d += differs_i64("consumer " GIFT_CONSUMER, "max_deliver",
                          ci->Config->MaxDeliver, cfg.MaxDeliver);
         d += differs_i64("consumer " GIFT_CONSUMER, "ack_wait_ns",
@@ -216,6 +241,33 @@ ensure_consumer(jsCtx *js, const gift_provision_opts_t *o)
     return 0;
 }
 
+/* A KV bucket is the stream KV_<bucket>: its MaxAge is the TTL. */
+static int
+kv_raise_ttl(jsCtx *js, const char *bucket, int64_t ttl_s)
+{
+    jsStreamInfo   *si = NULL, *ui = NULL;
+    jsStreamConfig  cfg;
+    jsErrCode       jerr = 0;
+    natsStatus      s;
+    char            name[128];
+
+    snprintf(name, sizeof(name), "KV_%s", bucket);
+    s = js_GetStreamInfo(&si, js, name, NULL, &jerr);
+    if (s == NATS_OK) {
+        cfg = *si->Config;
+        cfg.MaxAge = ttl_s * NS_PER_S;
+        jerr = 0;
+        s = js_UpdateStream(&ui, js, &cfg, NULL, &jerr);
+    }
+    if (s != NATS_OK) {
+        gift_log(GIFT_LOG_ERR, "upgrading KV bucket %s: %s", bucket,
+                 jerr_text(s, jerr));
+    }
+    jsStreamInfo_Destroy(ui);
+    jsStreamInfo_Destroy(si);
+    return s == NATS_OK ? 0 : -1;
+}
+
 static int
 ensure_kv(jsCtx *js, const char *bucket, int64_t ttl_s,
     const gift_provision_opts_t *o)
@@ -228,8 +280,20 @@ ensure_kv(jsCtx *js, const char *bucket, int64_t ttl_s,
     s = js_KeyValue(&kv, js, bucket);
     if (s == NATS_OK) {
         if (kvStore_Status(&st, kv) == NATS_OK) {
-            differs_i64(bucket, "ttl_ns", kvStatus_TTL(st), ttl_s * NS_PER_S);
+            int64_t have = kvStatus_TTL(st);
+
             kvStatus_Destroy(st);
+            if (o->upgrade && have > 0 && have < ttl_s * NS_PER_S) {
+                if (kv_raise_ttl(js, bucket, ttl_s) != 0) {
+                    kvStore_Destroy(kv);
+                    return -1;
+                }
+                gift_log(GIFT_LOG_INFO, "upgraded KV bucket %s: ttl %" PRId64
+                         " s -> %" PRId64 " s", bucket, have / NS_PER_S,
+                         ttl_s);
+                have = ttl_s * NS_PER_S;
+            }
+            differs_i64(bucket, "ttl_ns", have, ttl_s * NS_PER_S);
         }
         kvStore_Destroy(kv);
         if (!o->quiet) {
@@ -284,11 +348,64 @@ gift_provision(natsConnection *nc, jsCtx *js, const gift_provision_opts_t *o)
     if (rc == 0 && ensure_consumer(js, o) != 0) {
         rc = -1;
     }
-    if (ensure_kv(js, GIFT_KV_STREAKS, GIFT_STREAKS_TTL_S, o) != 0) {
+    if (ensure_kv(js, GIFT_KV_STREAKS, o->state_ttl_s, o) != 0) {
         rc = -1;
     }
-    if (ensure_kv(js, GIFT_KV_DONE, GIFT_DONE_TTL_S, o) != 0) {
+    if (ensure_kv(js, GIFT_KV_DONE, o->state_ttl_s, o) != 0) {
         rc = -1;
     }
     return rc;
+}
+
+int
+gift_provision_check(jsCtx *js, int64_t ttl_s, char *err, size_t cap)
+{
+    static const char *const buckets[] = { GIFT_KV_STREAKS, GIFT_KV_DONE };
+    jsConsumerInfo *ci = NULL;
+    jsStreamInfo   *si = NULL;
+    jsErrCode       jerr = 0;
+    natsStatus      s;
+    size_t          o = 0, i;
+    int             n = 0, w;
+    char            name[128];
+
+    err[0] = '\0';
+    s = js_GetConsumerInfo(&ci, js, GIFT_STREAM_EVENTS, GIFT_CONSUMER, NULL,
+                           &jerr);
+    if (s != NATS_OK) {
+        snprintf(err, cap, "consumer %s: %s", GIFT_CONSUMER,
+                 jerr_text(s, jerr));
+        return -1;
+    }
+    if (ci->Config->MaxDeliver > 0) {
+        w = snprintf(err + o, cap - o, "consumer %s has max_deliver %" PRId64
+                     ": a release or a crash on its last delivery would drop "
+                     "a gift without a GiftAck (needs -1)\n", GIFT_CONSUMER,
+                     ci->Config->MaxDeliver);
+        o += w > 0 && (size_t) w < cap - o ? (size_t) w : 0;
+        n++;
+    }
+    jsConsumerInfo_Destroy(ci);
+    for (i = 0; i < 2; i++) {
+        snprintf(name, sizeof(name), "KV_%s", buckets[i]);
+        jerr = 0;
+        s = js_GetStreamInfo(&si, js, name, NULL, &jerr);
+        if (s != NATS_OK) {
+            snprintf(err + o, cap - o, "KV bucket %s: %s", buckets[i],
+                     jerr_text(s, jerr));
+            return -1;
+        }
+        if (si->Config->MaxAge > 0 && si->Config->MaxAge < ttl_s * NS_PER_S)
+        {
+            w = snprintf(err + o, cap - o, "KV bucket %s keeps keys %" PRId64
+                         " s, below max_gift_age + %d s margin = %" PRId64
+                         " s\n", buckets[i], si->Config->MaxAge / NS_PER_S,
+                         GIFT_STATE_MARGIN_S, ttl_s);
+            o += w > 0 && (size_t) w < cap - o ? (size_t) w : 0;
+            n++;
+        }
+        jsStreamInfo_Destroy(si);
+        si = NULL;
+    }
+    return n;
 }

@@ -29,13 +29,23 @@
 #define GIFT_HDR_DLQ_REASON     "Gift-Dlq-Reason"
 #define GIFT_HDR_DLQ_DELIVERIES "Gift-Deliveries"
 
-#define GIFT_MAX_DELIVER        5
+/* New consumers redeliver without limit: the dispatcher counts device
+ * attempts itself (nats.max_attempts), so that a release at a stop or a
+ * crash never spends a gift's last delivery (which nats-server would then
+ * drop, leaving no GiftAck).  Existing consumers are left alone: run
+ * `giftctl setup --upgrade`. */
+#define GIFT_MAX_DELIVER        (-1)
+#define GIFT_MAX_ATTEMPTS       5             /* device attempts per gift */
+#define GIFT_MAX_ACK_PENDING    100000        /* consumer MaxAckPending */
+#define GIFT_MAX_GIFT_AGE_S     ((int64_t) 3600)         /* older: dead letter "expired" */
+#define GIFT_STATE_MARGIN_S     600           /* state outlives that bound */
 #define GIFT_DUP_WINDOW_S       600           /* >= signature window (300 s) */
 #define GIFT_EVENTS_MAX_AGE_S   (7 * 86400)
 #define GIFT_ACKS_MAX_AGE_S     86400
 #define GIFT_DLQ_MAX_AGE_S      (30 * 86400)
-#define GIFT_STREAKS_TTL_S      3600
-#define GIFT_DONE_TTL_S         GIFT_DUP_WINDOW_S
+/* streak and completion state live as long as a gift can come back */
+#define GIFT_STREAKS_TTL_S      (GIFT_MAX_GIFT_AGE_S + GIFT_STATE_MARGIN_S)
+#define GIFT_DONE_TTL_S         (GIFT_MAX_GIFT_AGE_S + GIFT_STATE_MARGIN_S)
 #define GIFT_ACK_WAIT_S         30
 
 typedef struct {
@@ -46,6 +56,10 @@ typedef struct {
     int      max_deliver;        /* consumer MaxDeliver */
     int      max_ack_pending;    /* consumer MaxAckPending; -1 = server default */
     int      quiet;              /* only warnings and errors */
+    int      upgrade;            /* raise what an older setup left below
+                                    what the dispatcher needs (MaxDeliver,
+                                    KV TTLs); never lowers anything */
+    int64_t  state_ttl_s;        /* GIFT_STREAKS and GIFT_DONE TTL */
 } gift_provision_opts_t;
 
 /* Fill `o` with docs/design.md's defaults. */
@@ -59,5 +73,14 @@ void gift_provision_defaults(gift_provision_opts_t *o);
  * or looked up (the cause is logged).
  */
 int gift_provision(natsConnection *nc, jsCtx *js, const gift_provision_opts_t *o);
+
+/*
+ * Does what exists hold a gift's promises?  The consumer must redeliver
+ * without limit (MaxDeliver -1) and GIFT_STREAKS and GIFT_DONE must keep
+ * keys at least `ttl_s` seconds (0: no TTL is fine).  Writes one sentence
+ * per problem into err (cap bytes) and returns their number (0: fine), or
+ * -1 when something could not be looked up.
+ */
+int gift_provision_check(jsCtx *js, int64_t ttl_s, char *err, size_t cap);
 
 #endif /* GIFT_PROVISION_H */

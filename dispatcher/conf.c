@@ -305,11 +305,13 @@ static const char *const k_nats[] = {
     "tls_cert", "tls_key", "reconnect_min_ms", "reconnect_max_ms",
     "provision", "replicas", "ack_wait_ms", "max_ack_pending", "fetch_batch",
     "fetch_wait_ms", "max_inflight", "publish_timeout_ms", "publish_retry_ms",
-    "retry_delays_ms", "shutdown_timeout_ms", "done_markers", NULL
+    "retry_delays_ms", "shutdown_timeout_ms", "done_markers", "max_attempts",
+    "max_gift_age", NULL
 };
 static const char *const k_mqtt[] = {
     "host", "port", "client_id", "access_token", "password", "keepalive",
     "qos", "request_topic", "response_topic", "method", "rpc_timeout_ms",
+    "late_reply_ms",
     "reconnect_min_ms", "reconnect_max_ms", "send_maximum", "rpc_id_bits",
     "instance_id", "tls", "max_payload", "access_tokens", NULL
 };
@@ -318,10 +320,12 @@ static const char *const k_tls[] = {
 };
 static const char *const k_dev[] = {
     "max_inflight", "coalesce_max_events", "coalesce_max_rounds",
-    "rounds_per_minute", "control", "device", NULL
+    "rounds_per_minute", "control", "device", "offline_grace_ms",
+    "offline_retry_ms", "max_held", "busy_retry_ms", NULL
 };
 static const char *const k_rules[] = {
-    "default_device", "default_multiplier", "max_rounds", "catalogue",
+    "default_device", "default_multiplier", "max_rounds", "over_max_rounds",
+    "catalogue",
     "catalogue_override", "rule", NULL
 };
 static const char *const k_rule[] = {
@@ -347,11 +351,14 @@ defaults(dconf_t *c)
     c->publish_retry_ms = 1000;
     c->shutdown_timeout_ms = 10000;
     c->done_markers = 1;
+    c->max_attempts = GIFT_MAX_ATTEMPTS;
+    c->max_gift_age_s = GIFT_MAX_GIFT_AGE_S;
 
     c->mqtt_port = 1883;
     c->mqtt_keepalive = 30;
     c->mqtt_qos = 1;
     c->rpc_timeout_ms = 5000;
+    c->late_reply_ms = 600000;
     c->mqtt_reconnect_min_ms = 100;
     c->mqtt_reconnect_max_ms = 10000;
     c->mqtt_send_maximum = 1024;
@@ -360,9 +367,14 @@ defaults(dconf_t *c)
 
     c->dev_max_inflight = 1;
     c->coalesce_max_events = 64;
+    /* finite by default: motors are physical (see the example) */
+    c->coalesce_max_rounds = DSP_DEF_CMD_ROUNDS;
+    c->rounds_per_minute = DSP_DEF_RPM;
+    c->offline_grace_ms = 60000;
+    c->offline_retry_ms = 1000;
+    c->max_held = 0;                    /* a quarter of nats.max_inflight */
+    c->busy_retry_ms = 2000;
     c->mqtt_max_payload = 65536;         /* ThingsBoard's NETTY_MAX_PAYLOAD_SIZE */
-    c->coalesce_max_rounds = 1000000;
-    c->rounds_per_minute = 0;
     c->control = 1;
 }
 
@@ -441,6 +453,10 @@ load_nats(errs_t *e, const config_setting_t *g, dconf_t *c)
     get_int(e, g, "publish_retry_ms", 10, 600000, &c->publish_retry_ms);
     get_int(e, g, "shutdown_timeout_ms", 0, 3600000, &c->shutdown_timeout_ms);
     get_bool(e, g, "done_markers", &c->done_markers);
+    get_int(e, g, "max_attempts", 1, 1000, &c->max_attempts);
+    get_i64(e, g, "max_gift_age", 10, 7 * 86400, &c->max_gift_age_s);
+    /* streak and completion state outlive the oldest gift that may come */
+    c->prov.state_ttl_s = c->max_gift_age_s + GIFT_STATE_MARGIN_S;
 
     if ((s = config_setting_get_member(g, "retry_delays_ms")) != NULL) {
         if (s->type != CONFIG_TYPE_ARRAY && s->type != CONFIG_TYPE_LIST) {
@@ -523,6 +539,7 @@ load_mqtt(errs_t *e, const config_setting_t *g, dconf_t *c)
             }
         }
         get_int(e, g, "rpc_timeout_ms", 10, 600000, &c->rpc_timeout_ms);
+    get_int(e, g, "late_reply_ms", 0, 86400000, &c->late_reply_ms);
         get_int(e, g, "reconnect_min_ms", 1, 600000,
                 &c->mqtt_reconnect_min_ms);
         get_int(e, g, "reconnect_max_ms", 1, 600000,
@@ -590,6 +607,44 @@ load_mqtt(errs_t *e, const config_setting_t *g, dconf_t *c)
 static void load_device_name(errs_t *e, const config_setting_t *g,
     const char *key, char **dst);
 
+/*
+ * rounds_per_minute: a number >= 1, "unlimited" (*dst -1) or "stopped"
+ * (*dst 0).  0 is refused: it used to mean "no limit", the opposite of
+ * what an operator stopping a motor means.
+ */
+static int
+get_rpm(errs_t *e, const config_setting_t *g, int64_t *dst)
+{
+    config_setting_t *s;
+    const char       *v;
+
+    if (g == NULL
+        || (s = config_setting_get_member(g, "rounds_per_minute")) == NULL)
+    {
+        return 0;
+    }
+    if (s->type == CONFIG_TYPE_STRING) {
+        v = config_setting_get_string(s);
+        if (strcmp(v, "unlimited") == 0) {
+            *dst = -1;
+            return 1;
+        }
+        if (strcmp(v, "stopped") == 0) {
+            *dst = 0;
+            return 1;
+        }
+    } else if ((s->type == CONFIG_TYPE_INT || s->type == CONFIG_TYPE_INT64)
+               && config_setting_get_int64(s) >= 1
+               && config_setting_get_int64(s) <= (long long) DSP_ROUNDS_JSON_MAX)
+    {
+        *dst = config_setting_get_int64(s);
+        return 1;
+    }
+    errf(e, s, NULL, "expected a number of rounds >= 1, \"unlimited\" or "
+         "\"stopped\" (0 is refused: say which you mean)");
+    return -1;
+}
+
 static void
 load_devices(errs_t *e, const config_setting_t *g, dconf_t *c)
 {
@@ -608,12 +663,15 @@ load_devices(errs_t *e, const config_setting_t *g, dconf_t *c)
     {
         c->coalesce_max_rounds = (uint64_t) v;
     }
-    if (get_i64(e, g, "rounds_per_minute", 0, (int64_t) DSP_ROUNDS_JSON_MAX,
-                &v) == 1)
-    {
-        c->rounds_per_minute = (uint64_t) v;
+    if (get_rpm(e, g, &v) == 1) {
+        c->rounds_per_minute = v == 0 ? DSP_RPM_STOPPED
+                               : v < 0 ? 0 : (uint64_t) v;
     }
     get_bool(e, g, "control", &c->control);
+    get_int(e, g, "offline_grace_ms", 0, 3600000, &c->offline_grace_ms);
+    get_int(e, g, "offline_retry_ms", 10, 600000, &c->offline_retry_ms);
+    get_int(e, g, "max_held", 0, 1000000, &c->max_held);
+    get_int(e, g, "busy_retry_ms", 10, 600000, &c->busy_retry_ms);
 
     if ((s = config_setting_get_member(g, "device")) != NULL) {
         if (!config_setting_is_list(s)) {
@@ -648,8 +706,10 @@ load_devices(errs_t *e, const config_setting_t *g, dconf_t *c)
                          "device \"%s\" is listed twice", dc->id);
                 }
             }
-            get_i64(e, x, "rounds_per_minute", 0,
-                    (int64_t) DSP_ROUNDS_JSON_MAX, &dc->rounds_per_minute);
+            if (get_rpm(e, x, &v) == 1) {
+                /* -2: stopped; 0: unlimited; -1: the default */
+                dc->rounds_per_minute = v == 0 ? -2 : v < 0 ? 0 : v;
+            }
             get_bool(e, x, "paused", &dc->paused);
             c->ndevconf++;
         }
@@ -709,6 +769,7 @@ load_rules(errs_t *e, const config_setting_t *g, drules_t *r)
 
     r->default_multiplier = 1;
     r->cat_override = 1;
+    r->max_rounds = DSP_DEF_GIFT_ROUNDS;
     if (g == NULL) {
         return;
     }
@@ -717,10 +778,25 @@ load_rules(errs_t *e, const config_setting_t *g, drules_t *r)
     if (get_i64(e, g, "default_multiplier", 0, 1000000, &v) == 1) {
         r->default_multiplier = (uint32_t) v;
     }
-    if (get_i64(e, g, "max_rounds", 0, (int64_t) DSP_ROUNDS_JSON_MAX, &v)
+    if (get_i64(e, g, "max_rounds", 1, (int64_t) DSP_ROUNDS_JSON_MAX, &v)
         == 1)
     {
         r->max_rounds = (uint64_t) v;
+    }
+    {
+        char *ov = NULL;
+
+        if (get_str(e, g, "over_max_rounds", 0, &ov) == 1) {
+            if (strcmp(ov, "clamp") == 0) {
+                r->over_dead_letter = 0;
+            } else if (strcmp(ov, "dead_letter") == 0) {
+                r->over_dead_letter = 1;
+            } else {
+                errf(e, config_setting_get_member(g, "over_max_rounds"), NULL,
+                     "expected \"clamp\" or \"dead_letter\"");
+            }
+        }
+        free(ov);
     }
     get_bool(e, g, "catalogue_override", &r->cat_override);
 
@@ -893,6 +969,10 @@ dconf_load(const char *path, dconf_t **out, char *err, size_t cap)
     }
     if (c->nats_name == NULL) {
         c->nats_name = strdup(DSP_PROGRAM);
+    }
+    if (c->max_held == 0) {
+        /* one slow device holds at most a quarter of the in-flight credit */
+        c->max_held = c->max_inflight / 4 > 0 ? c->max_inflight / 4 : 1;
     }
     if (c->retry_delays_ms == NULL) {
         static const int64_t d[] = { 1000, 2000, 5000, 10000 };

@@ -2,8 +2,17 @@
  * ctl.c: the operator's switches, `gift-dispatcher -c FILE ctl ...`.
  *
  *   ctl pause DEVICE          hold DEVICE's gifts (every dispatcher)
- *   ctl resume DEVICE         send them again
- *   ctl rate DEVICE N         at most N rounds per minute (0: no limit)
+ *   ctl resume DEVICE         send them again: the backlog turns
+ *   ctl resume DEVICE --drop-backlog
+ *                             ... but the gifts received before now are
+ *                             dead-lettered "dropped" instead of turning
+ *   ctl stop DEVICE           emergency stop: pause, and send DEVICE the
+ *                             method "stop" (a command it accepted may
+ *                             still be turning)
+ *   ctl stop-all              the same for every device of the rules
+ *   ctl rate DEVICE N         at most N rounds per minute (N >= 1)
+ *   ctl rate DEVICE unlimited no limit
+ *   ctl rate DEVICE stopped   nothing at all (0 is refused: say which)
  *   ctl rate DEVICE default   back to the configuration's limit
  *   ctl clear DEVICE          both back to the configuration
  *   ctl show                  the switches set in KV
@@ -16,19 +25,23 @@
  * configuration file (devices.device).  Any KV client can set them too (`nats kv put
  * GIFT_DEVICES motor_03.paused true`).
  */
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "dispatcher.h"
+#include "gift_util.h"
 
 static int
 usage(void)
 {
     fprintf(stderr,
         "usage: " DSP_PROGRAM " -c FILE ctl pause DEVICE\n"
-        "       " DSP_PROGRAM " -c FILE ctl resume DEVICE\n"
-        "       " DSP_PROGRAM " -c FILE ctl rate DEVICE ROUNDS_PER_MINUTE|default\n"
+        "       " DSP_PROGRAM " -c FILE ctl resume DEVICE [--drop-backlog]\n"
+        "       " DSP_PROGRAM " -c FILE ctl stop DEVICE\n"
+        "       " DSP_PROGRAM " -c FILE ctl stop-all\n"
+        "       " DSP_PROGRAM " -c FILE ctl rate DEVICE N|unlimited|stopped|default\n"
         "       " DSP_PROGRAM " -c FILE ctl clear DEVICE\n"
         "       " DSP_PROGRAM " -c FILE ctl show\n");
     return 2;
@@ -53,13 +66,13 @@ ctl_main(const dconf_t *c, int argc, char **argv)
     kvKeysList      keys;
     kvEntry        *e;
     natsStatus      s;
-    char            key[DSP_DEVICE_MAX + 32];
-    int             rc = 0, i;
+    char            key[DSP_DEVICE_MAX + 32], now[24];
+    int             rc = 0, i, drop = 0;
 
     if (argc < 1) {
         return usage();
     }
-    if (strcmp(argv[0], "show") != 0) {
+    if (strcmp(argv[0], "show") != 0 && strcmp(argv[0], "stop-all") != 0) {
         if (argc < 2 || !rules_device_valid(argv[1])) {
             if (argc >= 2) {
                 fprintf(stderr, DSP_PROGRAM " ctl: \"%s\" is not a device id"
@@ -67,22 +80,32 @@ ctl_main(const dconf_t *c, int argc, char **argv)
             }
             return usage();
         }
-        if ((strcmp(argv[0], "pause") == 0 || strcmp(argv[0], "resume") == 0
-             || strcmp(argv[0], "clear") == 0)
-            ? argc != 2
-            : (strcmp(argv[0], "rate") != 0 || argc != 3))
+        if (strcmp(argv[0], "resume") == 0 && argc == 3
+            && strcmp(argv[2], "--drop-backlog") == 0)
+        {
+            drop = 1;
+        } else if ((strcmp(argv[0], "pause") == 0
+                    || strcmp(argv[0], "resume") == 0
+                    || strcmp(argv[0], "stop") == 0
+                    || strcmp(argv[0], "clear") == 0)
+                   ? argc != 2
+                   : (strcmp(argv[0], "rate") != 0 || argc != 3))
         {
             return usage();
         }
-        if (strcmp(argv[0], "rate") == 0 && strcmp(argv[2], "default") != 0) {
+        if (strcmp(argv[0], "rate") == 0 && strcmp(argv[2], "default") != 0
+            && strcmp(argv[2], "unlimited") != 0
+            && strcmp(argv[2], "stopped") != 0)
+        {
             char               *end;
             unsigned long long  v = strtoull(argv[2], &end, 10);
 
             if (argv[2][0] < '0' || argv[2][0] > '9' || *end != '\0'
-                || v > DSP_ROUNDS_JSON_MAX)
+                || v > DSP_ROUNDS_JSON_MAX || v == 0)
             {
                 fprintf(stderr, DSP_PROGRAM " ctl: \"%s\" is not a number of "
-                        "rounds per minute\n", argv[2]);
+                        "rounds per minute >= 1; say \"unlimited\" or "
+                        "\"stopped\"\n", argv[2]);
                 return 2;
             }
         }
@@ -140,6 +163,55 @@ ctl_main(const dconf_t *c, int argc, char **argv)
         goto out;
     }
 
+    if (strcmp(argv[0], "stop") == 0 || strcmp(argv[0], "stop-all") == 0) {
+        const drules_t *ru = c->rules;
+        size_t          k, n = 0;
+        const char     *dev;
+
+        snprintf(now, sizeof(now), "%" PRId64, gift_now_ms());
+        /* every device the configuration names, or the one given */
+        for (k = 0; k < ru->nrule + c->ndevconf + 2; k++) {
+            if (strcmp(argv[0], "stop") == 0) {
+                dev = k == 0 ? argv[1] : NULL;
+            } else {
+                dev = k < ru->nrule ? ru->rule[k].device
+                      : k < ru->nrule + c->ndevconf
+                        ? c->devconf[k - ru->nrule].id
+                      : k == ru->nrule + c->ndevconf ? ru->default_device
+                      : NULL;
+            }
+            if (dev == NULL) {
+                continue;
+            }
+            snprintf(key, sizeof(key), "%s.paused", dev);
+            s = kvStore_PutString(NULL, kv, key, "true");
+            if (s == NATS_OK) {
+                snprintf(key, sizeof(key), "%s.stop", dev);
+                s = kvStore_PutString(NULL, kv, key, now);
+            }
+            if (s != NATS_OK) {
+                rc = fail(key, s);
+                goto out;
+            }
+            printf("%s: paused, stop sent\n", dev);
+            n++;
+        }
+        printf("%zu devices stopped; resume each with: ctl resume DEVICE "
+               "(its backlog turns) or ctl resume DEVICE --drop-backlog\n", n);
+        goto out;
+    }
+
+    if (drop) {
+        /* first the bound, then the resume: watchers apply them in order */
+        snprintf(now, sizeof(now), "%" PRId64, gift_now_ms());
+        snprintf(key, sizeof(key), "%s.drop_before", argv[1]);
+        s = kvStore_PutString(NULL, kv, key, now);
+        if (s != NATS_OK) {
+            rc = fail(key, s);
+            goto out;
+        }
+    }
+
     if (strcmp(argv[0], "rate") == 0) {
         snprintf(key, sizeof(key), "%s.rounds_per_minute", argv[1]);
         s = strcmp(argv[2], "default") == 0
@@ -164,7 +236,14 @@ ctl_main(const dconf_t *c, int argc, char **argv)
         goto out;
     }
     printf("%s: %s %s\n", argv[1], argv[0],
-           strcmp(argv[0], "rate") == 0 ? argv[2] : "");
+           strcmp(argv[0], "rate") == 0 ? argv[2]
+           : drop ? "(backlog dropped)" : "");
+    if (strcmp(argv[0], "pause") == 0) {
+        printf("resume with: ctl resume %s (its backlog turns), or ctl resume "
+               "%s --drop-backlog (gifts received until then are dead-"
+               "lettered \"dropped\"); gifts older than nats.max_gift_age "
+               "are dead-lettered \"expired\" anyway\n", argv[1], argv[1]);
+    }
 
 out:
     kvStore_Destroy(kv);

@@ -4,7 +4,9 @@
  *   delivery --decode/route--> QUEUED on its device
  *            --device slot--> SENT in an RPC (several gifts when coalesced)
  *            --reply ok-----> PUBLISHING its GiftAck --PubAck--> ack, freed
- *            --error/timeout> NakWithDelay (retry), or on the last delivery
+ *            --silent device> QUEUED again (within offline_grace_ms)
+ *            --error--------> attempt record + NakWithDelay (retry), or on
+ *                             the max_attempts-th failed attempt
  *                             PUBLISHING DLQ + GiftAck dead_letter --> ack
  *
  * A gift is acknowledged on NATS only after every publish recording its
@@ -12,13 +14,15 @@
  * nats.max_inflight, kept alive with InProgress, and released with a nak
  * when the daemon stops before its outcome is known.
  *
- * Devices: each has a FIFO queue and at most devices.max_inflight RPCs in
- * flight.  When a slot frees, the next RPC takes up to
- * devices.coalesce_max_events queued gifts (rounds summed, each listed in
- * "events"), so a busy motor gets fewer, larger commands, and every gift
- * still gets its own GiftAck.  A paused device sends nothing; a device
- * with a rate limit sends only what fits in its last minute, and is
- * kicked again when more fits (limits.c).  Waiting gifts stay held.
+ * This file is the one owner of gift state.  The devices (queues, limits,
+ * RPCs in flight) are scheduler.c's; it reports each gift of a finished
+ * RPC back here (gift_answered).  The I/O modules (nats_in.c, kv.c,
+ * mqtt_out.c) hand their results to the dispatch_*() entry points.
+ *
+ * Attempts are counted here, not by the server: an attempt record in KV
+ * GIFT_DONE ("a.<event id>": failed attempts, the device of the first
+ * attempt, parts accepted) is written before the nak of a failed attempt
+ * and read back with the completion marker when the gift comes back.
  *
  * Two detours through the KV thread (kv.c), both off the main loop:
  *   - a redelivered (or DLQ-replayed) gift first looks for its completion
@@ -38,6 +42,7 @@
 #include <unistd.h>
 
 #include "dispatcher.h"
+#include "dispatch_int.h"
 #include "gift_kvkey.h"
 #include "gift_json.h"
 #include "gift_normalize.h"
@@ -45,183 +50,16 @@
 
 #define ACK_BUF   8192      /* a packed GiftAck: strings are <= 256 bytes */
 
-/* ------------------------------------------------------------ logging */
+/* publish failures: logged at most once a second (dispatch_int.h) */
+static rlimit_t rl_pub;
 
-/*
- * Outages fail thousands of gifts at once (every GiftAck publish during a
- * NATS restart, every RPC of a dead broker): log the first of a kind, then
- * at most one line a second saying how many were not logged.
- */
-typedef struct {
-    int64_t   next_us;
-    uint64_t  quiet;
-} rlimit_t;
 
-static int
-rlimit_ok(rlimit_t *r, int64_t now, uint64_t *quiet)
-{
-    if (now < r->next_us) {
-        r->quiet++;
-        return 0;
-    }
-    *quiet = r->quiet;
-    r->quiet = 0;
-    r->next_us = now + 1000000;
-    return 1;
-}
 
-static rlimit_t rl_pub, rl_rpc;
 
-/* ------------------------------------------------------------ devices */
 
-static uint64_t
-str_hash(const char *s)
-{
-    uint64_t h = 1469598103934665603ULL;
 
-    for (; *s; s++) {
-        h = (h ^ (unsigned char) *s) * 1099511628211ULL;
-    }
-    return h;
-}
 
-static ddevice_t *
-device_find(dsp_t *d, const char *name, size_t *slot)
-{
-    size_t mask = d->devcap - 1, i;
 
-    for (i = str_hash(name) & mask; d->dev[i] != NULL; i = (i + 1) & mask) {
-        if (strcmp(d->dev[i]->name, name) == 0) {
-            return d->dev[i];
-        }
-    }
-    *slot = i;
-    return NULL;
-}
-
-/* The effective switches: KV GIFT_DEVICES over devices.device over the
- * devices defaults. */
-static void
-device_limits(dsp_t *d, ddevice_t *dev)
-{
-    const dconf_t *c = d->conf;
-    size_t         i;
-    int            paused = 0;
-    int64_t        rpm = -1;
-
-    for (i = 0; i < c->ndevconf; i++) {
-        if (strcmp(c->devconf[i].id, dev->name) == 0) {
-            paused = c->devconf[i].paused;
-            rpm = c->devconf[i].rounds_per_minute;
-            break;
-        }
-    }
-    if (rpm < 0) {
-        rpm = (int64_t) c->rounds_per_minute;
-    }
-    if (dev->kv_paused >= 0) {
-        paused = dev->kv_paused;
-    }
-    if (dev->kv_rpm >= 0) {
-        rpm = dev->kv_rpm;
-    }
-    if (paused != dev->paused || (uint64_t) rpm != dev->rpm) {
-        gift_log(GIFT_LOG_INFO, "device %s: %s, %s%" PRId64 " rounds per "
-                 "minute", dev->name, paused ? "paused" : "running",
-                 rpm ? "" : "no limit: ", rpm);
-    }
-    dev->paused = paused;
-    dev->rpm = (uint64_t) rpm;
-}
-
-/* The device named `name`, created on first use (never removed: the set of
- * names is bounded by the rules ever loaded). */
-static ddevice_t *
-device_get(dsp_t *d, const char *name)
-{
-    ddevice_t *dev;
-    size_t     slot, i;
-
-    if ((dev = device_find(d, name, &slot)) != NULL) {
-        return dev;
-    }
-    if ((d->ndev + 1) * 2 > d->devcap) {
-        ddevice_t **old = d->dev;
-        size_t      oldcap = d->devcap;
-
-        d->dev = calloc(oldcap * 2, sizeof(ddevice_t *));
-        if (d->dev == NULL) {
-            d->dev = old;
-            return NULL;
-        }
-        d->devcap = oldcap * 2;
-        for (i = 0; i < oldcap; i++) {
-            if (old[i] != NULL) {
-                device_find(d, old[i]->name, &slot);
-                d->dev[slot] = old[i];
-            }
-        }
-        free(old);
-        device_find(d, name, &slot);
-    }
-    dev = calloc(1, sizeof(*dev));
-    if (dev == NULL || (dev->name = strdup(name)) == NULL) {
-        free(dev);
-        return NULL;
-    }
-    dev->kv_paused = -1;
-    dev->kv_rpm = -1;
-    device_limits(d, dev);
-    d->dev[slot] = dev;
-    d->ndev++;
-    return dev;
-}
-
-static void
-queue_push_tail(ddevice_t *dev, dgift_t *g)
-{
-    g->qnext = NULL;
-    g->qprev = dev->qtail;
-    if (dev->qtail) {
-        dev->qtail->qnext = g;
-    } else {
-        dev->qhead = g;
-    }
-    dev->qtail = g;
-    dev->queued++;
-}
-
-static void
-queue_push_head(ddevice_t *dev, dgift_t *g)
-{
-    g->qprev = NULL;
-    g->qnext = dev->qhead;
-    if (dev->qhead) {
-        dev->qhead->qprev = g;
-    } else {
-        dev->qtail = g;
-    }
-    dev->qhead = g;
-    dev->queued++;
-}
-
-static dgift_t *
-queue_pop(ddevice_t *dev)
-{
-    dgift_t *g = dev->qhead;
-
-    if (g != NULL) {
-        dev->qhead = g->qnext;
-        if (dev->qhead) {
-            dev->qhead->qprev = NULL;
-        } else {
-            dev->qtail = NULL;
-        }
-        g->qnext = g->qprev = NULL;
-        dev->queued--;
-    }
-    return g;
-}
 
 /* ------------------------------------------------------------ gift memory */
 
@@ -310,6 +148,9 @@ held_touch(dsp_t *d, dgift_t *g, int64_t now)
 static void
 gift_free(dsp_t *d, dgift_t *g)
 {
+    if (g->dev != NULL && g->dev_counted) {
+        g->dev->held--;
+    }
     held_unlink(d, g);
     dmap_del(&d->by_seq, g->seq);
     d->nheld--;
@@ -321,7 +162,7 @@ gift_free(dsp_t *d, dgift_t *g)
     d->credit_back++;
 }
 
-static const char *
+const char *
 event_id(const dgift_t *g)
 {
     return g->ev && g->ev->event_id ? g->ev->event_id : "";
@@ -397,7 +238,7 @@ gift_ack_and_free(dsp_t *d, dgift_t *g)
     gift_free(d, g);
 }
 
-static void
+void
 gift_release(dsp_t *d, dgift_t *g, int64_t delay_ms)
 {
     natsStatus s;
@@ -424,7 +265,12 @@ ack_fill(const dgift_t *g, Gift__V1__GiftAck *a)
     a->event_id = (char *) event_id(g);
     a->device_id = g->dev ? g->dev->name : (char *) DSP_NO_DEVICE;
     a->rounds = g->rounds;
-    a->attempts = (uint32_t) g->delivered;
+    a->rounds_requested = g->rounds_req > g->rounds ? g->rounds_req
+                                                    : g->rounds;
+    a->capped = g->capped;
+    a->parts = g->parts_done;
+    /* device attempts: those failed before this delivery, and this one */
+    a->attempts = g->failures + 1;
     a->completed_at_ms = gift_now_ms();
     a->diamond = g->diamond;
     if (e != NULL) {
@@ -529,7 +375,7 @@ gift_ok(dsp_t *d, dgift_t *g, int64_t latency_us)
  * and the delivery count in headers, and a GiftAck with status
  * dead_letter; the delivery is acked once both are stored.
  */
-static void
+void
 gift_dead_letter(dsp_t *d, dgift_t *g, const char *reason,
     const char *detail)
 {
@@ -572,251 +418,113 @@ gift_dead_letter(dsp_t *d, dgift_t *g, const char *reason,
     }
 }
 
-/* The device did not confirm: retry later, or dead-letter the last try
- * (the server never redelivers past MaxDeliver). */
+/*
+ * The attempt record of g, key "a.<stem>" in GIFT_DONE: "v1 <failed
+ * device attempts> <device> <parts confirmed> <their rounds>".  Written
+ * before the nak of a failed attempt and after each confirmed part of a
+ * split gift, as a core publish on the connection that then naks (so the
+ * server has it before the redelivery); read back by the KV thread when
+ * the gift comes back (dispatch_kv).  It is what counts attempts: the
+ * server's delivery count also counts releases at stops and crashes, and
+ * the consumer redelivers without limit (MaxDeliver -1).
+ */
+static void
+attempt_record(dsp_t *d, dgift_t *g, uint32_t failures)
+{
+    char   subj[sizeof("$KV." GIFT_KV_DONE ".a.")
+                + GIFT_KVKEY_SIZE(2 * GIFT_ID_MAX + 64)];
+    char   stem[2 * GIFT_ID_MAX + 64], val[128];
+    int    n, len;
+
+    msg_id_stem(g, stem, sizeof(stem));
+    n = snprintf(subj, sizeof(subj), "$KV." GIFT_KV_DONE ".a.");
+    if (gift_kvkey_encode(stem, subj + n, sizeof(subj) - (size_t) n) <= 0) {
+        return;
+    }
+    len = snprintf(val, sizeof(val), "v1 %" PRIu32 " %s %" PRIu32 " %"
+                   PRIu64, failures, g->dev ? g->dev->name : DSP_NO_DEVICE,
+                   g->parts_done, g->rounds_done);
+    nats_in_publish_core(d, subj, val, (size_t) len);
+}
+
+/* The device did not confirm: retry later (its attempt recorded first),
+ * or dead-letter the max_attempts-th failed attempt. */
 static void
 gift_fail(dsp_t *d, dgift_t *g, const char *reason, const char *detail)
 {
     const dconf_t *c = d->conf;
     int64_t        delay;
 
-    if (g->delivered >= (uint64_t) d->nats.max_deliver) {
+    if (g->failures + 1 >= (uint32_t) c->max_attempts) {
         gift_dead_letter(d, g, reason, detail);
         return;
     }
+    attempt_record(d, g, g->failures + 1);
     delay = retry_delay_ms(c->retry_delays_ms, c->nretry_delays,
-                           g->delivered);
+                           g->failures + 1);
     gift_log(GIFT_LOG_DEBUG, "event %s device %s: %s%s%s; retry %" PRIu64
              " in %" PRId64 " ms", event_id(g), g->dev->name, reason,
-             detail ? ": " : "", detail ? detail : "", g->delivered + 1,
-             delay);
+             detail ? ": " : "", detail ? detail : "",
+             (uint64_t) g->failures + 2, delay);
     STAT_ADD(d, retried, 1);
     gift_release(d, g, delay);
 }
 
-/* ------------------------------------------------------------ RPCs */
 
-static void
-rpc_link(dsp_t *d, drpc_t *r)
-{
-    /* one timeout for all: appending keeps the list sorted by deadline */
-    r->tnext = NULL;
-    r->tprev = d->rpcs_tail;
-    if (d->rpcs_tail) {
-        d->rpcs_tail->tnext = r;
-    } else {
-        d->rpcs = r;
-    }
-    d->rpcs_tail = r;
-}
 
-static void
-rpc_unlink(dsp_t *d, drpc_t *r)
-{
-    if (r->tprev) {
-        r->tprev->tnext = r->tnext;
-    } else {
-        d->rpcs = r->tnext;
-    }
-    if (r->tnext) {
-        r->tnext->tprev = r->tprev;
-    } else {
-        d->rpcs_tail = r->tprev;
-    }
-}
 
-/* A rate-limited device: kick it again at `when`. */
-static void
-device_wait(dsp_t *d, ddevice_t *dev, int64_t when)
-{
-    if (dev->wake_us == 0) {
-        d->nwaiting++;
-        STAT_ADD(d, rate_waits, 1);
-    }
-    dev->wake_us = when;
-    if (d->wake_min_us == 0 || when < d->wake_min_us) {
-        d->wake_min_us = when;
-    }
-}
+
+
+
+
+
+
+
+
 
 /*
- * Send what the device's slots allow, coalescing queued gifts: up to
- * coalesce_max_events gifts and coalesce_max_rounds rounds per RPC (a
- * single bigger gift goes alone), and with a rate limit only what fits in
- * the device's last minute (a single gift above the limit goes alone
- * when the minute is empty).  Paused: nothing.
+ * What an RPC's end means for one of its gifts (scheduler.c reports it):
+ * ok -- done, or the next part of a split gift; a silent device within its
+ * grace -- back in the queue, no attempt spent; otherwise a failed attempt.
+ * Returns 1 when g goes back to the head of its device's queue (only when
+ * `room`).
  */
-static void
-device_kick(dsp_t *d, ddevice_t *dev)
+int
+gift_answered(dsp_t *d, dgift_t *g, const drpc_t *r, drpc_reply_rc rc,
+    const char *why, int64_t lat, int offline, int room)
 {
-    const dconf_t *c = d->conf;
-    drpc_t        *r;
-    dgift_t       *g, *last;
-    int64_t        now;
-    uint64_t       room = UINT64_MAX, sent;
-    size_t         bytes;
-
-    while (dev->qhead != NULL && dev->inflight < c->dev_max_inflight
-           && d->mqtt.ready && !dev->paused)
-    {
-        now = gift_mono_us();
-        if (dev->rpm > 0) {
-            if (!rate_fits(&dev->rate, dev->rpm, now, dev->qhead->rounds)) {
-                device_wait(d, dev, rate_next(&dev->rate, dev->rpm, now,
-                                              dev->qhead->rounds));
-                return;
-            }
-            sent = rate_sum(&dev->rate, now);
-            room = sent < dev->rpm ? dev->rpm - sent : 0;
+    if (rc == RPC_REPLY_OK && r->part > 0) {
+        /* one part of a split gift accepted */
+        g->parts_done = r->part;
+        g->rounds_done += r->rounds;
+        if (gift_left(g) > 0 && !d->stopping && room) {
+            attempt_record(d, g, g->failures);
+            g->state = GIFT_QUEUED;
+            return 1;
         }
-        r = calloc(1, sizeof(*r));
-        if (r == NULL) {
-            return;
+        if (gift_left(g) > 0) {
+            attempt_record(d, g, g->failures);
+            gift_release(d, g, 0);
+            STAT_ADD(d, released, 1);
+            return 0;
         }
-        r->dev = dev;
-        r->n = rpc_ids_next(&d->mqtt.ids);
-        last = NULL;
-        /* split before mqtt.max_payload (ThingsBoard closes the
-         * connection of a bigger PUBLISH) */
-        bytes = rpc_payload_max(c->mqtt_method, dev->name, NULL, 0);
-        while (dev->qhead != NULL
-               && coalesce_more(r->ngifts, r->rounds, dev->qhead->rounds,
-                                (size_t) c->coalesce_max_events,
-                                c->coalesce_max_rounds, room)
-               && (r->ngifts == 0
-                   || bytes + rpc_event_bytes(dev->qhead->ev->event_id)
-                      <= (size_t) c->mqtt_max_payload))
-        {
-            bytes += rpc_event_bytes(dev->qhead->ev->event_id);
-            g = queue_pop(dev);
-            g->state = GIFT_SENT;
-            g->rpc = r;
-            if (last) {
-                last->qnext = g;
-            } else {
-                r->gifts = g;
-            }
-            last = g;
-            r->rounds += g->rounds;
-            r->ngifts++;
-        }
-        if (mqtt_out_send(d, r) != 0) {
-            /* not connected after all: put them back, in order */
-            dgift_t *rev[1024];
-            size_t   k = 0;
-
-            for (g = r->gifts; g != NULL && k < 1024; g = g->qnext) {
-                rev[k++] = g;
-            }
-            while (k-- > 0) {
-                rev[k]->state = GIFT_QUEUED;
-                rev[k]->rpc = NULL;
-                queue_push_head(dev, rev[k]);
-            }
-            free(r);
-            return;
-        }
-        if (dev->rpm > 0 && rate_add(&dev->rate, now, r->rounds) != 0) {
-            gift_log(GIFT_LOG_ERR, "out of memory recording %s's rate",
-                     dev->name);
-        }
-        r->sent_us = now;
-        r->deadline_us = now + (int64_t) c->rpc_timeout_ms * 1000;
-        if (dmap_put(&d->by_rpc, r->n, r) != 0) {
-            gift_log(GIFT_LOG_ERR, "out of memory tracking an RPC");
-        }
-        rpc_link(d, r);
-        dev->inflight++;
-        dev->rpcs++;
-        STAT_ADD(d, rpcs_sent, 1);
-        if (r->ngifts > 1) {
-            STAT_ADD(d, coalesced, r->ngifts);
-        }
-    }
-}
-
-/* The RPC latency histogram (cumulative buckets, as Prometheus wants). */
-static void
-lat_observe(dsp_t *d, int64_t us)
-{
-    static const int64_t le[DSP_NLAT_BUCKETS] = DSP_LAT_BUCKETS;
-    int                  i;
-
-    for (i = DSP_NLAT_BUCKETS - 1; i >= 0 && us <= le[i] * 1000; i--) {
-        STAT_ADD(d, rpc_lat_le[i], 1);
-    }
-    STAT_ADD(d, rpc_lat_count, 1);
-    STAT_ADD(d, rpc_lat_sum_us, (uint64_t) (us > 0 ? us : 0));
-}
-
-/* An RPC is over (reply or timeout): free its slot, settle its gifts. */
-static void
-rpc_finish(dsp_t *d, drpc_t *r, drpc_reply_rc rc, const char *why)
-{
-    ddevice_t *dev = r->dev;
-    dgift_t   *g, *next;
-    int64_t    lat = gift_mono_us() - r->sent_us;
-
-    rpc_unlink(d, r);
-    dev->inflight--;
-    if (rc == RPC_REPLY_OK || why != NULL) {
-        lat_observe(d, lat);             /* answered: not a timeout */
-    }
-    for (g = r->gifts; g != NULL; g = next) {
-        next = g->qnext;
-        g->qnext = NULL;
-        if (rc == RPC_REPLY_OK) {
-            gift_ok(d, g, lat);
-        } else {
-            gift_fail(d, g, why == NULL ? "timeout" : rpc_error_reason(why),
-                      why);
-        }
-    }
-    free(r);
-    if (!d->stopping) {
-        device_kick(d, dev);
-    }
-}
-
-void
-dispatch_reply(dsp_t *d, uint64_t n, const char *payload, size_t len)
-{
-    drpc_t        *r = dmap_del(&d->by_rpc, n);
-    drpc_reply_rc  rc;
-    char           err[160];
-    uint64_t       quiet;
-
-    if (r == NULL) {
-        STAT_ADD(d, replies_unknown, 1);
-        gift_log(GIFT_LOG_DEBUG, "reply %" PRIu64 " is not ours (another "
-                 "instance, or timed out)", n);
-        return;
-    }
-    rc = rpc_reply_parse(payload, len, err, sizeof(err));
-    if (rc == RPC_REPLY_OK) {
-        STAT_ADD(d, rpc_ok, 1);
-        rpc_finish(d, r, rc, NULL);
+        gift_ok(d, g, lat);
+    } else if (rc == RPC_REPLY_OK) {
+        g->rounds_done = g->rounds;
+        gift_ok(d, g, lat);
+    } else if (offline && d->stopping) {
+        gift_release(d, g, 0);              /* no attempt spent either */
+        STAT_ADD(d, released, 1);
+    } else if (offline && room) {
+        /* like a paused device: it waits, no attempt spent */
+        g->state = GIFT_QUEUED;
+        STAT_ADD(d, offline_requeued, 1);
+        return 1;
     } else {
-        STAT_ADD(d, rpc_errors, 1);
-        if (rlimit_ok(&rl_rpc, gift_mono_us(), &quiet)) {
-            gift_log(GIFT_LOG_WARN, "device %s: RPC %" PRIu64 " failed: %s "
-                     "(%" PRIu64 " more RPC failures not logged)",
-                     r->dev->name, n, err, quiet);
-        }
-        rpc_finish(d, r, rc, err);
+        gift_fail(d, g, why == NULL ? "timeout" : rpc_error_reason(why),
+                  why);
     }
-}
-
-void
-dispatch_kick_all(dsp_t *d)
-{
-    size_t i;
-
-    for (i = 0; i < d->devcap; i++) {
-        if (d->dev[i] != NULL && d->dev[i]->qhead != NULL) {
-            device_kick(d, d->dev[i]);
-        }
-    }
+    return 0;
 }
 
 /* ------------------------------------------------------------ deliveries */
@@ -835,6 +543,60 @@ done_check_needed(dgift_t *g)
     g->replay = natsMsgHeader_Get(g->msg, "Nats-Msg-Id", &id) == NATS_OK
                 && id != NULL && strstr(id, ":replay:") != NULL;
     return g->delivered > 1 || g->replay;
+}
+
+/* Past max_gift_age (by nginx's clock, else the sender's)? */
+static int
+gift_expired(const dsp_t *d, const dgift_t *g)
+{
+    return g->received_ms > 0
+           && gift_now_ms() - g->received_ms > d->conf->max_gift_age_s * 1000;
+}
+
+/* The per-gift limit (rules.max_rounds): above it a gift is clamped, or
+ * dead-lettered "overflow" with over_max_rounds = "dead_letter".  0, or
+ * -1 when g was finished. */
+static int
+gift_limit(dsp_t *d, dgift_t *g, uint64_t rounds)
+{
+    const drules_t *ru = d->conf->rules;
+    uint64_t        max = ru->max_rounds ? ru->max_rounds : DSP_ROUNDS_JSON_MAX;
+    char            why[96];
+
+    g->rounds_req = rounds;
+    g->rounds = rounds;
+    if (rounds <= max) {
+        return 0;
+    }
+    if (ru->over_dead_letter) {
+        snprintf(why, sizeof(why), "%" PRIu64 " rounds above max_rounds %"
+                 PRIu64, rounds, max);
+        gift_dead_letter(d, g, "overflow", why);
+        return -1;
+    }
+    gift_log(GIFT_LOG_WARN, "event %s: %" PRIu64 " rounds clamped to "
+             "max_rounds %" PRIu64, event_id(g), rounds, max);
+    g->rounds = max;
+    g->capped = 1;
+    STAT_ADD(d, capped, 1);
+    return 0;
+}
+
+/* Does the device the rules give g hold its share already? */
+static int
+gift_device_busy(dsp_t *d, const dgift_t *g)
+{
+    const Gift__V1__GiftEvent *e = g->ev;
+    droute_t                   rt;
+    ddevice_t                 *dev;
+
+    if (rules_route(d->conf->rules, e->platform, e->room_id, e->gift_id,
+                    e->gift_name, e->diamond, 1, &rt) == ROUTE_NO_DEVICE)
+    {
+        return 0;
+    }
+    dev = device_get(d, rt.device);
+    return dev != NULL && dev->held >= (size_t) d->conf->max_held;
 }
 
 /* Queue a routed gift for its device, or finish it when it has nothing
@@ -876,10 +638,41 @@ gift_route(dsp_t *d, dgift_t *g)
 
     /* a frame's own quantity is a running total: route it as 1 (the
      * overflow check of what it adds comes with its increment) */
+    if (gift_expired(d, g)) {
+        STAT_ADD(d, expired, 1);
+        gift_dead_letter(d, g, "expired", NULL);
+        return;
+    }
+    /* anything that can publish to NATS reaches us: the webhook's ranges
+     * again */
+    if (e->diamond > GIFT_DIAMOND_MAX || e->quantity > GIFT_QUANTITY_MAX
+        || e->quantity == 0)
+    {
+        gift_dead_letter(d, g, "invalid", "diamond or quantity out of range");
+        return;
+    }
     rc = rules_route(d->conf->rules, e->platform, e->room_id, e->gift_id,
                      e->gift_name, e->diamond, streak ? 1 : e->quantity, &rt);
     g->diamond = rt.diamond;
     g->multiplier = rt.multiplier;
+    if (g->first_dev[0] != '\0' && rc != ROUTE_NO_DEVICE
+        && strcmp(g->first_dev, rt.device) != 0)
+    {
+        /* a retry goes where its first attempt went, whatever a reload
+         * changed meanwhile (the device may have turned for it) */
+        gift_log(GIFT_LOG_INFO, "event %s: retried on %s, its first "
+                 "device (the rules now say %s)", e->event_id, g->first_dev,
+                 rt.device);
+        rt.device = g->first_dev;
+    } else if (g->first_dev[0] != '\0' && rc == ROUTE_NO_DEVICE) {
+        rt.device = g->first_dev;
+        rc = ROUTE_OK;
+        if (rules_rounds_raw(g->diamond, streak ? 1 : e->quantity,
+                             g->multiplier, &rt.rounds) != 0)
+        {
+            rc = ROUTE_OVERFLOW;
+        }
+    }
     if (rc == ROUTE_NO_DEVICE) {
         gift_dead_letter(d, g, "no_route", e->gift_name);
         return;
@@ -889,12 +682,34 @@ gift_route(dsp_t *d, dgift_t *g)
         gift_release(d, g, 1000);
         return;
     }
-    if (rc == ROUTE_OVERFLOW) {
+    if (g->dev->held >= (size_t) d->conf->max_held) {
+        /* one device (paused, offline, slow) holds at most its share of
+         * nats.max_inflight: the others keep theirs.  Back later; no
+         * attempt spent. */
+        STAT_ADD(d, busy_released, 1);
+        gift_release(d, g, d->conf->busy_retry_ms);
+        return;
+    }
+    g->dev->held++;
+    g->dev_counted = 1;
+    if (g->dev->drop_before_ms > 0 && g->received_ms <= g->dev->drop_before_ms)
+    {
+        gift_dead_letter(d, g, "dropped", "the backlog of a paused device, "
+                         "dropped by the operator at resume");
+        return;
+    }
+    if (rc == ROUTE_OVERFLOW
+        && rules_rounds_raw(g->diamond, streak ? 1 : e->quantity,
+                            g->multiplier, &rt.rounds) != 0)
+    {
+        /* beyond 2^53 (or 64 bits): not a number of rounds at all */
         gift_dead_letter(d, g, "overflow", NULL);
         return;
     }
     if (!streak) {
-        g->rounds = rt.rounds;
+        if (gift_limit(d, g, rt.rounds) != 0) {
+            return;
+        }
         gift_queue(d, g);
         return;
     }
@@ -906,6 +721,10 @@ gift_route(dsp_t *d, dgift_t *g)
         return;
     }
     j->count = e->streak_count ? e->streak_count : e->quantity;
+    j->again = g->delivered > 1 || g->replay;
+    j->end = e->streak_end;
+    n = strlen(e->streak_id);
+    j->nogroup = n >= 2 && strcmp(e->streak_id + n - 2, ":0") == 0;
     j->eh = streak_event_hash(e->event_id);
     n = GIFT_KVKEY_SIZE(strlen(e->streak_id)) + 2;
     j->key = malloc(n);
@@ -1001,6 +820,14 @@ dispatch_kv(dsp_t *d, dkvjob_t *j)
         return;
     }
     if (j->kind == KVJ_DONE) {
+        if (j->afound) {
+            g->failures = j->afail;
+            g->parts_done = j->aparts;
+            g->rounds_done = j->arounds;
+            if (rules_device_valid(j->adev)) {
+                memcpy(g->first_dev, j->adev, sizeof(g->first_dev));
+            }
+        }
         if (j->found && j->val == NULL) {
             /* the probe found its GiftAck in GIFT_ACKS: done */
             gift_log(GIFT_LOG_INFO, "event %s (seq %" PRIu64 ", delivery %"
@@ -1021,6 +848,12 @@ dispatch_kv(dsp_t *d, dkvjob_t *j)
 
     /* a streak frame: what it adds */
     STAT_ADD(d, streak_conflicts, (uint64_t) j->conflicts);
+    if (j->expired) {
+        kv_job_free(j);
+        gift_dead_letter(d, g, "streak_expired", "no state for its streak "
+                         "on a redelivery or replay: not counted from 0");
+        return;
+    }
     switch (j->how) {
     case STREAK_NEW:
         STAT_ADD(d, streak_new, 1);
@@ -1038,13 +871,15 @@ dispatch_kv(dsp_t *d, dkvjob_t *j)
              j->how == STREAK_NEW ? "new" : j->how == STREAK_KNOWN
              ? "claimed before" : "nothing new");
     kv_job_free(j);
-    if (rules_rounds(d->conf->rules, g->diamond, g->streak_inc,
-                     g->multiplier, &rounds) != 0)
+    if (rules_rounds_raw(g->diamond, g->streak_inc, g->multiplier, &rounds)
+        != 0)
     {
         gift_dead_letter(d, g, "overflow", NULL);
         return;
     }
-    g->rounds = rounds;
+    if (gift_limit(d, g, rounds) != 0) {
+        return;
+    }
     gift_queue(d, g);
 }
 
@@ -1108,7 +943,17 @@ dispatch_msg(dsp_t *d, natsMsg *m)
         gift_dead_letter(d, g, "undecodable", NULL);
         return;
     }
+    g->received_ms = e->received_at_ms > 0 ? e->received_at_ms
+                                           : e->occurred_at_ms;
 
+    if (done_check_needed(g) && gift_device_busy(d, g)) {
+        /* a busy device's surplus coming back: released again before it
+         * costs a KV lookup (the rules' device; the exact one, which may
+         * be the recorded first device, is checked when it is routed) */
+        STAT_ADD(d, busy_released, 1);
+        gift_release(d, g, d->conf->busy_retry_ms);
+        return;
+    }
     if (done_check_needed(g)) {
         /* did an earlier delivery complete?  (a crash between the
          * device's answer and the ack) */
@@ -1119,6 +964,20 @@ dispatch_msg(dsp_t *d, natsMsg *m)
             msg_id_stem(g, stem, sizeof(stem) - 4);
             strcat(stem, ":ack");
             j->probe_id = strdup(stem);
+        }
+        if (j != NULL) {
+            char   stem[2 * GIFT_ID_MAX + 64];
+            size_t n;
+
+            msg_id_stem(g, stem, sizeof(stem));
+            n = GIFT_KVKEY_SIZE(strlen(stem)) + 2;
+            if ((j->akey = malloc(n)) != NULL) {
+                memcpy(j->akey, "a.", 2);
+                if (gift_kvkey_encode(stem, j->akey + 2, n - 2) <= 0) {
+                    free(j->akey);
+                    j->akey = NULL;
+                }
+            }
         }
         if (j != NULL
             && (d->conf->done_markers
@@ -1221,27 +1080,11 @@ dispatch_timers(dsp_t *d, int64_t now)
 {
     int64_t   next = now + 1000000;
     int64_t   every;
-    drpc_t   *r;
     dretry_t *t;
     dgift_t  *g;
     size_t    k;
-    uint64_t  quiet;
 
-    /* RPCs past their deadline */
-    while ((r = d->rpcs) != NULL && r->deadline_us <= now) {
-        dmap_del(&d->by_rpc, r->n);
-        STAT_ADD(d, rpc_timeouts, 1);
-        if (rlimit_ok(&rl_rpc, now, &quiet)) {
-            gift_log(GIFT_LOG_WARN, "device %s: RPC %" PRIu64 " (%zu gifts) "
-                     "timed out after %d ms (%" PRIu64 " more RPC failures "
-                     "not logged)", r->dev->name, r->n, r->ngifts,
-                     d->conf->rpc_timeout_ms, quiet);
-        }
-        rpc_finish(d, r, RPC_REPLY_MALFORMED, NULL);
-    }
-    if (d->rpcs != NULL && d->rpcs->deadline_us < next) {
-        next = d->rpcs->deadline_us;
-    }
+    next = sched_timers(d, now, next);
 
     /* publishes to send again */
     while ((t = d->retries) != NULL && t->due_us <= now) {
@@ -1263,31 +1106,6 @@ dispatch_timers(dsp_t *d, int64_t now)
         next = d->retries->due_us;
     }
 
-    /* rate-limited devices whose minute has room again */
-    if (d->nwaiting > 0 && now >= d->wake_min_us) {
-        size_t     i;
-        ddevice_t *dev;
-
-        d->wake_min_us = 0;
-        for (i = 0; i < d->devcap; i++) {
-            dev = d->dev[i];
-            if (dev == NULL || dev->wake_us == 0) {
-                continue;
-            }
-            if (dev->wake_us <= now) {
-                dev->wake_us = 0;
-                d->nwaiting--;
-                if (!d->stopping) {
-                    device_kick(d, dev);      /* may wait again */
-                }
-            } else if (d->wake_min_us == 0 || dev->wake_us < d->wake_min_us) {
-                d->wake_min_us = dev->wake_us;
-            }
-        }
-    }
-    if (d->nwaiting > 0 && d->wake_min_us < next) {
-        next = d->wake_min_us;
-    }
     STAT_SET(d, held, d->nheld);
     STAT_SET(d, mqtt_up, (uint64_t) d->mqtt.ready);
 
@@ -1300,6 +1118,20 @@ dispatch_timers(dsp_t *d, int64_t now)
     for (k = d->nheld; k > 0 && (g = d->held) != NULL
          && now - g->touched_us >= every; k--)
     {
+        if (g->state == GIFT_QUEUED && g->msg != NULL && !d->stopping
+            && gift_expired(d, g))
+        {
+            /* waited past max_gift_age (a paused or offline device): the
+             * stream it belonged to is over */
+            queue_unlink(g->dev, g);
+            STAT_ADD(d, expired, 1);
+            gift_dead_letter(d, g, "expired", "waited past max_gift_age");
+            if (dmap_get(&d->by_seq, g->seq) != g) {
+                continue;                   /* freed already */
+            }
+            held_touch(d, g, now);
+            continue;
+        }
         if (g->msg != NULL) {
             natsMsg_InProgress(g->msg, NULL);
         }
@@ -1395,118 +1227,9 @@ dispatch_log_stats(const dsp_t *d)
              d->ndev);
 }
 
-/* ------------------------------------------------------------ switches */
 
-void
-dispatch_ctl(dsp_t *d, dctl_t *c)
-{
-    ddevice_t *dev = device_get(d, c->device);
 
-    if (dev != NULL) {
-        if (c->what == CTL_PAUSED) {
-            dev->kv_paused = (int) c->value;
-        } else {
-            dev->kv_rpm = c->value;
-        }
-        device_limits(d, dev);
-        if (dev->wake_us != 0) {            /* the limit may have changed */
-            dev->wake_us = 0;
-            d->nwaiting--;
-        }
-        if (!d->stopping) {
-            device_kick(d, dev);
-        }
-    }
-    free(c);
-}
 
-void
-dispatch_limits_reload(dsp_t *d)
-{
-    const drules_t *ru = d->conf->rules;
-    size_t          i;
-
-    /* every device the configuration names exists from now on (limits
-     * and /metrics show it before its first gift) */
-    for (i = 0; i < d->conf->ndevconf; i++) {
-        device_get(d, d->conf->devconf[i].id);
-    }
-    for (i = 0; i < ru->nrule; i++) {
-        device_get(d, ru->rule[i].device);
-    }
-    if (ru->default_device != NULL) {
-        device_get(d, ru->default_device);
-    }
-    for (i = 0; i < d->devcap; i++) {
-        if (d->dev[i] != NULL) {
-            device_limits(d, d->dev[i]);
-            if (d->dev[i]->wake_us != 0) {
-                d->dev[i]->wake_us = 0;
-                d->nwaiting--;
-            }
-        }
-    }
-    if (!d->stopping) {
-        dispatch_kick_all(d);
-    }
-}
-
-size_t
-dispatch_device_metrics(const dsp_t *d, char *buf, size_t cap)
-{
-    static const char *const head =
-        "# HELP gift_dispatcher_device_inflight RPCs in flight per device.\n"
-        "# TYPE gift_dispatcher_device_inflight gauge\n"
-        "# HELP gift_dispatcher_device_queued Gifts waiting for the device.\n"
-        "# TYPE gift_dispatcher_device_queued gauge\n"
-        "# HELP gift_dispatcher_device_paused 1 when the device is paused.\n"
-        "# TYPE gift_dispatcher_device_paused gauge\n"
-        "# HELP gift_dispatcher_device_rate_limit Rounds per minute allowed "
-        "(0: no limit).\n"
-        "# TYPE gift_dispatcher_device_rate_limit gauge\n"
-        "# HELP gift_dispatcher_device_rpcs_total RPCs sent per device.\n"
-        "# TYPE gift_dispatcher_device_rpcs_total counter\n"
-        "# HELP gift_dispatcher_device_rounds_total Rounds the device "
-        "confirmed.\n"
-        "# TYPE gift_dispatcher_device_rounds_total counter\n";
-    size_t           o, i, k;
-    int              w;
-    const ddevice_t *dev;
-    const char      *names[6] = { "inflight", "queued", "paused",
-                                  "rate_limit", "rpcs_total",
-                                  "rounds_total" };
-
-    w = snprintf(buf, cap, "%s", head);
-    if (w < 0 || (size_t) w >= cap) {
-        return 0;
-    }
-    o = (size_t) w;
-    for (k = 0; k < 6; k++) {
-        for (i = 0; i < d->devcap; i++) {
-            uint64_t v;
-
-            if ((dev = d->dev[i]) == NULL) {
-                continue;
-            }
-            switch (k) {
-            case 0: v = (uint64_t) dev->inflight; break;
-            case 1: v = dev->queued; break;
-            case 2: v = (uint64_t) dev->paused; break;
-            case 3: v = dev->rpm; break;
-            case 4: v = dev->rpcs; break;
-            default: v = dev->rounds_ok; break;
-            }
-            w = snprintf(buf + o, cap - o, "gift_dispatcher_device_%s"
-                         "{device=\"%s\"} %" PRIu64 "\n", names[k],
-                         dev->name, v);
-            if (w < 0 || (size_t) w >= cap - o) {
-                return o;
-            }
-            o += (size_t) w;
-        }
-    }
-    return o;
-}
 
 /* ------------------------------------------------------------ lifetime */
 
@@ -1518,7 +1241,8 @@ dispatch_init(dsp_t *d)
     if (d->dev == NULL
         || dmap_init(&d->by_seq, (size_t) d->conf->max_inflight) != 0
         || dmap_init(&d->by_rpc, 1024) != 0
-        || dmap_init(&d->by_pub, (size_t) d->conf->max_inflight) != 0)
+        || dmap_init(&d->by_pub, (size_t) d->conf->max_inflight) != 0
+        || dmap_init(&d->quarantine, 1024) != 0)
     {
         return -1;
     }
@@ -1563,4 +1287,7 @@ dispatch_destroy(dsp_t *d)
     dmap_free(&d->by_seq);
     dmap_free(&d->by_rpc);
     dmap_free(&d->by_pub);
+    dmap_free(&d->quarantine);
+    free(d->quar);
+    d->quar = NULL;
 }

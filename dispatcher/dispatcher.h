@@ -39,8 +39,18 @@
 #define DSP_PROGRAM        "gift-dispatcher"
 #define DSP_DEVICE_MAX     64     /* device ids: [A-Za-z0-9_-]{1,64} */
 #define DSP_NO_DEVICE      "_none" /* gift.acks.<device> for unroutable gifts */
+#define GIFT_PART_ID_MAX   160     /* "<event id (128)>#<k>" + NUL */
 
 /* ------------------------------------------------------------------ rules */
+
+/* rounds_per_minute = "stopped" (0 is refused: it used to mean no limit) */
+#define DSP_RPM_STOPPED    UINT64_MAX
+
+/* Motor safety by default (the example config says the same): rounds per
+ * gift, per command, per device per minute. */
+#define DSP_DEF_GIFT_ROUNDS  10000
+#define DSP_DEF_CMD_ROUNDS   1000
+#define DSP_DEF_RPM          6000
 
 /* A set of strings a rule field may match ("any of"); n == 0: any value. */
 typedef struct {
@@ -73,7 +83,9 @@ typedef struct {
     dcat_entry_t  *cat;                 /* sorted by gift_id */
     size_t         ncat;
     int            cat_override;        /* 1: catalogue wins; 0: fills 0 only */
-    uint64_t       max_rounds;          /* per gift; above: "overflow" */
+    uint64_t       max_rounds;          /* per gift; above: clamped, or
+                                           "overflow" with over_dead_letter */
+    int            over_dead_letter;
 } drules_t;
 
 typedef enum {
@@ -112,6 +124,10 @@ droute_rc rules_route(const drules_t *r, const char *platform,
  */
 int rules_rounds(const drules_t *r, uint32_t diamond, uint32_t quantity,
     uint32_t multiplier, uint64_t *rounds);
+
+/* The same against 2^53 - 1 only (the dispatcher clamps to max_rounds). */
+int rules_rounds_raw(uint32_t diamond, uint32_t quantity, uint32_t multiplier,
+    uint64_t *rounds);
 
 /* Catalogue lookup by gift id: the entry or NULL. */
 const dcat_entry_t *rules_catalogue(const drules_t *r, const char *gift_id);
@@ -165,6 +181,8 @@ typedef struct {
     size_t       nretry_delays;
     int          shutdown_timeout_ms;
     int          done_markers;         /* write GIFT_DONE markers */
+    int          max_attempts;         /* device attempts before the DLQ */
+    int64_t      max_gift_age_s;       /* older: dead letter "expired" */
 
     /* mqtt { } */
     char        *mqtt_host;
@@ -181,6 +199,8 @@ typedef struct {
     char        *mqtt_method;
     int          mqtt_max_payload;     /* request payload bytes (65536) */
     int          rpc_timeout_ms;
+    int          late_reply_ms;        /* a timed-out RPC's id is not used
+                                          again for this long */
     int          mqtt_reconnect_min_ms;
     int          mqtt_reconnect_max_ms;
     int          mqtt_send_maximum;    /* QoS 1 publishes in flight */
@@ -198,7 +218,15 @@ typedef struct {
     int          coalesce_max_events;  /* gifts per RPC */
     uint64_t     coalesce_max_rounds;  /* rounds per RPC (a lone gift may
                                           exceed it; it is never split) */
-    uint64_t     rounds_per_minute;    /* default limit; 0: none */
+    uint64_t     rounds_per_minute;    /* default limit; 0: none;
+                                          DSP_RPM_STOPPED: sends nothing */
+    int          offline_grace_ms;     /* a device that does not answer is
+                                          waited for this long (attempts
+                                          not spent) */
+    int          offline_retry_ms;     /* its probes, one RPC at a time */
+    int          max_held;             /* gifts one device may hold (its
+                                          share of nats.max_inflight) */
+    int          busy_retry_ms;        /* above it: released, back then */
     ddevconf_t  *devconf;              /* devices.device: per device */
     size_t       ndevconf;
     int          control;              /* watch KV GIFT_DEVICES */
@@ -304,6 +332,7 @@ typedef struct {
 /* The state of one streak (the value of "s.<streak id>"). */
 typedef struct {
     uint32_t  counted;            /* the highest count counted so far */
+    int       ended;              /* its end frame was counted */
     size_t    n;
     dclaim_t  recent[STREAK_RECENT];   /* oldest first */
 } dstreak_t;
@@ -329,6 +358,18 @@ size_t     streak_format(const dstreak_t *s, char *out, size_t cap);
  */
 dstreak_rc streak_apply(dstreak_t *s, uint64_t eh, uint32_t count,
     uint32_t *inc);
+
+/*
+ * The same, telling a user's next streak of the same gift from a late or
+ * repeated frame when streak ids repeat (TikTok without groupId: the id
+ * is "<platform>:<user>:<gift>:0"): for such `nogroup` streaks, a new
+ * frame after the end frame was counted, or one whose count is below what
+ * was counted, starts a new streak (counted from 0).  Streaks with a
+ * groupId keep streak_apply's rule (a lower count is a late frame).  `end`: this frame ends its
+ * streak.  Stored as "v1 <counted>e ..." once ended.
+ */
+dstreak_rc streak_apply_ex(dstreak_t *s, uint64_t eh, uint32_t count,
+    int nogroup, int end, uint32_t *inc);
 
 /* ------------------------------------------------------------------ limits */
 
@@ -450,6 +491,15 @@ struct dgift {
     uint32_t               diamond;      /* effective */
     uint32_t               multiplier;   /* of the rule that routed it */
     uint32_t               streak_inc;   /* streak frames: what it added */
+    uint32_t               failures;     /* device attempts failed before
+                                            this delivery (KV "a.<id>") */
+    char                   first_dev[DSP_DEVICE_MAX + 1]; /* recorded */
+    int64_t                received_ms;  /* nginx's clock (0: unknown) */
+    uint64_t               rounds_req;   /* before rules.max_rounds */
+    int                    capped;       /* rounds clamped to max_rounds */
+    int                    dev_counted;  /* counted in dev->held */
+    uint32_t               parts_done;   /* split gifts: parts confirmed */
+    uint64_t               rounds_done;  /* ... their rounds */
     dgift_state            state;
     int                    replay;       /* a DLQ replay (giftctl dlq) */
     drpc_t                *rpc;
@@ -470,6 +520,9 @@ struct dgift {
 
 struct drpc {
     uint64_t       n;
+    uint32_t       part;           /* 0, or k: part k of one split gift,
+                                      sent as "<event id>#k" */
+    char           part_id[GIFT_PART_ID_MAX];
     ddevice_t     *dev;
     dgift_t       *gifts;          /* singly linked through qnext */
     size_t         ngifts;
@@ -488,6 +541,14 @@ struct ddevice {
 
     /* limits: the configuration's, overridden by KV GIFT_DEVICES */
     int            paused;         /* effective */
+    int64_t        offline_since;  /* mono us of the first unanswered RPC
+                                      of an outage; 0: online */
+    int64_t        probe_at_us;    /* offline: the next RPC not before */
+    uint64_t       offline_waits;  /* gifts put back while offline */
+    size_t         held;           /* gifts routed to it and not freed */
+    int64_t        drop_before_ms; /* ctl resume --drop-backlog: gifts
+                                      received before are dead-lettered */
+    int            stop_pending;   /* ctl stop: send "stop" when ready */
     uint64_t       rpm;            /* effective rounds per minute; 0: none */
     int            kv_paused;      /* -1: not set in KV */
     int64_t        kv_rpm;         /* -1: not set in KV */
@@ -571,6 +632,10 @@ struct dkvjob {
     char           *ckey;      /* STREAK: "e.<event id>" */
     uint64_t        eh;        /* STREAK: streak_event_hash(event id) */
     uint32_t        count;     /* STREAK: the frame's running total */
+    int             nogroup;   /* STREAK: its id says no groupId */
+    int             end;       /* STREAK: the frame ends its streak */
+    int             again;     /* STREAK: a redelivery or a replay */
+    int             expired;   /* STREAK: ... and its streak is gone */
     /* answers */
     int             failed;    /* no answer (stopping) */
     int             found;     /* DONE: a marker exists ... */
@@ -580,12 +645,18 @@ struct dkvjob {
     uint32_t        inc;       /* STREAK: what the frame adds */
     dstreak_rc      how;
     int             conflicts; /* STREAK: lost compare-and-sets */
+    char           *akey;      /* DONE: the attempt record "a.<stem>" */
+    int             afound;    /* ... it exists: */
+    uint32_t        afail;     /*     device attempts that failed */
+    uint32_t        aparts;    /*     split gifts: parts confirmed */
+    uint64_t        arounds;   /*     ... their rounds */
+    char            adev[DSP_DEVICE_MAX + 1];   /* the device chosen */
     int64_t         lat_us;    /* time spent in the KV thread */
     dkvjob_t       *next;
 };
 
 /* A device switch changed in KV GIFT_DEVICES (watcher -> main). */
-typedef enum { CTL_PAUSED = 1, CTL_RPM } dctl_what;
+typedef enum { CTL_PAUSED = 1, CTL_RPM, CTL_DROP_BEFORE, CTL_STOP } dctl_what;
 
 typedef struct {
     char        device[DSP_DEVICE_MAX + 1];
@@ -633,6 +704,10 @@ typedef struct {
     uint64_t  streak_frames, streak_new, streak_known, streak_stale;
     uint64_t  streak_conflicts;
     uint64_t  rate_waits;          /* times a device waited for its rate */
+    uint64_t  expired;             /* dead-lettered past max_gift_age */
+    uint64_t  capped;              /* gifts clamped to rules.max_rounds */
+    uint64_t  busy_released;       /* released: their device held its share */
+    uint64_t  offline_requeued;    /* gifts put back: device offline */
     uint64_t  kv_jobs;
     uint64_t  naks;                /* naks sent (retries and releases) */
     uint64_t  rpc_lat_le[16];      /* RPC latency histogram (cumulative) */
@@ -657,6 +732,11 @@ typedef struct {
 
 typedef struct dmetrics dmetrics_t;
 
+struct dquar {
+    uint64_t  n;
+    int64_t   until_us;
+};
+
 struct dsp {
     dconf_t           *conf;       /* replaced on SIGHUP (rules part) */
     int                wake_fd;    /* eventfd: chans and signals */
@@ -670,6 +750,10 @@ struct dsp {
     dmap_t             by_seq;     /* stream seq -> dgift_t held */
     dmap_t             by_rpc;     /* RPC id -> drpc_t */
     dmap_t             by_pub;     /* natsMsg* published -> dgift_t */
+    dmap_t             quarantine; /* RPC ids timed out recently: a late
+                                      reply must not complete a new RPC */
+    struct dquar      *quar;       /* ... in expiry order (a ring) */
+    size_t             quar_cap, quar_head, quar_n;
     dgift_t           *held, *held_tail;   /* all held gifts */
     size_t             nheld;
     drpc_t            *rpcs, *rpcs_tail;   /* in flight, by deadline */
@@ -868,6 +952,9 @@ int64_t mqtt_out_misc(dsp_t *d, int64_t now_us);
 /* Publish the request of rpc (its id and gifts set).  0, or -1 when the
  * client is not ready or the library refused (the caller requeues). */
 int  mqtt_out_send(dsp_t *d, drpc_t *rpc);
+/* The emergency stop: {"method":"stop","params":{"deviceId":D,...}} to
+ * the device (its answer is not waited for).  0, or -1 when not ready. */
+int  mqtt_out_send_stop(dsp_t *d, const char *device);
 /* Disconnect cleanly (at exit). */
 void mqtt_out_disconnect(dsp_t *d);
 

@@ -72,6 +72,7 @@ kv_job_free(dkvjob_t *j)
         free(j->key);
         free(j->ckey);
         free(j->probe_id);
+        free(j->akey);
         free(j->val);
         free(j);
     }
@@ -244,7 +245,7 @@ run_streak(dkv_t *k, dkvjob_t *j)
     uint64_t    rev;
     char        buf[STREAK_VALUE_MAX];
     size_t      len;
-    int         ms = 50, lost = 0;
+    int         ms = 50, lost = 0, ended_news = 0;
 
     for (;;) {
         if (lost > 2 && pause_or_stop(k, 5 * lost)) {
@@ -264,6 +265,35 @@ run_streak(dkv_t *k, dkvjob_t *j)
         } else if (s == NATS_NOT_FOUND) {
             rev = 0;
             memset(&st, 0, sizeof(st));
+            if (j->again) {
+                /* a redelivery or replay finds no streak: it lived longer
+                 * than its state (or never got this far).  Its own claim,
+                 * if any, still answers; else it is not counted from 0. */
+                s = kvStore_Get(&e, k->streaks, j->ckey);
+                if (s == NATS_OK) {
+                    char   num[24];
+                    size_t n = (size_t) kvEntry_ValueLen(e);
+
+                    n = n < sizeof(num) - 1 ? n : sizeof(num) - 1;
+                    memcpy(num, kvEntry_Value(e), n);
+                    num[n] = '\0';
+                    j->inc = (uint32_t) strtoul(num, NULL, 10);
+                    j->how = STREAK_KNOWN;
+                    kvEntry_Destroy(e);
+                    return;
+                }
+                if (s == NATS_NOT_FOUND) {
+                    j->expired = 1;
+                    return;
+                }
+                kv_warn("get", j->ckey, s);
+                if (pause_or_stop(k, ms)) {
+                    j->failed = 1;
+                    return;
+                }
+                ms = backoff_next(ms);
+                continue;
+            }
         } else {
             kv_warn("get", j->key, s);
             if (pause_or_stop(k, ms)) {
@@ -274,7 +304,13 @@ run_streak(dkv_t *k, dkvjob_t *j)
             continue;
         }
 
-        j->how = streak_apply(&st, j->eh, j->count, &j->inc);
+        {
+            int was_ended = st.ended;
+
+            j->how = streak_apply_ex(&st, j->eh, j->count, j->nogroup,
+                                     j->end, &j->inc);
+            ended_news = st.ended && !was_ended;
+        }
         if (j->how == STREAK_KNOWN) {
             return;
         }
@@ -293,7 +329,21 @@ run_streak(dkv_t *k, dkvjob_t *j)
                 kvEntry_Destroy(e);
                 return;
             }
+            if (s == NATS_NOT_FOUND && !ended_news) {
+                return;
+            }
             if (s == NATS_NOT_FOUND) {
+                /* a stale end frame: only the end is news; store it */
+                len = streak_format(&st, buf, sizeof(buf));
+                s = rev == 0
+                    ? kvStore_Create(NULL, k->streaks, j->key, buf, (int) len)
+                    : kvStore_Update(NULL, k->streaks, j->key, buf, (int) len,
+                                     rev);
+                if (s != NATS_OK) {
+                    j->conflicts++;
+                    lost++;
+                    continue;
+                }
                 return;
             }
             kv_warn("get", j->ckey, s);
@@ -328,6 +378,56 @@ run_streak(dkv_t *k, dkvjob_t *j)
         kv_warn("put", j->ckey, s);
         if (pause_or_stop(k, ms)) {
             return;             /* the recent list still has the claim */
+        }
+        ms = backoff_next(ms);
+    }
+}
+
+/* The attempt record of a redelivered gift (dispatch.c, attempt_record):
+ * "v1 <failures> <device> <parts> <rounds>". */
+static void
+run_attempts(dkv_t *k, dkvjob_t *j)
+{
+    kvEntry    *e = NULL;
+    natsStatus  s;
+    int         ms = 50;
+    char        val[160];
+    size_t      n;
+    unsigned    fail = 0, parts = 0;
+    unsigned long long rounds = 0;
+
+    if (k->done == NULL || j->akey == NULL) {
+        return;
+    }
+    for (;;) {
+        s = kvStore_Get(&e, k->done, j->akey);
+        if (s == NATS_OK) {
+            n = (size_t) kvEntry_ValueLen(e);
+            n = n < sizeof(val) - 1 ? n : sizeof(val) - 1;
+            memcpy(val, kvEntry_Value(e), n);
+            val[n] = '\0';
+            kvEntry_Destroy(e);
+            if (sscanf(val, "v1 %u %64s %u %llu", &fail, j->adev, &parts,
+                       &rounds) == 4)
+            {
+                j->afound = 1;
+                j->afail = fail;
+                j->aparts = parts;
+                j->arounds = rounds;
+            } else {
+                j->adev[0] = '\0';
+                gift_log(GIFT_LOG_WARN, "KV %s: %s is not an attempt record;"
+                         " ignored", GIFT_KV_DONE, j->akey);
+            }
+            return;
+        }
+        if (s == NATS_NOT_FOUND) {
+            return;
+        }
+        kv_warn("get", j->akey, s);
+        if (pause_or_stop(k, ms)) {
+            j->failed = 1;
+            return;
         }
         ms = backoff_next(ms);
     }
@@ -402,8 +502,14 @@ kv_main(void *arg)
             j->failed = 1;
         } else if (j->kind == KVJ_DONE && j->key == NULL) {
             run_probe(k, j);
+            if (!j->found && !j->failed) {
+                run_attempts(k, j);
+            }
         } else if (j->kind == KVJ_DONE) {
             run_done(k, j);
+            if (!j->found && !j->failed) {
+                run_attempts(k, j);
+            }
         } else {
             run_streak(k, j);
         }
@@ -448,6 +554,10 @@ ctl_parse(kvEntry *e)
         c->what = CTL_PAUSED;
     } else if (strcmp(dot + 1, "rounds_per_minute") == 0) {
         c->what = CTL_RPM;
+    } else if (strcmp(dot + 1, "drop_before") == 0) {
+        c->what = CTL_DROP_BEFORE;
+    } else if (strcmp(dot + 1, "stop") == 0) {
+        c->what = CTL_STOP;
     }
     if (c->what == 0 || !rules_device_valid(c->device)) {
         gift_log(GIFT_LOG_WARN, "KV %s: key %s is not <device>.paused or "
@@ -463,6 +573,13 @@ ctl_parse(kvEntry *e)
     n = n < sizeof(val) - 1 ? n : sizeof(val) - 1;
     memcpy(val, kvEntry_Value(e), n);
     val[n] = '\0';
+    if (c->what == CTL_DROP_BEFORE || c->what == CTL_STOP) {
+        c->value = strtoll(val, NULL, 10);
+        if (c->value <= 0) {
+            c->value = -1;
+        }
+        return c;
+    }
     if (c->what == CTL_PAUSED) {
         if (strcmp(val, "true") == 0 || strcmp(val, "1") == 0
             || strcmp(val, "yes") == 0 || strcmp(val, "on") == 0)
@@ -483,8 +600,22 @@ ctl_parse(kvEntry *e)
         char               *end;
         unsigned long long  v;
 
+        if (strcmp(val, "unlimited") == 0) {
+            c->value = 0;
+            return c;
+        }
+        if (strcmp(val, "stopped") == 0) {
+            c->value = -2;
+            return c;
+        }
         errno = 0;
         v = strtoull(val, &end, 10);
+        if (v == 0 && *end == '\0' && val[0] == '0') {
+            /* written by an older ctl, where 0 meant no limit */
+            gift_log(GIFT_LOG_WARN, "KV %s: %s = 0 is read as \"unlimited\" "
+                     "(its old meaning); set \"unlimited\" or \"stopped\"",
+                     GIFT_KV_DEVICES, key);
+        }
         if (val[0] < '0' || val[0] > '9' || *end != '\0' || errno != 0
             || v > DSP_ROUNDS_JSON_MAX)
         {

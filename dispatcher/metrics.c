@@ -203,6 +203,17 @@ render(dmetrics_t *m, size_t *len)
     counter(&b, "gift_dispatcher_streak_conflicts_total",
             "Compare-and-set attempts lost to another writer.",
             STAT_GET(d, streak_conflicts));
+    counter(&b, "gift_dispatcher_gifts_expired_total",
+            "Gifts dead-lettered past nats.max_gift_age.",
+            STAT_GET(d, expired));
+    counter(&b, "gift_dispatcher_gifts_capped_total",
+            "Gifts clamped to rules.max_rounds.", STAT_GET(d, capped));
+    counter(&b, "gift_dispatcher_gifts_busy_released_total",
+            "Gifts released for later: their device held its share "
+            "(devices.max_held).", STAT_GET(d, busy_released));
+    counter(&b, "gift_dispatcher_gifts_offline_requeued_total",
+            "Gifts put back in their queue: the device did not answer "
+            "(no attempt spent).", STAT_GET(d, offline_requeued));
     counter(&b, "gift_dispatcher_rate_waits_total",
             "Times a device waited for its rounds-per-minute limit.",
             STAT_GET(d, rate_waits));

@@ -301,8 +301,8 @@ mqtt_out_send(dsp_t *d, drpc_t *r)
         return -1;
     }
     for (g = r->gifts; g != NULL && k < 1024; g = g->qnext) {
-        evs[k].id = g->ev->event_id;
-        evs[k].rounds = g->rounds;
+        evs[k].id = r->part ? r->part_id : g->ev->event_id;
+        evs[k].rounds = r->part ? r->rounds : g->rounds;
         k++;
     }
     need = rpc_payload_max(c->mqtt_method, r->dev->name, evs, k);
@@ -335,6 +335,39 @@ mqtt_out_send(dsp_t *d, drpc_t *r)
     }
     gift_log(GIFT_LOG_DEBUG, "RPC %" PRIu64 " -> %s: %zu gifts, %" PRIu64
              " rounds", r->n, r->dev->name, k, r->rounds);
+    return 0;
+}
+
+int
+mqtt_out_send_stop(dsp_t *d, const char *device)
+{
+    const dconf_t *c = d->conf;
+    dmqtt_t       *m = &d->mqtt;
+    char           buf[512], topic[512];
+    size_t         len;
+    uint64_t       n;
+    int            rc;
+
+    if (!m->ready) {
+        return -1;
+    }
+    n = rpc_ids_next(&m->ids);
+    len = rpc_payload_build(buf, sizeof(buf), "stop", device, 0, NULL, 0);
+    if (len == 0
+        || rpc_topic_expand(c->mqtt_request_topic, n, device, topic,
+                            sizeof(topic)) < 0)
+    {
+        return -1;
+    }
+    rc = mosquitto_publish(m->mosq, NULL, topic, (int) len, buf, c->mqtt_qos,
+                           false);
+    if (rc != MOSQ_ERR_SUCCESS) {
+        gift_log(GIFT_LOG_WARN, "MQTT: stop to %s: %s", device,
+                 mosquitto_strerror(rc));
+        return -1;
+    }
+    gift_log(GIFT_LOG_WARN, "device %s: emergency stop sent (RPC %" PRIu64
+             ")", device, n);
     return 0;
 }
 

@@ -287,7 +287,7 @@ consumer_info(dsp_t *d)
         return -1;
     }
     d->nats.ack_wait_us = ci->Config->AckWait / 1000;
-    d->nats.max_deliver = (int) ci->Config->MaxDeliver;
+    d->nats.max_deliver = (int) ci->Config->MaxDeliver;    /* -1: checked */
     if (d->nats.ack_wait_us <= 0) {
         d->nats.ack_wait_us = 30000000;      /* the server's default */
     }
@@ -381,6 +381,38 @@ nats_in_start(dsp_t *d)
         }
         if (consumer_info(d) != 0) {
             goto retry;
+        }
+        {
+            char    why[1024];
+            int64_t ttl = d->conf->max_gift_age_s + GIFT_STATE_MARGIN_S;
+            int     bad = gift_provision_check(n->js, ttl, why, sizeof(why));
+
+            if (bad < 0) {
+                gift_log(GIFT_LOG_WARN, "checking the NATS setup: %s; "
+                         "retrying", why);
+                goto retry;
+            }
+            if (bad > 0) {
+                /* an older setup: say what breaks and what to run */
+                char *line = why, *nl;
+
+                while (line[0] != '\0') {
+                    nl = strchr(line, '\n');
+                    if (nl != NULL) {
+                        *nl = '\0';
+                    }
+                    gift_log(GIFT_LOG_ERR, "%s", line);
+                    if (nl == NULL) {
+                        break;
+                    }
+                    line = nl + 1;
+                }
+                gift_log(GIFT_LOG_ERR, "not starting: run `giftctl -s URL "
+                         "setup --upgrade --state-ttl %" PRId64 "` once (it "
+                         "only raises these settings), then start again",
+                         ttl);
+                return -1;
+            }
         }
         jsSubOptions_Init(&so);
         so.Stream = GIFT_STREAM_EVENTS;

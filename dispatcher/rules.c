@@ -154,6 +154,15 @@ rules_rounds(const drules_t *r, uint32_t diamond, uint32_t quantity,
     return 0;
 }
 
+int
+rules_rounds_raw(uint32_t diamond, uint32_t quantity, uint32_t multiplier,
+    uint64_t *out)
+{
+    static const drules_t none;            /* max_rounds 0: 2^53 - 1 */
+
+    return rules_rounds(&none, diamond, quantity, multiplier, out);
+}
+
 static void
 set_free(dstrset_t *s)
 {

@@ -20,8 +20,12 @@
  * key each, as "e.<event id>" (written by kv.c after the CAS); the recent
  * list only covers the moment between the two writes.
  *
- * Value, text: "v1 <counted> <hash>=<inc> <hash>=<inc> ..." (oldest first;
- * hash: 16 hex digits, the first 8 bytes of SHA-256(event id)).
+ * Value, text: "v1 <counted>[e] <hash>=<inc> <hash>=<inc> ..." (oldest
+ * first; hash: 16 hex digits, the first 8 bytes of SHA-256(event id); "e":
+ * the streak's end frame was counted).
+ *
+ * Streak ids without a groupId ("...:0") repeat for a user's next streak
+ * of the same gift: streak_apply_ex() tells the two apart.
  */
 #include <inttypes.h>
 #include <openssl/sha.h>
@@ -63,10 +67,19 @@ streak_parse(const char *v, size_t len, dstreak_t *s)
     }
     p = buf + 3;
     x = strtoull(p, &end, 10);
-    if (end == p || x > UINT32_MAX || (*end != ' ' && *end != '\0')) {
+    if (end == p || x > UINT32_MAX
+        || (*end != ' ' && *end != '\0' && *end != 'e'))
+    {
         return -1;
     }
     s->counted = (uint32_t) x;
+    if (*end == 'e') {
+        s->ended = 1;
+        end++;
+        if (*end != ' ' && *end != '\0') {
+            return -1;
+        }
+    }
     p = end;
     while (*p == ' ') {
         p++;
@@ -101,7 +114,8 @@ streak_format(const dstreak_t *s, char *out, size_t cap)
     size_t i, o;
     int    w;
 
-    w = snprintf(out, cap, "v1 %" PRIu32, s->counted);
+    w = snprintf(out, cap, "v1 %" PRIu32 "%s", s->counted,
+                 s->ended ? "e" : "");
     if (w < 0 || (size_t) w >= cap) {
         return 0;
     }
@@ -143,4 +157,34 @@ streak_apply(dstreak_t *s, uint64_t eh, uint32_t count, uint32_t *inc)
     s->recent[s->n].inc = *inc;
     s->n++;
     return STREAK_NEW;
+}
+
+dstreak_rc
+streak_apply_ex(dstreak_t *s, uint64_t eh, uint32_t count, int nogroup,
+    int end, uint32_t *inc)
+{
+    size_t     i;
+    dstreak_rc rc;
+
+    for (i = 0; i < s->n; i++) {
+        if (s->recent[i].h == eh) {
+            *inc = s->recent[i].inc;
+            return STREAK_KNOWN;
+        }
+    }
+    if (s->counted > 0 && nogroup && (s->ended || count < s->counted))
+    {
+        /* the user's next streak under the same id: from 0 (the recent
+         * claims stay, so repeats of the last streak's frames still find
+         * theirs) */
+        s->counted = 0;
+        s->ended = 0;
+    }
+    rc = streak_apply(s, eh, count, inc);
+    if (end && nogroup) {
+        /* TikTok's end frame repeats the last count: STALE, yet the
+         * streak is over all the same */
+        s->ended = 1;
+    }
+    return rc;
 }

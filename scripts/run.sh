@@ -72,8 +72,12 @@ if [[ ${GIFT_TB:-} != tbsim && -x build/gift-dispatcher \
         --motors 8 --speed "${GIFT_MOTOR_SPEED:-0}" --out "$RUN/motors.json" \
         --control "$RUN/motors.control" >"$RUN/logs/motors.log" 2>&1 &
     pids+=($!)
+    # the example with simulated motors' limits (as below)
     sed -e "s#127.0.0.1:14222#127.0.0.1:$NATS_PORT#g" \
         -e "s#11883#$MQTT_PORT#g" -e "s#19464#$METRICS_PORT#g" \
+        -e 's#^\( *max_rounds = \)[0-9]*;#\1100000;  \# make run: simulated motors#' \
+        -e 's#^\( *coalesce_max_rounds = \)[0-9]*;#\1100000;  \# make run: simulated motors#' \
+        -e 's#^\( *rounds_per_minute = \)[0-9]*;#\1"unlimited";  \# make run: simulated motors#' \
         dispatcher/gift-dispatcher.conf.example >"$RUN/gift-dispatcher.conf"
     build/gift-dispatcher -c "$RUN/gift-dispatcher.conf" \
         >"$RUN/logs/dispatcher.log" 2>&1 &
@@ -94,8 +98,14 @@ MQ
     build/tbsim --host 127.0.0.1 --port "$MQTT_PORT" --out "$RUN/tbsim.json" \
         >"$RUN/logs/tbsim.log" 2>&1 &
     pids+=($!)
+    # the example with simulated motors' limits: per gift and per command
+    # 100,000 rounds, and no rate limit (benchmarks measure the pipeline,
+    # not a motor's pace); everything else as users run it
     sed -e "s#127.0.0.1:14222#127.0.0.1:$NATS_PORT#g" \
         -e "s#11883#$MQTT_PORT#g" -e "s#19464#$METRICS_PORT#g" \
+        -e 's#^\( *max_rounds = \)[0-9]*;#\1100000;  \# make run: simulated motors#' \
+        -e 's#^\( *coalesce_max_rounds = \)[0-9]*;#\1100000;  \# make run: simulated motors#' \
+        -e 's#^\( *rounds_per_minute = \)[0-9]*;#\1"unlimited";  \# make run: simulated motors#' \
         dispatcher/gift-dispatcher.conf.example >"$RUN/gift-dispatcher.conf"
     build/gift-dispatcher -c "$RUN/gift-dispatcher.conf" \
         >"$RUN/logs/dispatcher.log" 2>&1 &

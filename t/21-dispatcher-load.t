@@ -144,6 +144,9 @@ ok(GiftTest::wait_until(120, sub {
 }, 0.2), 'a restarted dispatcher finishes the rest');
 is_deeply($motors->(), \%want, 'per-device rounds are exact: nothing lost, '
     . 'nothing turned twice');
+# a stop waits for the commands in flight: nothing is sent twice
+is($tb->totals->{totals}{duplicates}, 0,
+    'SIGTERM and restart: no command repeated for an executed event id');
 diag 'motors: ' . JSON::PP->new->canonical->encode($tb->totals->{totals});
 
 ok(GiftTest::wait_until(20, sub {

@@ -26,7 +26,10 @@ my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
 my $rules = "    rule = (\n" . join(",\n", map {
     qq(        { gift = "$_"; device = "motor_$_"; })
 } qw(busy side cap rate pause other conf)) . "\n    );\n";
-my $devconf = 'coalesce_max_events = 32; coalesce_max_rounds = 1000;';
+# max_held: every gift held once, so that pulled = gifts below (the share
+# of one device is t/29-dispatcher-fairness.t's)
+my $devconf = 'coalesce_max_events = 32; coalesce_max_rounds = 1000; '
+    . 'max_held = 1000;';
 my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port,
     rules => $rules, rpc_timeout_ms => 1000,
     extra_nats => 'ack_wait_ms = 2000;',

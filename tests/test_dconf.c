@@ -281,7 +281,8 @@ START_TEST(device_limits_and_metrics)
         "  );\n"
         "};\n"
         "metrics = { listen = \"127.0.0.1\"; };\n", &c), -1);    /* 11 */
-    has_error(2, "devices.rounds_per_minute: -1 is out of range");
+    has_error(2, "devices.rounds_per_minute: expected a number of rounds >= 1, "
+              "\"unlimited\" or \"stopped\"");
     has_error(4, "devices.device[0].id: \"motor 1\" is not a device id");
     has_error(5, "devices.device[1]: missing id");
     has_error(6, "devices.device[2].paused: expected true or false");
@@ -291,7 +292,7 @@ START_TEST(device_limits_and_metrics)
 
     ck_assert_int_eq(load(
         "devices = { rounds_per_minute = 600; control = false;\n"
-        "  device = ( { id = \"m1\"; rounds_per_minute = 0; },\n"
+        "  device = ( { id = \"m1\"; rounds_per_minute = \"unlimited\"; },\n"
         "             { id = \"m2\"; paused = true; } ); };\n"
         "metrics = { listen = \"0.0.0.0:9100\"; };\n", &c), 0);
     ck_assert_uint_eq(c->rounds_per_minute, 600);
@@ -309,7 +310,27 @@ START_TEST(device_limits_and_metrics)
     ck_assert_int_eq(load("# defaults\n", &c), 0);
     ck_assert_str_eq(c->metrics_listen, "127.0.0.1:19464");
     ck_assert_int_eq(c->control, 1);
+    /* finite by default: motors are physical */
+    ck_assert_uint_eq(c->rounds_per_minute, DSP_DEF_RPM);
+    ck_assert_uint_eq(c->coalesce_max_rounds, DSP_DEF_CMD_ROUNDS);
+    ck_assert_uint_eq(c->rules->max_rounds, DSP_DEF_GIFT_ROUNDS);
+    dconf_free(c);
+
+    /* 0 is refused: "unlimited" or "stopped" say what is meant */
+    ck_assert_int_eq(load("devices = { rounds_per_minute = 0; };\n", &c), -1);
+    has_error(1, "devices.rounds_per_minute: expected a number of rounds");
+    ck_assert_int_eq(load("devices = { rounds_per_minute = \"stopped\";\n"
+                          "  device = ( { id = \"m1\"; rounds_per_minute = "
+                          "\"stopped\"; } ); };\n", &c), 0);
+    ck_assert_uint_eq(c->rounds_per_minute, DSP_RPM_STOPPED);
+    ck_assert_int_eq(c->devconf[0].rounds_per_minute, -2);
+    dconf_free(c);
+    ck_assert_int_eq(load("devices = { rounds_per_minute = \"unlimited\"; };\n"
+                          "rules = { max_rounds = 100; over_max_rounds = "
+                          "\"dead_letter\"; };\n", &c), 0);
     ck_assert_uint_eq(c->rounds_per_minute, 0);
+    ck_assert_uint_eq(c->rules->max_rounds, 100);
+    ck_assert_int_eq(c->rules->over_dead_letter, 1);
     dconf_free(c);
 }
 END_TEST

@@ -156,7 +156,7 @@ END_TEST
 START_TEST(overflow)
 {
     dconf_t *c = load_rules(
-        "default_device = \"m\";\n"
+        "default_device = \"m\"; max_rounds = 9007199254740991L;\n"
         "rule = ( { gift = \"Big\"; device = \"m\"; multiplier = 1000000; } );");
     droute_t rt;
 
@@ -169,6 +169,13 @@ START_TEST(overflow)
     ck_assert_int_eq(route(c, "t", "", "", "x", 1000000, 100000, &rt),
                      ROUTE_OK);
     ck_assert_uint_eq(rt.rounds, 100000000000ULL);
+    dconf_free(c);
+
+    /* finite by default (the dispatcher clamps above it) */
+    c = load_rules("default_device = \"m\";");
+    ck_assert_int_eq(route(c, "t", "", "", "x", 100, 100, &rt), ROUTE_OK);
+    ck_assert_int_eq(route(c, "t", "", "", "x", 1000000, 100000, &rt),
+                     ROUTE_OVERFLOW);
     dconf_free(c);
 
     /* an operator's cap */

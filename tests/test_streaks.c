@@ -249,6 +249,46 @@ START_TEST(kvkey)
 }
 END_TEST
 
+START_TEST(nogroup_next_streak)
+{
+    dstreak_t s;
+    uint32_t  inc;
+    char      buf[STREAK_VALUE_MAX];
+    size_t    len;
+
+    memset(&s, 0, sizeof(s));
+    /* streak 1: 1, 2, 3 (end) */
+    ck_assert_int_eq(streak_apply_ex(&s, 1, 1, 1, 0, &inc), STREAK_NEW);
+    ck_assert_int_eq(streak_apply_ex(&s, 2, 2, 1, 0, &inc), STREAK_NEW);
+    ck_assert_int_eq(streak_apply_ex(&s, 3, 3, 1, 1, &inc), STREAK_NEW);
+    ck_assert_uint_eq(inc, 1);
+    ck_assert_int_eq(s.ended, 1);
+    /* the state survives a KV round trip */
+    len = streak_format(&s, buf, sizeof(buf));
+    ck_assert_int_eq(streak_parse(buf, len, &s), 0);
+    ck_assert_int_eq(s.ended, 1);
+    ck_assert_uint_eq(s.counted, 3);
+    /* a repeat of the end frame: its own claim, not a new streak */
+    ck_assert_int_eq(streak_apply_ex(&s, 3, 3, 1, 1, &inc), STREAK_KNOWN);
+    ck_assert_uint_eq(inc, 1);
+    /* the same user's next streak of the same gift: 1, then 2 */
+    ck_assert_int_eq(streak_apply_ex(&s, 4, 1, 1, 0, &inc), STREAK_NEW);
+    ck_assert_uint_eq(inc, 1);
+    ck_assert_int_eq(streak_apply_ex(&s, 5, 2, 1, 0, &inc), STREAK_NEW);
+    ck_assert_uint_eq(inc, 1);
+    /* without an end frame: a lower count starts one too */
+    ck_assert_int_eq(streak_apply_ex(&s, 6, 1, 1, 0, &inc), STREAK_NEW);
+    ck_assert_uint_eq(inc, 1);
+    /* the same count again (no end seen): a repeat, nothing */
+    ck_assert_int_eq(streak_apply_ex(&s, 7, 1, 1, 0, &inc), STREAK_STALE);
+    /* with a groupId a lower count is a late frame: nothing */
+    memset(&s, 0, sizeof(s));
+    ck_assert_int_eq(streak_apply_ex(&s, 1, 5, 0, 1, &inc), STREAK_NEW);
+    ck_assert_int_eq(streak_apply_ex(&s, 2, 3, 0, 0, &inc), STREAK_STALE);
+    ck_assert_uint_eq(inc, 0);
+}
+END_TEST
+
 int
 main(void)
 {
@@ -258,6 +298,7 @@ main(void)
     int      failed;
 
     tcase_add_test(tc, in_order);
+    tcase_add_test(tc, nogroup_next_streak);
     tcase_add_test(tc, duplicates);
     tcase_add_test(tc, reorder);
     tcase_add_test(tc, missing_end);

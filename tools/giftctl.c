@@ -1,12 +1,13 @@
 /*
  * giftctl: provision and inspect the gift pipeline's NATS streams.
  *
- *   giftctl [-s URL] setup [--replicas N] [--events-max-msgs N]
+ *   giftctl [-s URL] setup [--replicas N] [--events-max-msgs N] [--upgrade]
+ *                          [--state-ttl S]
  *   giftctl [-s URL] info
  *   giftctl [-s URL] get STREAM SEQ[-LAST]
  *   giftctl [-s URL] sub SUBJECT [--count N] [--timeout S]
  *   giftctl [-s URL] dlq list
- *   giftctl [-s URL] dlq replay (SEQ ... | --all)
+ *   giftctl [-s URL] dlq replay [--max-age S] (SEQ ... | --all)
  *
  * Messages are printed as one JSON object a line, decoded from protobuf:
  * GiftEvent for gift.events.* and gift.dlq.*, GiftAck for gift.acks.*.
@@ -48,9 +49,13 @@ usage(FILE *f)
     fprintf(f,
         "usage: giftctl [-s URL] COMMAND [ARGS]\n"
         "\n"
-        "  setup [--replicas N] [--events-max-msgs N]\n"
+        "  setup [--replicas N] [--events-max-msgs N] [--upgrade] [--state-ttl S]\n"
         "                       create the streams, consumer and KV buckets\n"
-        "                       that are missing (never changes existing ones)\n"
+        "                       that are missing (never changes existing ones);\n"
+        "                       --upgrade also raises what an older setup left\n"
+        "                       short: the consumer's max_deliver to -1 and the\n"
+        "                       TTL of GIFT_STREAKS and GIFT_DONE to --state-ttl\n"
+        "                       (default 4200 s: max_gift_age 1 h + 10 min)\n"
         "  info                 streams, message counts, consumer lag, DLQ depth\n"
         "  get STREAM SEQ[-LAST]\n"
         "                       stored messages, decoded, one JSON a line\n"
@@ -58,9 +63,11 @@ usage(FILE *f)
         "  sub SUBJECT [--count N] [--timeout S]\n"
         "                       print messages on SUBJECT as they arrive\n"
         "  dlq list             the dead-lettered gifts, with their reasons\n"
-        "  dlq replay SEQ...|--all\n"
+        "  dlq replay [--max-age S] SEQ...|--all\n"
         "                       publish dead-lettered gifts to GIFTS again and\n"
-        "                       remove them from the DLQ\n"
+        "                       remove them from the DLQ; gifts received more\n"
+        "                       than S seconds ago (default 3600, the\n"
+        "                       dispatcher's max_gift_age) stay in the DLQ\n"
         "\n"
         "  -s URL   NATS server, or several separated by commas\n"
         "           (default $NATS_URL or " DEFAULT_URL "); nats://, or\n"
@@ -326,6 +333,10 @@ cmd_setup(natsConnection *nc, jsCtx *js, int argc, char **argv)
             o.replicas = atoi(argv[++i]);
         } else if (strcmp(argv[i], "--events-max-msgs") == 0 && i + 1 < argc) {
             o.events_max_msgs = strtoll(argv[++i], NULL, 10);
+        } else if (strcmp(argv[i], "--upgrade") == 0) {
+            o.upgrade = 1;
+        } else if (strcmp(argv[i], "--state-ttl") == 0 && i + 1 < argc) {
+            o.state_ttl_s = strtoll(argv[++i], NULL, 10);
         } else {
             fprintf(stderr, "giftctl setup: unknown argument %s\n", argv[i]);
             return 2;
@@ -333,6 +344,10 @@ cmd_setup(natsConnection *nc, jsCtx *js, int argc, char **argv)
     }
     if (o.replicas < 1 || o.replicas > 5) {
         fprintf(stderr, "giftctl setup: --replicas must be 1..5\n");
+        return 2;
+    }
+    if (o.state_ttl_s < 60) {
+        fprintf(stderr, "giftctl setup: --state-ttl is seconds, >= 60\n");
         return 2;
     }
     if (gift_provision(nc, js, &o) != 0) {
@@ -545,6 +560,10 @@ dlq_print(jsCtx *js, natsMsg *m, void *ud)
  * for the PubAck, then delete it from the DLQ.  A crash in between leaves it
  * in both places; replaying it again is deduplicated by the same id.
  */
+/* dlq replay refuses gifts older than this (the dispatcher's
+ * max_gift_age: it would dead-letter them "expired" anyway) */
+static int64_t dlq_max_age_s = GIFT_MAX_GIFT_AGE_S;
+
 static int
 dlq_replay_one(jsCtx *js, natsMsg *m)
 {
@@ -561,6 +580,17 @@ dlq_replay_one(jsCtx *js, natsMsg *m)
     if (ev == NULL) {
         fprintf(stderr, "giftctl dlq replay: #%" PRIu64 " does not decode as"
                 " a GiftEvent; left in the DLQ\n", seq);
+        return -1;
+    }
+    if (ev->received_at_ms > 0 && dlq_max_age_s > 0
+        && gift_now_ms() - ev->received_at_ms > dlq_max_age_s * 1000)
+    {
+        fprintf(stderr, "giftctl dlq replay: #%" PRIu64 " (%s) was received "
+                "%" PRId64 " s ago, past max_gift_age (%" PRId64 " s): the "
+                "stream it belonged to is over; left in the DLQ\n", seq,
+                ev->event_id, (gift_now_ms() - ev->received_at_ms) / 1000,
+                dlq_max_age_s);
+        gift__v1__gift_event__free_unpacked(ev, NULL);
         return -1;
     }
     snprintf(subject, sizeof(subject), "%s%s", GIFT_SUBJ_EVENTS_PREFIX,
@@ -619,6 +649,14 @@ cmd_dlq(jsCtx *js, int argc, char **argv)
 
     if (argc >= 2 && strcmp(argv[1], "list") == 0) {
         return walk_stream(js, GIFT_STREAM_DLQ, dlq_print, NULL) == 0 ? 0 : 1;
+    }
+    if (argc >= 5 && strcmp(argv[1], "replay") == 0
+        && strcmp(argv[2], "--max-age") == 0)
+    {
+        dlq_max_age_s = strtoll(argv[3], NULL, 10);
+        argv[3] = argv[1];
+        argv += 2;
+        argc -= 2;
     }
     if (argc >= 3 && strcmp(argv[1], "replay") == 0) {
         if (strcmp(argv[2], "--all") == 0) {

@@ -12,7 +12,12 @@
  * executed and ignored as duplicates, and writes them as JSON on SIGUSR1
  * and at exit, so that tests and benchmarks can check what the motors did:
  *   {"snapshot":S,"devices":{"motor_01":{"rounds":N,"rpcs":M,"events":K,
- *    "duplicates":D,"errors":E,"ignored":I}},"totals":{...}}
+ *    "duplicates":D,"errors":E,"ignored":I,"max_cmd_rounds":X,"stops":P}},
+ *    "totals":{...}}
+ * "duplicates" counts commands' events for ids already executed: tests
+ * assert it (0 where exactly-once is promised).  "max_cmd_rounds" is the
+ * largest command a motor got (the dispatcher's per-command limit);
+ * "stops" counts the emergency "stop" method, which is always accepted.
  *
  * One thread: ppoll() over the broker socket (libmosquitto driven with
  * mosquitto_loop_read/write/misc) and a timer heap of replies due, so
@@ -23,6 +28,7 @@
  *   offline D1,D2     these devices stop answering
  *   online D1,D2      ... and answer again
  *   latency A[-B]     a new reply latency (ms)
+ *   slow D1,D2=MS     these devices answer after MS ms (-1: the global)
  *   error-rate P      a new error rate
  */
 #include <errno.h>
@@ -112,6 +118,9 @@ typedef struct idnode {
 typedef struct {
     char        *name;
     uint64_t     rounds, rpcs, events, duplicates, errors, ignored;
+    uint64_t     max_cmd_rounds;  /* the largest command's rounds */
+    uint64_t     stops;           /* "stop" commands (emergency stop) */
+    int          slow_ms;         /* its own reply latency; -1: --latency-ms */
     int          offline;
     /* the dedup window: a ring of the last `window` ids, and a hash */
     idnode_t   **ring;
@@ -162,6 +171,7 @@ device_get(const char *name)
     for (nb = 16; nb < opt.window; nb <<= 1) {
     }
     d->name = strdup(name);
+    d->slow_ms = -1;
     d->ring = calloc(opt.window, sizeof(idnode_t *));
     d->bucket = calloc(nb, sizeof(idnode_t *));
     d->nbucket = nb;
@@ -284,6 +294,20 @@ read_control(void)
                 if ((d = device_get(tok)) != NULL) {
                     d->offline = cmd[1] == 'f';
                     gift_log(GIFT_LOG_INFO, "device %s is %s", d->name, cmd);
+                }
+            }
+        } else if (strcmp(cmd, "slow") == 0 && strchr(arg, '=') != NULL) {
+            char *eq = strchr(arg, '='), *s2 = NULL;
+            int   ms = atoi(eq + 1);
+
+            *eq = '\0';
+            for (tok = strtok_r(arg, ",", &s2); tok;
+                 tok = strtok_r(NULL, ",", &s2))
+            {
+                if ((d = device_get(tok)) != NULL) {
+                    d->slow_ms = ms;
+                    gift_log(GIFT_LOG_INFO, "device %s: latency %d ms",
+                             d->name, ms);
                 }
             }
         } else if (strcmp(cmd, "latency") == 0) {
@@ -417,9 +441,10 @@ write_totals(void)
         }
         fprintf(f, "\":{\"rounds\":%" PRIu64 ",\"rpcs\":%" PRIu64
                 ",\"events\":%" PRIu64 ",\"duplicates\":%" PRIu64
-                ",\"errors\":%" PRIu64 ",\"ignored\":%" PRIu64 "}",
+                ",\"errors\":%" PRIu64 ",\"ignored\":%" PRIu64
+                ",\"max_cmd_rounds\":%" PRIu64 ",\"stops\":%" PRIu64 "}",
                 d->rounds, d->rpcs, d->events, d->duplicates, d->errors,
-                d->ignored);
+                d->ignored, d->max_cmd_rounds, d->stops);
         t[0] += d->rounds;
         t[1] += d->rpcs;
         t[2] += d->events;
@@ -490,11 +515,14 @@ schedule_reply(const char *id, const char *device, const char *payload)
     reply_t r = { 0, 0, NULL, NULL };
     char    topic[512];
     int64_t lat = opt.lat_min_ms;
+    device_t *d = strcmp(device, "me") ? device_get(device) : NULL;
 
     if (response_topic(id, device, topic, sizeof(topic)) != 0) {
         return;
     }
-    if (opt.lat_max_ms > opt.lat_min_ms) {
+    if (d != NULL && d->slow_ms >= 0) {
+        lat = d->slow_ms;
+    } else if (opt.lat_max_ms > opt.lat_min_ms) {
         lat += (int64_t) (rng() % (uint64_t) (opt.lat_max_ms
                                                - opt.lat_min_ms + 1));
     }
@@ -549,6 +577,14 @@ on_message(struct mosquitto *m, void *obj, const struct mosquitto_message *msg)
         json_decref(root);
         return;
     }
+    if (method != NULL && strcmp(method, "stop") == 0) {
+        /* the emergency stop of the firmware contract: accepted at once */
+        d->stops++;
+        gift_log(GIFT_LOG_INFO, "device %s: stop", d->name);
+        schedule_reply(id, d->name, "{\"ok\":true}");
+        json_decref(root);
+        return;
+    }
     if (method == NULL || strcmp(method, opt.method) != 0) {
         d->errors++;
         schedule_reply(id, d->name,
@@ -595,6 +631,16 @@ on_message(struct mosquitto *m, void *obj, const struct mosquitto_message *msg)
         d->events++;
     }
     d->rounds += rounds;
+    {
+        /* what the command asked for, duplicates included */
+        json_t  *pr = json_object_get(params, "rounds");
+        uint64_t asked = json_is_integer(pr) && json_integer_value(pr) > 0
+                         ? (uint64_t) json_integer_value(pr) : rounds;
+
+        if (asked > d->max_cmd_rounds) {
+            d->max_cmd_rounds = asked;
+        }
+    }
     if (opt.verbose) {
         gift_log(GIFT_LOG_DEBUG, "rpc %s %s: +%" PRIu64 " rounds (total %"
                  PRIu64 ")", id, d->name, rounds, d->rounds);

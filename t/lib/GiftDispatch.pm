@@ -248,6 +248,18 @@ sub dispatcher_conf {
         { gift = "Lion";  device = "motor_04"; multiplier = 3; }
     );
 EOF
+    # the tests' motors are simulated: unlimited unless a test sets limits
+    # (the shipped defaults are finite; t/28-t/29 test them)
+    my $devlim = '';
+    $devlim .= 'rounds_per_minute = "unlimited"; '
+        unless ($a{extra_devices} // "") =~ /rounds_per_minute/;
+    $devlim .= 'coalesce_max_rounds = 9007199254740991L; '
+        unless ($a{extra_devices} // "") =~ /coalesce_max_rounds/;
+    # ... and a silent device fails at once (t/28 tests the grace)
+    $devlim .= 'offline_grace_ms = 0; '
+        unless ($a{extra_devices} // "") =~ /offline_grace_ms/;
+    $rules = "    max_rounds = 9007199254740991L;\n$rules"
+        unless $rules =~ /max_rounds/;
     return <<"EOF";
 # written by t/lib/GiftDispatch.pm
 log_level = "$a{log_level}";
@@ -266,6 +278,7 @@ mqtt = {
     $a{extra_mqtt}
 };
 devices = {
+    $devlim
     $a{extra_devices}
 };
 metrics = {
@@ -511,7 +524,7 @@ sub _pb_decode {
 
 my @ACK_FIELDS = (undef, qw(event_id device_id rounds status reason attempts
     rpc_latency_us completed_at_ms platform room_id user_id user_name
-    gift_name diamond quantity received_at_ms));
+    gift_name diamond quantity received_at_ms rounds_requested capped parts));
 my @EVENT_FIELDS = (undef, qw(event_id platform room_id user_id user_name
     gift_id gift_name diamond quantity occurred_at_ms received_at_ms
     streak_id streak_count streak_end));
