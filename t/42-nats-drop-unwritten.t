@@ -30,7 +30,7 @@ use GiftFaults;
 
 my $JSON = $GiftTest::JSON;
 my $WAVE = 150;             # gifts per wave
-my $MAX = 3300;             # in flight at most (nginx: 4096 connections)
+my $MAX = 3900;             # in flight at most (nginx: 4096 connections)
 
 my $nats = GiftTest::start_nats();
 my ($out, $rc) = GiftTest::giftctl($nats->url, 'setup');
