@@ -188,13 +188,14 @@ my ($un_last) = sort { $b <=> $a } map { $_->{round} } @un;
 my ($to_first) = sort { $a <=> $b } map { $_->{round} } @to;
 ok(@un && @to && $un_last < $to_first,
     'every "unavailable" answer before the first publish_timeout')
-    or diag "last unavailable in round $un_last, first publish_timeout "
-        . "in round $to_first";
+    or diag 'last unavailable in round ' . ($un_last // 'none')
+        . ', first publish_timeout in round ' . ($to_first // 'none');
 my ($to_wave) = sort { $b <=> $a } map { $_->{wave} } @to;
 my ($un_wave) = sort { $a <=> $b } map { $_->{wave} } @un;
 ok(@un && @to && $to_wave <= $un_wave,
     'publish_timeout only for gifts posted before the unavailable ones')
-    or diag "a publish_timeout in wave $to_wave, an unavailable in $un_wave";
+    or diag 'a publish_timeout in wave ' . ($to_wave // 'none')
+        . ', an unavailable in ' . ($un_wave // 'none');
 diag sprintf('unavailable %.1f s after the kill; first publish_timeout '
     . '%.1f s after the first gift', (sort { $b <=> $a } map { $_->{t} } @un)[0]
     - $t_kill, (sort { $a <=> $b } map { $_->{t} } @to)[0] - $t_first)
