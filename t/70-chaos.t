@@ -189,6 +189,9 @@ if ($tbep) {
     ok($dt->{connects} >= 1 && $dt->{connected},
         'the dispatcher reconnected to the restarted stand-in')
         or diag explain $dt;
+    my $mt = $tb->totals->{devices};
+    is(scalar(grep { $mt->{$_}{connects} >= 2 } keys %$mt), scalar(keys %$mt),
+        'so did every motor') or diag explain $mt;
 }
 
 # one acknowledgement per gift
