@@ -3,7 +3,8 @@
 # streams with 3 replicas, two nginx instances and two dispatchers.  Under a
 # steady stream of gifts, one NATS node is killed -9: nothing that got a 202
 # is lost, the only 5xx answers are 503s, and the motors turn exactly once
-# per gift.
+# per gift.  ThingsBoard: the stand-in and its motors, one dispatcher device
+# per dispatcher (GIFT_TB=tbsim: tbsim on mosquitto).
 
 use strict;
 use warnings;
@@ -13,6 +14,7 @@ use Time::HiRes qw(time sleep);
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 plan skip_all => 'the NATS cluster scenario runs in make soak (GIFT_SOAK=1)'
     unless $ENV{GIFT_SOAK};
@@ -52,18 +54,27 @@ ok(GiftTest::wait_until(60, sub {
 }, 1), 'giftctl setup --replicas 3 on the cluster') or diag $out;
 
 # --- two dispatchers, two nginx, all knowing every node
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port);
+my ($mq, $tbep, $tb, $mqtt_port);
+if (GiftTB::available() && ($ENV{GIFT_TB} // '') ne 'tbsim') {
+    $tbep = GiftTB::start_tb(dir => $dir, motors => 8, dispatchers => 2);
+    $tb = GiftTB::start_motors(dir => $dir, port => $tbep->port, motors => 8);
+    $mqtt_port = $tbep->port;
+} else {
+    $mq = GiftDispatch::start_mosquitto(dir => $dir);
+    $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port);
+    $mqtt_port = $mq->port;
+}
 my $rules = "    rule = (\n" . join(",\n", map {
     qq(        { gift = "G$_"; device = "motor_0$_"; })
 } 1 .. 4) . "\n    );\n";
 my @disp;
 for my $k (1 .. 2) {
     my $conf = GiftDispatch::dispatcher_conf(dir => $dir,
-        nats_url => "nats://127.0.0.1:$ports[0]", mqtt_port => $mq->port,
+        nats_url => "nats://127.0.0.1:$ports[0]", mqtt_port => $mqtt_port,
         rules => $rules, metrics_port => GiftTest::free_port(),
         log_level => 'info', shutdown_timeout_ms => 10000,
-        rpc_timeout_ms => 3000, extra_nats => '', extra_mqtt => '',
+        rpc_timeout_ms => 3000, extra_nats => '',
+        extra_mqtt => $tbep ? $tbep->mqtt_conf($k) : '',
         extra_devices => '');
     my $list = join(', ', map { qq("nats://127.0.0.1:$_") } @ports);
     $conf =~ s/\burl = "[^"]*";/urls = [ $list ];/;
