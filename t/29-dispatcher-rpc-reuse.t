@@ -12,6 +12,10 @@
 # = 0 (no quarantine), which must produce such a wrong completion (else the
 # scenario proves nothing); then with the default late_reply_ms, where the
 # late replies are ignored as not ours and no gift is acknowledged ok.
+#
+# Direct-broker mode (tbsim on mosquitto): its silent motors never answer,
+# where ThingsBoard's RPC node answers TIMEOUT after 3 s and would end the
+# backlog that keeps every id in flight.
 
 use strict;
 use warnings;

@@ -12,14 +12,15 @@ use Test::More;
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--latency-ms', '1' ]);
+my $st = GiftTB::start_stack(dir => $dir, motors => 8,
+    tbsim_args => [ '--latency-ms', '1' ]);
+my $tb = $st->{motors};
 my $d = GiftDispatch::start_dispatcher(dir => $dir, nats_url => $nats->url,
-    mqtt_port => $mq->port,
+    mqtt_port => $st->{port}, extra_mqtt => $st->conf(1),
     extra_devices => 'coalesce_max_rounds = 10; rounds_per_minute = 20;');
 
 my $acks_of = sub {

@@ -16,19 +16,20 @@ use Test::More;
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--latency-ms', '1' ]);
+my $st = GiftTB::start_stack(dir => $dir, motors => 8,
+    tbsim_args => [ '--latency-ms', '1' ]);
+my $tb = $st->{motors};
 
 my $rules = <<'R';
     default_device = "motor_01";
     rule = ( { gift = "Ghost"; device = "motor_07"; } );
 R
 my $d = GiftDispatch::start_dispatcher(dir => $dir, nats_url => $nats->url,
-    mqtt_port => $mq->port, rules => $rules, rpc_timeout_ms => 250,
+    mqtt_port => $st->{port}, extra_mqtt => $st->conf(1), rules => $rules, rpc_timeout_ms => 250,
     extra_nats => 'retry_delays_ms = [ 50 ]; max_attempts = 2;');
 
 my $acks_of = sub {
@@ -52,7 +53,7 @@ is($y2->{ack}{rounds}, 20, '... 20 rounds');
 is($motor->()->{rounds}, 20, 'the motor turned 20');
 
 # the motor goes offline: X's frame 4 and Y's frame 5 are dead-lettered
-$tb->control('offline motor_07');
+$st->mute('motor_07');
 GiftDispatch::js_publish_gifts($nats->url,
     GiftDispatch::gift(%x, quantity => 4, streakCount => 4, eventId => 'sx-4'),
     GiftDispatch::gift(%y, quantity => 5, streakCount => 5, eventId => 'sy-5'));
