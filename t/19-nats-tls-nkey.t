@@ -14,6 +14,7 @@ use Test::More;
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 use GiftStream;
 use GiftNatsAuth;
 
@@ -42,10 +43,10 @@ my $url = 'tls://localhost:' . $nats->port;
 my ($out, $rc) = GiftTest::giftctl($url, 'setup');
 is($rc, 0, 'giftctl --tls-ca --nkey setup') or diag $out;
 
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port);
+my $st = GiftTB::start_stack(dir => $dir, motors => 8);
+my $tb = $st->{motors};
 my $disp = GiftDispatch::start_dispatcher(dir => $dir, nats_url => $url,
-    mqtt_port => $mq->port,
+    mqtt_port => $st->{port}, extra_mqtt => $st->conf(1),
     extra_nats => "tls_ca = \"$dir/ca.pem\"; nkey = \"$dir/disp.nk\";");
 like($disp->log_text, qr/NATS: connected to/,
     'the dispatcher connected over TLS with its NKey');
