@@ -281,6 +281,15 @@ run(dsp_t *d, const sigset_t *unblocked)
             }
         }
 
+        if (lease_active(d) != d->lease.seen_active) {
+            /* the lease was taken or lost: a standby holds nothing */
+            d->lease.seen_active = !d->lease.seen_active;
+            if (!d->lease.seen_active) {
+                dispatch_standby(d);
+            } else if (!d->stopping) {
+                dispatch_kick_all(d);
+            }
+        }
         next = dispatch_timers(d, now);
         metrics_tick(d, now);
         t = mqtt_out_misc(d, now);
@@ -289,6 +298,9 @@ run(dsp_t *d, const sigset_t *unblocked)
         }
         if (d->stopping == 1 && d->stop_deadline_us < next) {
             next = d->stop_deadline_us;
+        }
+        if (d->lease.seen_active && d->lease.until_us < next) {
+            next = d->lease.until_us;      /* fencing: act on time */
         }
         if (d->credit_back > 0) {
             nats_in_release(d, d->credit_back);
@@ -458,6 +470,9 @@ main(int argc, char **argv)
         /* gifts matter more than their metrics: run without */
         gift_log(GIFT_LOG_WARN, "running without /metrics");
     }
+    if (lease_start(&d) != 0) {
+        goto out;
+    }
     mqtt_out_connect(&d, gift_mono_us());
     if (nats_in_fetch_start(&d) != 0) {
         goto out;
@@ -473,6 +488,12 @@ main(int argc, char **argv)
 out:
     /* 6. teardown, in reverse */
     nats_in_fetch_join(&d);
+    if (d.nats.inited && d.nats.nc != NULL) {
+        /* the naks of the released gifts go out before the lease is
+         * released (same connection, in order) */
+        natsConnection_FlushTimeout(d.nats.nc, 2000);
+    }
+    lease_stop(&d, 1);               /* in-flight work is finished */
     metrics_stop(&d);
     kv_stop(&d);                     /* jobs still out come back failed */
     if (!d.stopping) {

@@ -360,6 +360,15 @@ device_kick(dsp_t *d, ddevice_t *dev)
     uint64_t       room = UINT64_MAX, sent, cmax, head;
     size_t         bytes;
 
+    if (dev->qhead != NULL && !lease_may_send(d, gift_mono_us())) {
+        /* not (or no longer) the owner: nothing is sent; what comes to a
+         * queue now goes back to the stream, no attempt spent */
+        while ((g = queue_pop(dev)) != NULL) {
+            gift_release(d, g, 0);
+            STAT_ADD(d, released, 1);
+        }
+        return;
+    }
     while (dev->qhead != NULL && dev->inflight < c->dev_max_inflight
            && d->mqtt.ready && dev->paused <= 0
            && dev->rpm != DSP_RPM_STOPPED)
@@ -508,6 +517,7 @@ rpc_finish(dsp_t *d, drpc_t *r, drpc_reply_rc rc, const char *why)
 
     rpc_unlink(d, r);
     dev->inflight--;
+    r->done_ms = gift_now_ms();
     if (rc == RPC_REPLY_OK || why != NULL) {
         lat_observe(d, lat);             /* answered: not a timeout */
     }
