@@ -404,6 +404,11 @@ int     rate_add(drate_t *r, int64_t now_us, uint64_t rounds);
 /* Rounds sent in the minute before now_us. */
 uint64_t rate_sum(drate_t *r, int64_t now_us);
 void    rate_free(drate_t *r);
+/* The window as "<wall ms>:<rounds>,..." (one entry a second, oldest
+ * first; now_ms is the wall clock at now_us): what a new owner takes
+ * over (lease.c).  Its length, or 0 when empty or cap is too small. */
+size_t  rate_format(drate_t *r, int64_t now_us, int64_t now_ms, char *out,
+    size_t cap);
 
 /*
  * Coalescing: may the next RPC, holding `taken` gifts of `taken_rounds`
@@ -757,7 +762,10 @@ typedef struct {
     int              stop;         /* under mu */
     kvStore         *kv;           /* the lease thread's own handle */
     uint64_t         rev;          /* our lease's revision (lease thread) */
-    char             val[384];
+    char             val[384];     /* who we are */
+    char            *rates;        /* under mu: our devices' last minute */
+    char            *inherit;      /* under mu: the last owner's value */
+    int64_t          rates_us;     /* main: next rates snapshot */
     int              active;       /* shared: may fetch and send */
     int64_t          until_us;     /* shared: may send until (monotonic):
                                       last renewal sent + lease - margin */
@@ -814,6 +822,10 @@ void lease_stop(dsp_t *d, int release);
 int  lease_may_send(dsp_t *d, int64_t now_us);
 /* Is it the owner (for fetching and /metrics)? */
 int  lease_active(dsp_t *d);
+/* Main thread: the rate windows the lease carries (once a second); the
+ * last owner's, taken over on becoming the owner. */
+void lease_rates_tick(dsp_t *d, int64_t now_us);
+void lease_take_over_rates(dsp_t *d);
 
 /* Flags set by signal handlers (main.c); the loop acts on them. */
 extern volatile sig_atomic_t dsp_sig_term, dsp_sig_hup, dsp_sig_usr1;
@@ -839,6 +851,11 @@ void dispatch_puback(dsp_t *d, void *item);
 
 /* The lease was lost: release what waits in device queues. */
 void dispatch_standby(dsp_t *d);
+
+/* The rate-limited devices' last minute as "rate <device> <window>\n"
+ * lines (rate_format), for the lease value; and taking them over. */
+size_t dispatch_rates_format(dsp_t *d, char *buf, size_t cap);
+void   dispatch_rates_restore(dsp_t *d, const char *text);
 
 /* Send what device queues allow (after MQTT became ready, or a reload). */
 void dispatch_kick_all(dsp_t *d);

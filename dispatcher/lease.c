@@ -37,6 +37,7 @@
  */
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -77,6 +78,42 @@ lease_wait(dsp_t *d, int64_t ms)
     stop = d->lease.stop;
     pthread_mutex_unlock(&d->lease.mu);
     return stop;
+}
+
+/* The lease value: who holds it ("released <who>" after a stop), then the
+ * rate-limited devices' last minute (dispatch_rates_format), so that a
+ * new owner goes on with the same sliding minutes.  NULL on memory. */
+static char *
+compose(dsp_t *d, int released)
+{
+    size_t  n;
+    char   *v;
+
+    pthread_mutex_lock(&d->lease.mu);
+    n = strlen(d->lease.val) + 16
+        + (d->lease.rates != NULL ? strlen(d->lease.rates) : 0);
+    v = malloc(n);
+    if (v != NULL) {
+        snprintf(v, n, "%s%s\n%s", released ? "released " : "",
+                 d->lease.val, d->lease.rates ? d->lease.rates : "");
+    }
+    pthread_mutex_unlock(&d->lease.mu);
+    return v;
+}
+
+static natsStatus
+put_value(dsp_t *d, uint64_t *rev, uint64_t last, int released)
+{
+    char       *v = compose(d, released);
+    natsStatus  s;
+
+    if (v == NULL) {
+        return NATS_NO_MEMORY;
+    }
+    s = kvStore_Update(rev, d->lease.kv, GIFT_LEASE_KEY, v, (int) strlen(v),
+                       last);
+    free(v);
+    return s;
 }
 
 static int64_t
@@ -139,8 +176,7 @@ lease_main(void *arg)
             }
             t0 = gift_mono_us();
             rev = 0;
-            s = kvStore_UpdateString(&rev, d->lease.kv, GIFT_LEASE_KEY,
-                                     d->lease.val, d->lease.rev);
+            s = put_value(d, &rev, d->lease.rev, 0);
             if (s == NATS_OK) {
                 d->lease.rev = rev;
                 LS(until_us, t0 + lease_us - margin_us(c));
@@ -191,8 +227,14 @@ lease_main(void *arg)
         s = kvStore_Get(&e, d->lease.kv, GIFT_LEASE_KEY);
         if (s == NATS_NOT_FOUND) {
             rev = 0;
-            s = kvStore_CreateString(&rev, d->lease.kv, GIFT_LEASE_KEY,
-                                     d->lease.val);
+            {
+                char *v = compose(d, 0);
+
+                s = v == NULL ? NATS_NO_MEMORY
+                    : kvStore_Create(&rev, d->lease.kv, GIFT_LEASE_KEY, v,
+                                     (int) strlen(v));
+                free(v);
+            }
             if (s == NATS_OK) {
                 held = 1;
                 became_owner(d, t0, rev, present_at >= 0 ? t0 - present_at
@@ -202,15 +244,20 @@ lease_main(void *arg)
             }
         } else if (s == NATS_OK) {
             const char *v = kvEntry_ValueString(e);
-            int         empty = kvEntry_ValueLen(e) == 0;
+            int         empty = kvEntry_ValueLen(e) == 0
+                                || strncmp(v, "released ", 9) == 0;
 
             rev = kvEntry_Revision(e);
             age_ms = gift_now_ms() - kvEntry_Created(e) / 1000000;
             if (rev != seen_rev) {
                 seen_rev = rev;
                 seen_at = t0;
-                if (!empty) {
-                    snprintf(prev, sizeof(prev), "%s", v);
+                {
+                    const char *w = strncmp(v, "released ", 9) == 0 ? v + 9
+                                                                   : v;
+
+                    snprintf(prev, sizeof(prev), "%.*s",
+                             (int) strcspn(w, "\n"), w);
                 }
             }
             if (!empty) {
@@ -224,9 +271,13 @@ lease_main(void *arg)
                                  ? t0 - seen_at : age_ms * 1000);
 
                 rev = 0;
-                s = kvStore_UpdateString(&rev, d->lease.kv, GIFT_LEASE_KEY,
-                                         d->lease.val, seen_rev);
+                s = put_value(d, &rev, seen_rev, 0);
                 if (s == NATS_OK) {
+                    /* the old owner's devices' last minutes, for main */
+                    pthread_mutex_lock(&d->lease.mu);
+                    free(d->lease.inherit);
+                    d->lease.inherit = strdup(v);
+                    pthread_mutex_unlock(&d->lease.mu);
                     held = 1;
                     became_owner(d, t0, rev, gap, empty ? "lease released"
                                  : "lease expired", prev);
@@ -310,7 +361,7 @@ lease_stop(dsp_t *d, int release)
     if (release && l->rev != 0 && LD(active)) {
         /* the empty value on our revision: released, unless another took
          * it meanwhile (then the compare-and-set fails, as it should) */
-        s = kvStore_UpdateString(NULL, l->kv, GIFT_LEASE_KEY, "", l->rev);
+        s = put_value(d, NULL, l->rev, 1);
         gift_log(s == NATS_OK ? GIFT_LOG_INFO : GIFT_LOG_WARN,
                  "lease: %s", s == NATS_OK ? "released"
                  : "not released (lost meanwhile, or NATS unreachable)");
@@ -318,6 +369,9 @@ lease_stop(dsp_t *d, int release)
     LS(active, 0);
     kvStore_Destroy(l->kv);
     l->kv = NULL;
+    free(l->rates);
+    free(l->inherit);
+    l->rates = l->inherit = NULL;
     pthread_cond_destroy(&l->cond);
     pthread_mutex_destroy(&l->mu);
 }
@@ -332,4 +386,47 @@ int
 lease_active(dsp_t *d)
 {
     return lease_may_send(d, gift_mono_us());
+}
+
+/* Main thread, about once a second while we own: the snapshot of the
+ * rate-limited devices' last minute that the next renewal carries. */
+void
+lease_rates_tick(dsp_t *d, int64_t now_us)
+{
+    static char  buf[65536];
+    size_t       n;
+    char        *v;
+
+    if (!d->lease.started || !d->lease.seen_active
+        || now_us < d->lease.rates_us)
+    {
+        return;
+    }
+    d->lease.rates_us = now_us + 1000000;
+    n = dispatch_rates_format(d, buf, sizeof(buf));
+    v = n > 0 ? strdup(buf) : NULL;
+    pthread_mutex_lock(&d->lease.mu);
+    free(d->lease.rates);
+    d->lease.rates = v;
+    pthread_mutex_unlock(&d->lease.mu);
+}
+
+/* Main thread, on becoming the owner: go on with the last owner's
+ * sliding minutes. */
+void
+lease_take_over_rates(dsp_t *d)
+{
+    char *v;
+
+    if (!d->lease.started) {
+        return;
+    }
+    pthread_mutex_lock(&d->lease.mu);
+    v = d->lease.inherit;
+    d->lease.inherit = NULL;
+    pthread_mutex_unlock(&d->lease.mu);
+    if (v != NULL) {
+        dispatch_rates_restore(d, v);
+        free(v);
+    }
 }

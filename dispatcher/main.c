@@ -206,12 +206,33 @@ reload(dsp_t *d)
     dispatch_limits_reload(d);
 }
 
+/* The lease was taken or lost (lease.c): a standby holds nothing; a new
+ * owner goes on with the last owner's sliding minutes, then sends. */
+static void
+lease_check(dsp_t *d)
+{
+    if (lease_active(d) == d->lease.seen_active) {
+        return;
+    }
+    d->lease.seen_active = !d->lease.seen_active;
+    if (!d->lease.seen_active) {
+        dispatch_standby(d);
+        return;
+    }
+    lease_take_over_rates(d);
+    d->lease.rates_us = 0;
+    if (!d->stopping) {
+        dispatch_kick_all(d);
+    }
+}
+
 static void
 drain_queues(dsp_t *d)
 {
     void   **items;
     size_t   n, i;
 
+    lease_check(d);         /* before any gift of a new owner is sent */
     /* PubAcks first: they free slots and devices */
     dchan_take(&d->nats.acks, &items, &n);
     for (i = 0; i < n; i++) {
@@ -281,15 +302,8 @@ run(dsp_t *d, const sigset_t *unblocked)
             }
         }
 
-        if (lease_active(d) != d->lease.seen_active) {
-            /* the lease was taken or lost: a standby holds nothing */
-            d->lease.seen_active = !d->lease.seen_active;
-            if (!d->lease.seen_active) {
-                dispatch_standby(d);
-            } else if (!d->stopping) {
-                dispatch_kick_all(d);
-            }
-        }
+        lease_check(d);
+        lease_rates_tick(d, now);
         next = dispatch_timers(d, now);
         metrics_tick(d, now);
         t = mqtt_out_misc(d, now);
@@ -493,6 +507,8 @@ out:
          * released (same connection, in order) */
         natsConnection_FlushTimeout(d.nats.nc, 2000);
     }
+    d.lease.rates_us = 0;
+    lease_rates_tick(&d, gift_mono_us());   /* the minutes, handed over */
     lease_stop(&d, 1);               /* in-flight work is finished */
     metrics_stop(&d);
     kv_stop(&d);                     /* jobs still out come back failed */

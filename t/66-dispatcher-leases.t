@@ -3,10 +3,12 @@
 # one of them holds the owner lease (KV GIFT_DEVICES, key _owner) and is
 # the only one pulling gifts and sending commands; the others stand by.
 #  - three dispatchers, `ctl rate motor_02 30`, 60 one-round gifts for
-#    motor_02: never two commands in flight to the motor at once (tbsim's
-#    max_pending, and the commands' intervals read from the GiftAcks'
-#    completed_at_ms and rpc_latency_us), no 59-second window above 30
-#    rounds (tbsim's max_minute_rounds), each gift one GiftAck;
+#    motor_02, the owner stopped once half of them turned: never two
+#    commands in flight to the motor at once (tbsim's max_pending, and the
+#    commands' intervals read from the GiftAcks' completed_at_ms and
+#    rpc_latency_us), no 59-second window above 30 rounds (tbsim's
+#    max_minute_rounds: the new owner goes on with the old one's sliding
+#    minute, carried in the lease), each gift one GiftAck;
 #  - the owner stopped (SIGTERM) under load: another owns, every gift
 #    exactly one GiftAck, no command repeated, still one in flight per
 #    motor; the takeover time is in /metrics;
@@ -112,7 +114,15 @@ is($rc, 0, 'ctl rate motor_02 30 (from a standby\'s configuration)');
 my @g = map { GiftDispatch::gift(giftName => 'G2', eventId => "rate-$_") }
     1 .. 60;
 is(GiftDispatch::js_publish_gifts($nats->url, @g), 60, '60 gifts stored');
-my @a = $acks_of->('rate', 60);
+my @a = $acks_of->('rate', 30);
+is($d[0]->stop('TERM', 30), 0, 'the owner stopped after the first minute\'s '
+    . '30 rounds');
+$o = $owner->();
+ok(defined $o && $o != 0, 'another owns (' . ($o // '?') . ')');
+like($d[$o]->log_text, qr/took over the last minute's rounds of 1 /,
+    'it took over the sliding minute of motor_02') if defined $o;
+push @d, GiftDispatch::start_dispatcher(%dconf);
+@a = $acks_of->('rate', 60);
 $one_each->('rate', 'rate', 60, @a);
 my $m2 = $tb->totals->{devices}{motor_02};
 is($m2->{rounds}, 60, 'motor_02 turned 60 rounds');
@@ -121,7 +131,7 @@ cmp_ok($m2->{max_minute_rounds}, '<=', 30,
     "no minute above 30 rounds ($m2->{max_minute_rounds})");
 is($overlaps->(@a), 0, 'the GiftAcks show no two commands overlapping');
 is(scalar(grep { ($d[$_]->metric('gift_dispatcher_gifts_pulled_total') // 0)
-    > 0 } 1, 2), 0, 'the standbys pulled nothing');
+    > 0 } grep { $_ != $o } 1 .. 3), 0, 'the standbys pulled nothing');
 ($out, $rc) = $d[1]->ctl('rate', 'motor_02', 'default');
 is($rc, 0, 'ctl rate motor_02 default');
 
@@ -140,6 +150,7 @@ GiftTest::wait_until(30, sub { $tb->totals->{totals}{rounds} > $rounds0 + 20 },
     0.05);
 $o = $owner->();
 my $old = $d[$o];
+ok($o != 0, "the owner is dispatcher $o");
 is($old->stop('TERM', 30), 0, "the owner (dispatcher $o) stopped under load, "
     . 'exit 0');
 like($old->log_text, qr/lease: released/, 'it released its lease');
