@@ -313,8 +313,9 @@ run(dsp_t *d, const sigset_t *unblocked)
         if (d->stopping == 1 && d->stop_deadline_us < next) {
             next = d->stop_deadline_us;
         }
-        if (d->lease.seen_active && d->lease.until_us < next) {
-            next = d->lease.until_us;      /* fencing: act on time */
+        t = __atomic_load_n(&d->lease.until_us, __ATOMIC_ACQUIRE);
+        if (d->lease.seen_active && t < next) {
+            next = t;                      /* fencing: act on time */
         }
         if (d->credit_back > 0) {
             nats_in_release(d, d->credit_back);

@@ -1,9 +1,12 @@
 #!/usr/bin/perl
 # Scale out on NATS (make soak): a three-node NATS cluster on loopback,
-# streams with 3 replicas, two nginx instances and two dispatchers.  Under a
-# steady stream of gifts, one NATS node is killed -9: nothing that got a 202
-# is lost, the only 5xx answers are 503s, and the motors turn exactly once
-# per gift.
+# streams with 3 replicas, two nginx instances and three dispatchers (one
+# owner, two standbys).  Under a steady stream of gifts, one NATS node is
+# killed -9, then the owning dispatcher is killed -9 and another dispatcher
+# added: nothing that got a 202 is lost, the only 5xx answers are 503s, the
+# motors turn exactly once per gift, every gift has one GiftAck, no two
+# commands to one motor were in flight together, no 59-second window went
+# above a device's limit, and the takeover time is reported.
 
 use strict;
 use warnings;
@@ -58,18 +61,31 @@ my $rules = "    rule = (\n" . join(",\n", map {
     qq(        { gift = "G$_"; device = "motor_0$_"; })
 } 1 .. 4) . "\n    );\n";
 my @disp;
-for my $k (1 .. 2) {
+my $LIMIT = 6000;                   # rounds per minute per motor
+my $add_dispatcher = sub {
     my $conf = GiftDispatch::dispatcher_conf(dir => $dir,
         nats_url => "nats://127.0.0.1:$ports[0]", mqtt_port => $mq->port,
         rules => $rules, metrics_port => GiftTest::free_port(),
         log_level => 'info', shutdown_timeout_ms => 10000,
-        rpc_timeout_ms => 3000, extra_nats => '', extra_mqtt => '',
-        extra_devices => '');
+        rpc_timeout_ms => 3000, extra_nats => 'replicas = 3;',
+        extra_mqtt => '', extra_devices => "rounds_per_minute = $LIMIT;");
     my $list = join(', ', map { qq("nats://127.0.0.1:$_") } @ports);
     $conf =~ s/\burl = "[^"]*";/urls = [ $list ];/;
     push @disp, GiftDispatch::start_dispatcher(dir => $dir,
         conf_text => $conf);
-}
+};
+$add_dispatcher->() for 1 .. 3;
+my $owner = sub {
+    my @own;
+    GiftTest::wait_until(60, sub {
+        @own = grep { $disp[$_]{pid}
+            && ($disp[$_]->metric('gift_dispatcher_active') // 0) == 1 }
+            0 .. $#disp;
+        @own == 1;
+    }, 0.2);
+    return @own == 1 ? $own[0] : undef;
+};
+is($owner->(), 0, 'three dispatchers: the first owns, two stand by');
 my $gurls = join(' ', map { "nats://127.0.0.1:$_" } @ports);
 my @ngx = map { GiftTest::start_nginx(nats_url => $gurls) } 1 .. 2;
 ok(GiftTest::wait_until(20, sub {
@@ -116,6 +132,22 @@ $nodes[0]->kill9;
 sleep 8;
 $nodes[0]->start;
 
+# the owning dispatcher killed -9 under load, and another one added
+my $o = $owner->();
+ok(defined $o, 'one dispatcher owns after the node came back');
+note("kill -9 the owning dispatcher $o");
+my $tkill = time;
+$disp[$o]->stop('KILL', 5) if defined $o;
+$add_dispatcher->();
+my $n = $owner->();
+ok(defined $n && $n != ($o // -1), 'another dispatcher owns ('
+    . ($n // '?') . ')');
+my $tk = defined $n ? $disp[$n]->metric('gift_dispatcher_takeover_seconds')
+                    : undef;
+ok(defined $tk, 'the takeover time is in its /metrics');
+diag sprintf('takeover after kill -9 of the owner: %s s without an owner '
+    . '(seen active %.1f s after the kill)', $tk // '?', time - $tkill);
+
 waitpid($sender, 0);
 my @lines = split /\n/, GiftTest::slurp($log);
 is(scalar(@lines), $N, "$N gifts sent");
@@ -130,7 +162,7 @@ is(scalar(grep { /^5/ && $_ != 503 } keys %codes), 0,
     'the only 5xx answers are 503s');
 
 my $info;
-ok(GiftTest::wait_until(60, sub {
+ok(GiftTest::wait_until(180, sub {
     $info = GiftTest::stream_info($urls);
     ($info->{GIFTS}{messages} // 0) >= $N && ($info->{lag} // 1) == 0
         && ($info->{ack_pending} // 1) == 0;
@@ -149,8 +181,25 @@ ok(GiftTest::wait_until(30, sub {
     !grep { ($got->{$_} // 0) != $want{$_} } keys %want;
 }, 1), 'the motors turned exactly once per gift')
     or diag explain { want => \%want, got => $got };
+my @acks;
+GiftTest::wait_until(60, sub {
+    @acks = grep { $_->{ack}{event_id} =~ /^cl-/ }
+        GiftDispatch::acks("nats://127.0.0.1:$ports[1]");
+    @acks >= $N;
+}, 1);
+my %na;
+$na{$_->{ack}{event_id}}++ for @acks;
+is(scalar(keys %na), $N, 'every gift has its GiftAck');
+is(scalar(grep { $_ > 1 } values %na), 0, '... exactly one');
+my $mt = $tb->totals->{devices};
+is(scalar(grep { $mt->{$_}{max_pending} > 1 } keys %$mt), 0,
+    'no two commands to one motor in flight together');
+is(scalar(grep { $mt->{$_}{max_minute_rounds} > $LIMIT } keys %$mt), 0,
+    "no 59-second window above $LIMIT rounds");
+diag('most rounds in 59 s: ' . join(', ', map {
+    "$_ $mt->{$_}{max_minute_rounds}" } sort keys %$mt));
 
-$_->stop for @disp;
+$_->stop for grep { $_->{pid} } @disp;
 for my $n (@ngx) {
     is($n->stop, 0, 'nginx exits cleanly');
     is_deeply([$n->bad_log_lines], [], 'no [alert] or [emerg]');
