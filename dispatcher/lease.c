@@ -20,8 +20,8 @@
  *     clock; a revision unchanged for nats.lease_ms is stale (its holder
  *     died) and taken over with kvStore_Update on that revision, so two
  *     standbys never both win.  A revision written more than twice the
- *     lease ago by the server's clock is stale at once (a lone dispatcher
- *     restarted after kill -9 does not wait);
+ *     lease ago by the server's clock is stale after half a lease here (a
+ *     lone dispatcher restarted after kill -9 waits less);
  *   - the owner that cannot renew stops sending at the time of its last
  *     renewal sent + lease - margin (fencing by time): before any standby
  *     can count the lease as expired, since that count starts after the
@@ -263,8 +263,13 @@ lease_main(void *arg)
             if (!empty) {
                 present_at = t0;
             }
+            /* stale: unchanged for a lease on our clock; or written over
+             * two leases ago by the server's clock and unchanged here for
+             * half a lease (longer than the owner's renewal period, so a
+             * clock skew alone never takes a live lease) */
             if (empty || t0 - seen_at >= lease_us
-                || age_ms > 2 * (int64_t) c->lease_ms)
+                || (age_ms > 2 * (int64_t) c->lease_ms
+                    && t0 - seen_at >= lease_us / 2))
             {
                 int64_t gap = empty ? (present_at >= 0 ? t0 - present_at : -1)
                               : (present_at >= 0 && t0 - seen_at >= lease_us
