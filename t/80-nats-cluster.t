@@ -63,16 +63,17 @@ my $rules = "    rule = (\n" . join(",\n", map {
 my @disp;
 my $LIMIT = 6000;                   # rounds per minute per motor
 my $add_dispatcher = sub {
+    my $mport = GiftTest::free_port();
     my $conf = GiftDispatch::dispatcher_conf(dir => $dir,
         nats_url => "nats://127.0.0.1:$ports[0]", mqtt_port => $mq->port,
-        rules => $rules, metrics_port => GiftTest::free_port(),
+        rules => $rules, metrics_port => $mport,
         log_level => 'info', shutdown_timeout_ms => 10000,
         rpc_timeout_ms => 3000, extra_nats => 'replicas = 3;',
         extra_mqtt => '', extra_devices => "rounds_per_minute = $LIMIT;");
     my $list = join(', ', map { qq("nats://127.0.0.1:$_") } @ports);
     $conf =~ s/\burl = "[^"]*";/urls = [ $list ];/;
     push @disp, GiftDispatch::start_dispatcher(dir => $dir,
-        conf_text => $conf);
+        conf_text => $conf, metrics_port => $mport);
 };
 $add_dispatcher->() for 1 .. 3;
 my $owner = sub {
