@@ -15,7 +15,11 @@
 #  - the owner killed -9 under load: another owns once the lease expired,
 #    every gift exactly one GiftAck, repeats only within what was in
 #    flight (the firmware window), one in flight per motor;
-#  - a dispatcher added meanwhile stands by.
+#  - a dispatcher added meanwhile stands by;
+#  - the owner frozen (SIGSTOP, as if cut off) under load: another owns
+#    after the lease time; thawed, the old one sends nothing (its lease ran
+#    out on its own clock: fencing by time), stands by and releases what
+#    it held; every gift one GiftAck, one in flight per motor.
 
 use strict;
 use warnings;
@@ -198,9 +202,32 @@ my $dups = $tb->totals->{totals}{duplicates} - $dup0;
 # and the GiftAcks not yet stored (the same again)
 cmp_ok($dups, '<=', 2 * 8 * 4,
     "kill -9: $dups commands' events repeated, within what was in flight");
+
+# ------------------------------------------------------- an owner frozen
+is($load->('frozen', 300), 300, '300 gifts stored');
+$rounds0 = $tb->totals->{totals}{rounds};
+GiftTest::wait_until(30, sub { $tb->totals->{totals}{rounds} > $rounds0 + 20 },
+    0.05);
+$o = $owner->();
+my $frozen = $d[$o];
+my $off = length $frozen->log_text;
+kill 'STOP', $frozen->pid;
+{
+    local $frozen->{pid} = undef;      # not asked while frozen
+    $n = $owner->();
+}
+ok(defined $n && $n != $o, "dispatcher $o frozen: another owns ("
+    . ($n // '?') . ')');
+kill 'CONT', $frozen->pid;
+ok(GiftTest::wait_until(30, sub {
+    substr($frozen->log_text, $off) =~ /no longer the active dispatcher/ }),
+    'thawed, the old owner knows it is no longer the owner');
+ok(!$active->($frozen), '... and stands by');
+@a = $acks_of->('frozen', 300);
+$one_each->('frozen owner', 'frozen', 300, @a);
 my $t = $tb->totals;
 is(scalar(grep { $t->{devices}{$_}{max_pending} > 1 } keys %{$t->{devices}}),
-    0, 'never two commands in flight to one motor, through both takeovers');
+    0, 'never two commands in flight to one motor, through all takeovers');
 
 for my $x (@d) {
     next unless $x->{pid};
