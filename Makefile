@@ -33,12 +33,13 @@ LDFLAGS     += $(SAN_FLAGS)
 LIBS_NATS   := -lnats -lprotobuf-c -ljansson -lcrypto -lpthread
 
 # Debian packages the project needs (build, run and test; the tests need
-# promtool from prometheus and systemd-analyze from systemd).
+# promtool from prometheus and systemd-analyze from systemd; make bench's
+# seed-stack comparison, bench/seed.sh, needs redis-server).
 DEB_PKGS    := build-essential pkg-config nginx nginx-dev libnats-dev nats-server \
                libprotobuf-c-dev protobuf-c-compiler libmosquitto-dev mosquitto \
                check libjansson-dev libconfig-dev libmicrohttpd-dev libssl-dev \
                curl wrk perl chromium prometheus clang libclang-rt-14-dev \
-               systemd
+               systemd redis-server
 
 # COMMON_OBJS: what every program links; INPUT_OBJS: the webhook's input
 # layer (also compiled into the module), linked by the tests and fuzzers.

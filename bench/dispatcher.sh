@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The dispatcher benchmark (issue 6): GIFTS pre-filled with N gifts over 8
-# devices, then gift-dispatcher started against tbsim (0 ms latency): gifts
+# devices, then gift-dispatcher started against ThingsBoard: the stand-in
+# (tools/tbstandin: the MQTT endpoint and the rule chain, 1 ms per queue
+# hop, and 8 motors as MQTT sessions answering at once; GIFT_TB=tbsim:
+# tbsim on mosquitto, 0 ms latency, as before): gifts
 # per second from the stream to their GiftAcks, with coalescing (the
 # defaults: 64 gifts per RPC) and without (coalesce_max_events = 1), and
 # with coalescing but nats.done_markers = false (no GIFT_DONE write per
@@ -9,12 +12,13 @@
 #     acking each (what the dispatcher's NATS side could do at best);
 #   - Mosquitto round trips: RPCs of the dispatcher's shape answered by
 #     tbsim, 8 in flight (one per device, as without coalescing) and 64.
-# Then the coalescing run again through the ThingsBoard stand-in and its
-# motors (tools/tbstandin; GIFT_BENCH_STANDIN=0 skips it).
+# Then the coalescing run again through the other one (tbsim on mosquitto,
+# or with GIFT_TB=tbsim the stand-in; GIFT_BENCH_STANDIN=0 skips it).
 # It checks that the motors turned exactly the expected rounds, and
 # reports the daemon's RSS (peak and at the end).
 #
-# Loopback only, free ports, its own nats-server, mosquitto and tbsim in a
+# Loopback only, free ports, its own nats-server, mosquitto, tbsim and the
+# stand-in in a
 # temporary directory; it stops what it started, by PID.  Writes
 # $GIFT_BENCH_OUT/dispatcher.json and prints a table.
 #
@@ -30,6 +34,14 @@ N=${GIFT_BENCH_GIFTS:-200000}
 RTT_N=${GIFT_BENCH_RTT:-20000}
 OUT=${GIFT_BENCH_OUT:-$ROOT/build/bench}
 BIN=${GIFT_BIN_DIR:-$ROOT/build}
+HAVE_STANDIN=0
+command -v node >/dev/null && [[ -d $ROOT/tools/tbstandin/node_modules/aedes ]] && HAVE_STANDIN=1
+TB=standin OTHER=tbsim
+[[ ${GIFT_TB:-} == tbsim ]] && TB=tbsim OTHER=standin
+if [[ $TB == standin && $HAVE_STANDIN == 0 ]]; then
+    echo "dispatcher bench: the ThingsBoard stand-in needs node and tools/tbstandin/node_modules (run 'make deps'); GIFT_TB=tbsim uses tbsim" >&2
+    exit 1
+fi
 for f in gift-dispatcher tbsim dispbench; do
     [[ -x $BIN/$f ]] || { echo "dispatcher bench: $BIN/$f missing; run 'make build'" >&2; exit 1; }
 done
@@ -194,7 +206,8 @@ $(for k in 1 2 3 4 5 6 7 8; do echo "        { gift = \"G$k\"; device = \"motor_
     );
 };
 EOC
-    "$BIN/dispbench" -s "$url" watch --count "$N" --timeout 150 \
+    # the stand-in's queue hops make each RPC slower (without coalescing)
+    "$BIN/dispbench" -s "$url" watch --count "$N" --timeout $([[ $tb == standin ]] && echo 600 || echo 150) \
         >"$WORK/watch-$name.out" &
     local watch_pid=$!
     PIDS+=("$watch_pid")
@@ -244,27 +257,44 @@ EOC
     rm -rf "$WORK/nats-$name"
 }
 
-echo "== dispatcher: $N gifts over 8 devices, tbsim 0 ms"
-run coalesce 64 1
+if [[ $TB == standin ]]; then
+    echo "== dispatcher: $N gifts over 8 devices, the ThingsBoard stand-in (1 ms per queue hop), motors 0 ms"
+else
+    echo "== dispatcher: $N gifts over 8 devices, tbsim 0 ms"
+fi
+run coalesce 64 1 true "$TB"
 C_RATE=$RUN_RATE C_STEADY=$RUN_STEADY C_SECS=$RUN_SECS C_RPCS=$RUN_RPCS
 C_RSS=$RUN_RSS C_HWM=$RUN_HWM FILL=$RUN_FILL
-run single 1 0
+run single 1 0 true "$TB"
 S_RATE=$RUN_RATE S_STEADY=$RUN_STEADY S_SECS=$RUN_SECS S_RPCS=$RUN_RPCS
 S_RSS=$RUN_RSS S_HWM=$RUN_HWM
-run nomarkers 64 0 false
+run nomarkers 64 0 false "$TB"
 P_RATE=$RUN_RATE P_STEADY=$RUN_STEADY P_SECS=$RUN_SECS P_RPCS=$RUN_RPCS
 P_RSS=$RUN_RSS P_HWM=$RUN_HWM
 
-# The same with coalescing through the ThingsBoard stand-in (aedes, the rule
-# chain, a 1 ms queue delay per hop, motors as MQTT sessions of their own)
-# instead of tbsim answering on mosquitto: what ThingsBoard's routing costs
-# in time per command, which coalescing absorbs.
+# The coalescing run through the other one: the ThingsBoard stand-in
+# (aedes, the rule chain, a 1 ms queue delay per hop, motors as MQTT
+# sessions of their own) against tbsim answering on mosquitto: what
+# ThingsBoard's routing costs in time per command, which coalescing absorbs.
+# SB_*: through the stand-in, TS_*: through tbsim (0: not run).
 SB_RATE=0 SB_STEADY=0 SB_SECS=0 SB_RPCS=0 SB_RSS=0 SB_HWM=0
-if [[ ${GIFT_BENCH_STANDIN:-1} == 1 && -d $ROOT/tools/tbstandin/node_modules/aedes ]] \
-   && command -v node >/dev/null; then
-    run standin 64 0 true standin
-    SB_RATE=$RUN_RATE SB_STEADY=$RUN_STEADY SB_SECS=$RUN_SECS SB_RPCS=$RUN_RPCS
-    SB_RSS=$RUN_RSS SB_HWM=$RUN_HWM
+TS_RATE=0 TS_STEADY=0 TS_SECS=0 TS_RPCS=0 TS_RSS=0 TS_HWM=0
+if [[ $TB == standin ]]; then
+    SB_RATE=$C_RATE SB_STEADY=$C_STEADY SB_SECS=$C_SECS SB_RPCS=$C_RPCS
+    SB_RSS=$C_RSS SB_HWM=$C_HWM
+else
+    TS_RATE=$C_RATE TS_STEADY=$C_STEADY TS_SECS=$C_SECS TS_RPCS=$C_RPCS
+    TS_RSS=$C_RSS TS_HWM=$C_HWM
+fi
+if [[ ${GIFT_BENCH_STANDIN:-1} == 1 && ( $OTHER == tbsim || $HAVE_STANDIN == 1 ) ]]; then
+    run "$OTHER" 64 0 true "$OTHER"
+    if [[ $OTHER == standin ]]; then
+        SB_RATE=$RUN_RATE SB_STEADY=$RUN_STEADY SB_SECS=$RUN_SECS SB_RPCS=$RUN_RPCS
+        SB_RSS=$RUN_RSS SB_HWM=$RUN_HWM
+    else
+        TS_RATE=$RUN_RATE TS_STEADY=$RUN_STEADY TS_SECS=$RUN_SECS TS_RPCS=$RUN_RPCS
+        TS_RSS=$RUN_RSS TS_HWM=$RUN_HWM
+    fi
 fi
 
 start_tbsim tbsim-rtt
@@ -281,6 +311,9 @@ perl -MJSON::PP -e '
     my $j = JSON::PP->new->canonical->pretty;
     my $out = {
         gifts => 0 + $a{n}, devices => 8, tbsim_latency_ms => 0,
+        thingsboard => $a{tb} eq "standin"
+            ? "stand-in (tools/tbstandin: rule chain, 1 ms per queue hop; motors as MQTT sessions, 0 ms)"
+            : "tbsim on mosquitto (0 ms)",
         fill_per_s => 0 + $a{fill},
         coalescing => { coalesce_max_events => 64, gifts_per_s => 0 + $a{c_rate},
             steady_gifts_per_s => 0 + $a{c_steady}, seconds => 0 + $a{c_secs},
@@ -297,7 +330,12 @@ perl -MJSON::PP -e '
             gifts_per_s => 0 + $a{sb_rate}, steady_gifts_per_s => 0 + $a{sb_steady},
             seconds => 0 + $a{sb_secs}, rpcs => 0 + $a{sb_rpcs}, rss_kib => 0 + $a{sb_rss},
             peak_rss_kib => 0 + $a{sb_hwm},
-            note => "the ThingsBoard stand-in (rule chain, 1 ms per queue hop) and motors as MQTT sessions instead of tbsim; 0: not run" },
+            note => "the ThingsBoard stand-in (rule chain, 1 ms per queue hop) and motors as MQTT sessions; 0: not run" },
+        coalescing_through_tbsim => { coalesce_max_events => 64,
+            gifts_per_s => 0 + $a{ts_rate}, steady_gifts_per_s => 0 + $a{ts_steady},
+            seconds => 0 + $a{ts_secs}, rpcs => 0 + $a{ts_rpcs}, rss_kib => 0 + $a{ts_rss},
+            peak_rss_kib => 0 + $a{ts_hwm},
+            note => "tbsim answering on mosquitto (0 ms); 0: not run" },
         ceilings => {
             jetstream_pull_ack_per_s => 0 + $a{pull},
             mosquitto_rtt_window8_per_s => 0 + $a{r8},
@@ -309,11 +347,12 @@ perl -MJSON::PP -e '
     };
     open(my $f, ">", $a{file}) or die;
     print $f $j->encode($out);
-    printf "\n%-44s %12s %8s %10s\n", "dispatcher ($a{n} gifts, 8 devices)", "gifts/s", "RPCs", "RSS MiB";
+    printf "\n%-44s %12s %8s %10s\n", "dispatcher ($a{n} gifts, 8 devices, " . ($a{tb} eq "standin" ? "stand-in" : "tbsim") . ")", "gifts/s", "RPCs", "RSS MiB";
     printf "%-44s %12d %8d %10.1f\n", "with coalescing (64 per RPC)", $a{c_rate}, $a{c_rpcs}, $a{c_hwm} / 1024;
     printf "%-44s %12d %8d %10.1f\n", "without coalescing (1 per RPC)", $a{s_rate}, $a{s_rpcs}, $a{s_hwm} / 1024;
     printf "%-44s %12d %8d %10.1f\n", "coalescing, done_markers = false (probe)", $a{p_rate}, $a{p_rpcs}, $a{p_hwm} / 1024;
     printf "%-44s %12d %8d %10.1f\n", "coalescing, through the ThingsBoard stand-in", $a{sb_rate}, $a{sb_rpcs}, $a{sb_hwm} / 1024;
+    printf "%-44s %12d %8d %10.1f\n", "coalescing, through tbsim on mosquitto", $a{ts_rate}, $a{ts_rpcs}, $a{ts_hwm} / 1024;
     printf "%-44s %12d\n", "ceiling: JetStream pull + ack", $a{pull};
     printf "%-44s %12d   (p50 %d us)\n", "ceiling: Mosquitto RPC round trips, window 8", $a{r8}, $a{p8};
     printf "%-44s %12d   (p50 %d us)\n", "ceiling: Mosquitto RPC round trips, window 64", $a{r64}, $a{p64};
@@ -325,6 +364,7 @@ perl -MJSON::PP -e '
   s_hwm "$S_HWM" p_rate "$P_RATE" p_steady "$P_STEADY" p_secs "$P_SECS" \
   p_rpcs "$P_RPCS" p_rss "$P_RSS" p_hwm "$P_HWM" sb_rate "$SB_RATE" \
   sb_steady "$SB_STEADY" sb_secs "$SB_SECS" sb_rpcs "$SB_RPCS" sb_rss "$SB_RSS" \
-  sb_hwm "$SB_HWM" pull "$PULL_RATE" r8 "$R8" p8 "$(p50_of "$RTT8")" \
+  sb_hwm "$SB_HWM" ts_rate "$TS_RATE" ts_steady "$TS_STEADY" ts_secs "$TS_SECS" \
+  ts_rpcs "$TS_RPCS" ts_rss "$TS_RSS" ts_hwm "$TS_HWM" tb "$TB" pull "$PULL_RATE" r8 "$R8" p8 "$(p50_of "$RTT8")" \
   r64 "$R64" p64 "$(p50_of "$RTT64")" file "$OUT/dispatcher.json"
 echo "dispatcher bench: $OUT/dispatcher.json"

@@ -7,8 +7,12 @@
 #
 # It starts the stack the way scripts/run.sh does, but on free loopback
 # ports in build/bench/e2e with its own store: nats-server (JetStream, file
-# store), mosquitto, tbsim (0 ms reply latency), gift-dispatcher, and nginx
-# (2 workers, the module; webhook with an HMAC secret, SSE).  Then, with
+# store), ThingsBoard (the stand-in, tools/tbstandin/tb.mjs: the MQTT
+# endpoint and the rule chain, 1 ms per queue hop, and its 8 motors as MQTT
+# sessions of their own, tools/tbstandin/motors.mjs, answering at once;
+# GIFT_TB=tbsim: mosquitto and tbsim, 0 ms reply latency, as before),
+# gift-dispatcher, and nginx (2 workers, the module; webhook with an HMAC
+# secret, SSE).  Then, with
 # build/giftbench (C, epoll; see tools/giftbench.c):
 #   ceiling    giftbench against `giftbench echo` (a trivial server: 202 and
 #              the acknowledgement pushed at once), as fast as answered,
@@ -21,8 +25,8 @@
 #              with R (>= 95%), nothing is lost or duplicated, every answer
 #              is 202 and p99 stays under a bound (100 ms); the highest
 #              sustained step is the maximum sustainable rate (aim: 20,000)
-# and checks that tbsim's motors turned exactly the rounds of every
-# accepted gift.  CPU seconds and peak RSS of each process of the stack
+# and checks that the motors turned exactly the rounds of every accepted
+# gift.  CPU seconds and peak RSS of each process of the stack
 # (from /proc) come with every run; the bottleneck is the process that
 # saturates at the first step that is not sustained.  Writes
 # build/bench/e2e.json; bench/report.sh turns it into the report.
@@ -31,7 +35,8 @@
 # GIFT_E2E_SSE (10 clients), GIFT_E2E_CONNS (64), GIFT_E2E_STEP_SECONDS (5),
 # GIFT_E2E_RATES (explicit ramp steps, e.g. "5000 10000 20000"; default:
 # fractions of the saturated rate), GIFT_E2E_P99_BOUND_MS (100),
-# GIFT_E2E_SECRET (signing key; empty: unsigned), GIFT_E2E_THREADS (sender
+# GIFT_E2E_SECRET (signing key; empty: unsigned), GIFT_TB (tbsim: mosquitto
+# and tbsim instead of the stand-in), GIFT_E2E_THREADS (sender
 # threads, 1), GIFT_E2E_NGINX_HTTP (more directives for nginx's http block,
 # e.g. "gift_sse_max_backlog 16;"), GIFT_BENCH_OUT (build/bench),
 # GIFT_BENCH_KEEP=1 keeps the
@@ -59,6 +64,15 @@ T_START=$(date +%s)
 
 say() { echo "e2e: $*" >&2; }
 
+# ThingsBoard: the stand-in unless GIFT_TB=tbsim
+TB=standin
+if [[ ${GIFT_TB:-} == tbsim ]]; then
+    TB=tbsim
+elif ! command -v node >/dev/null || [[ ! -d $ROOT/tools/tbstandin/node_modules/aedes ]]; then
+    say "the ThingsBoard stand-in needs node and tools/tbstandin/node_modules (run 'make deps'); GIFT_TB=tbsim uses tbsim"
+    exit 1
+fi
+
 # ---------------------------------------------------------------- what we need
 need=()
 for f in ngx_http_gift_module.so giftctl gift-dispatcher tbsim giftbench; do
@@ -67,7 +81,9 @@ done
 if (( ${#need[@]} )); then
     make -s "${need[@]}" >&2 || { say "build failed"; exit 1; }
 fi
-for b in nats-server nginx mosquitto; do
+NEED_BINS=(nats-server nginx)
+[[ $TB == tbsim ]] && NEED_BINS+=(mosquitto)
+for b in "${NEED_BINS[@]}"; do
     command -v "$b" >/dev/null || [[ -x /usr/sbin/$b ]] ||
         { say "$b not found; run 'make deps'"; exit 1; }
 done
@@ -197,6 +213,26 @@ NATS_URL=nats://127.0.0.1:$NATS_PORT
 "$B/giftctl" -s "$NATS_URL" setup >"$WORK/setup.log" 2>&1 ||
     { cat "$WORK/setup.log" >&2; exit 1; }
 
+if [[ $TB == standin ]]; then
+# the endpoint (ThingsBoard's MQTT transport and the rule chain) on the MQTT
+# port, the motors as separate sessions; the motors' totals are read like
+# tbsim's (tbsim.json: {totals}{rounds})
+node "$ROOT/tools/tbstandin/tb.mjs" --host 127.0.0.1 --port "$MQTT_PORT" \
+    --motors 8 --dispatchers 1 --out "$WORK/tbstandin.json" \
+    >"$WORK/tbstandin.log" 2>&1 &
+SB_PID=$!
+started "$SB_PID" tbstandin
+wait_log "$WORK/tbstandin.log" 'serving MQTT' 1 gift-tbstandin "$SB_PID"
+node "$ROOT/tools/tbstandin/motors.mjs" --host 127.0.0.1 --port "$MQTT_PORT" \
+    --motors 8 --window 1048576 --out "$WORK/tbsim.json" \
+    >"$WORK/motors.log" 2>&1 &
+TBSIM_PID=$!
+started "$TBSIM_PID" motors
+wait_log "$WORK/motors.log" 'serving [0-9]+ motors' 1 gift-motors "$TBSIM_PID"
+MQTT_CONF="access_token = \"gift-dispatcher-1\";"
+TB_PROCS="tbstandin=$SB_PID,motors=$TBSIM_PID"
+TB_SAY="the ThingsBoard stand-in :$MQTT_PORT (1 ms per queue hop) and its motors"
+else
 cat >"$WORK/mosquitto.conf" <<EOF
 listener $MQTT_PORT 127.0.0.1
 allow_anonymous true
@@ -217,6 +253,10 @@ wait_port "$MQTT_PORT" mosquitto "$MOSQ_PID" "$WORK/mosquitto.log"
 TBSIM_PID=$!
 started "$TBSIM_PID" tbsim
 wait_log "$WORK/tbsim.log" serving 1 tbsim "$TBSIM_PID"
+MQTT_CONF=
+TB_PROCS="mosquitto=$MOSQ_PID,tbsim=$TBSIM_PID"
+TB_SAY="mosquitto :$MQTT_PORT, tbsim"
+fi
 
 cat >"$WORK/dispatcher.conf" <<EOF
 # written by bench/e2e.sh: the example's settings, this run's ports
@@ -227,6 +267,7 @@ nats = {
 mqtt = {
     host = "127.0.0.1";
     port = $MQTT_PORT;
+    $MQTT_CONF
 };
 devices = {
     # simulated motors: the pipeline is measured, not a motor's pace
@@ -300,9 +341,9 @@ mapfile -t WORKERS < <(pgrep -P "$NGINX_PID" -f 'nginx: worker')
 (( ${#WORKERS[@]} == 2 )) || { say "expected 2 nginx workers, got ${#WORKERS[@]}"; exit 1; }
 
 STACK="nginx-w1=${WORKERS[0]},nginx-w2=${WORKERS[1]},nats-server=$NATS_PID"
-STACK+=",dispatcher=$DISP_PID,mosquitto=$MOSQ_PID,tbsim=$TBSIM_PID"
+STACK+=",dispatcher=$DISP_PID,$TB_PROCS"
 say "stack: nginx :$HTTP_PORT (workers ${WORKERS[*]}), nats-server :$NATS_PORT," \
-    "mosquitto :$MQTT_PORT, tbsim, gift-dispatcher; $SSE SSE clients," \
+    "$TB_SAY, gift-dispatcher; $SSE SSE clients," \
     "$CONNS connections, ${SECRET:+signed}${SECRET:-unsigned}"
 
 URL=http://127.0.0.1:$HTTP_PORT
@@ -381,7 +422,7 @@ say "maximum sustained rate: $MAX_OK gifts/s${FAILED_AT:+ (not sustained: $FAILE
 
 # ---------------------------------------------------------------- motors
 # Every accepted gift of every run turned its motor exactly once:
-# tbsim's rounds == the sum of the accepted gifts' rounds.
+# the motors' rounds == the sum of the accepted gifts' rounds.
 EXPECTED=$(perl -MJSON::PP -e 'my $t = 0; for my $f (@ARGV) { open my $h, "<", $f
     or next; local $/; my $d = decode_json(<$h>); $t += $d->{rounds}{expected} }
     print $t' $(ls "$WORK"/runs/*.json | grep -v /ceiling.json))
@@ -422,7 +463,7 @@ NGINX_ALERTS=$(grep -cE '\[(alert|emerg|crit)\]' "$WORK/nginx/error.log" || true
 perl -MJSON::PP -e '
     my ($runs, $out, $secs, $sat, $max_ok, $failed_at, $ref_rate, $bound,
         $tb_ok, $tb_rounds, $expected, $tbsim, $alerts, $rates, $self,
-        $accepted_all, $acks_stored) = @ARGV;
+        $accepted_all, $acks_stored, $tbmode) = @ARGV;
     my $js = JSON::PP->new->canonical;
     sub rd { my $f = shift; open(my $h, "<", $f) or return undef; local $/;
         my $d = eval { $js->decode(<$h>) }; $d }
@@ -524,6 +565,9 @@ perl -MJSON::PP -e '
         settings => { sse_clients => $run{reference}{sse_clients},
             conns => $run{reference}{conns}, threads => $run{reference}{threads},
             signed => $run{reference}{signed}, tbsim_latency_ms => 0,
+            thingsboard => $tbmode eq "standin"
+                ? "stand-in (tools/tbstandin: rule chain, 1 ms per queue hop; motors as MQTT sessions, answering at once)"
+                : "tbsim on mosquitto (0 ms)",
             p99_bound_ms => 0 + $bound, steps => $rates,
             gifts => "Heart:2,Rose:1,Motor:10,Lion:5 over motor_01..04" },
         ceiling => $ceil,
@@ -599,6 +643,6 @@ perl -MJSON::PP -e '
     exit($ok ? 0 : 1);
 ' "$WORK/runs" "$OUT/e2e.json" "$(( $(date +%s) - T_START ))" "$SAT" "$MAX_OK" \
     "$FAILED_AT" "$REF_RATE" "$P99_BOUND_MS" "$TB_OK" "${TB_ROUNDS:-0}" \
-    "$EXPECTED" "$WORK/tbsim-final.json" "$NGINX_ALERTS" "$RATES" "$SELF" "$ACCEPTED_ALL" "${ACKS_STORED:-0}" || rc=$?
+    "$EXPECTED" "$WORK/tbsim-final.json" "$NGINX_ALERTS" "$RATES" "$SELF" "$ACCEPTED_ALL" "${ACKS_STORED:-0}" "$TB" || rc=$?
 say "wrote $OUT/e2e.json ($(( $(date +%s) - T_START )) s)"
 exit $rc

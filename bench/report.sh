@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark report (issue 9): build/bench/report.md from the JSON the
 # benchmarks wrote into $GIFT_BENCH_OUT (build/bench): ingest.json,
-# dispatcher.json, fanout.json, e2e.json.  Each stage stands next to the
+# dispatcher.json, fanout.json, e2e.json (and seed.md, bench/seed.sh's table,
+# appended).  Each stage stands next to the
 # ceiling measured in the same run; when an aim is missed the report says
 # which stage is the bottleneck, with its figures.
 #
@@ -29,7 +30,9 @@ sub rd {
 }
 my %j = map { $_ => rd("$_.json") } qw(ingest dispatcher fanout e2e);
 my @have = grep { $j{$_} } sort keys %j;
-unless (@have) {
+my $seed_md;
+if (open(my $sh, "<", "$dir/seed.md")) { local $/; $seed_md = <$sh>; close $sh; }
+unless (@have || $seed_md) {
     print STDERR "report: no benchmark JSON in $dir\n";
     exit 1;
 }
@@ -167,8 +170,8 @@ if ($dsp) {
     my $ce = $dsp->{ceilings} // {};
     p "## Dispatcher (`bench/dispatcher.sh`)";
     p;
-    p n($dsp->{gifts}), " gifts pre-filled in GIFTS over ", $dsp->{devices} // "?", " devices, tbsim at ",
-      $dsp->{tbsim_latency_ms} // 0, " ms.";
+    p n($dsp->{gifts}), " gifts pre-filled in GIFTS over ", $dsp->{devices} // "?", " devices; ThingsBoard: ",
+      $dsp->{thingsboard} // ("tbsim at " . ($dsp->{tbsim_latency_ms} // 0) . " ms"), ".";
     p;
     p "| run | gifts/s | RPCs | peak RSS MiB |";
     p "|---|---|---|---|";
@@ -176,6 +179,13 @@ if ($dsp) {
       n($c->{rpcs}), " | ", f(($c->{peak_rss_kib} // 0) / 1024, 1), " |";
     p "| no coalescing | ", n($s->{gifts_per_s}), " | ", n($s->{rpcs}), " | ",
       f(($s->{peak_rss_kib} // 0) / 1024, 1), " |" if %$s;
+    for ([ "coalescing, through the ThingsBoard stand-in", $dsp->{coalescing_through_tbstandin} ],
+         [ "coalescing, through tbsim on mosquitto", $dsp->{coalescing_through_tbsim} ]) {
+        my ($what, $r) = @$_;
+        next unless $r && $r->{gifts_per_s};
+        p "| $what | ", n($r->{gifts_per_s}), " | ", n($r->{rpcs}), " | ",
+          f(($r->{peak_rss_kib} // 0) / 1024, 1), " |";
+    }
     p "| ceiling: JetStream pull + ack | ", n($ce->{jetstream_pull_ack_per_s}), " | | |";
     p "| ceiling: Mosquitto round trips, window 8 | ", n($ce->{mosquitto_rtt_window8_per_s}),
       " | p50 ", n($ce->{mosquitto_rtt_window8_p50_us}), " us | |" if defined $ce->{mosquitto_rtt_window8_per_s};
@@ -221,7 +231,11 @@ if ($e) {
     p "## End to end (`bench/e2e.sh`)";
     p;
     p "nginx (2 workers, ", ($set->{signed} ? "HMAC-signed webhooks" : "unsigned webhooks"),
-      ") -> JetStream -> gift-dispatcher -> Mosquitto -> tbsim (0 ms) -> GIFT_ACKS -> nginx -> ",
+      ") -> JetStream -> gift-dispatcher -> ",
+      ($set->{thingsboard} // "") =~ /^stand-in/
+        ? "the ThingsBoard stand-in (rule chain, 1 ms per queue hop) -> motors (MQTT sessions, 0 ms)"
+        : "Mosquitto -> tbsim (0 ms)",
+      " -> GIFT_ACKS -> nginx -> ",
       $set->{sse_clients} // "?", " SSE clients, all on this machine, driven by `giftbench` (",
       $set->{conns} // "?", " keep-alive connections, ", $set->{threads} // 1,
       " sender thread). Latency: from the intended send time of each gift (open loop) to its",
@@ -353,6 +367,14 @@ if (@missed) {
           n($r->{others_cpu_pct}), "% of the machine meanwhile.";
         p;
     }
+}
+
+# ------------------------------------------------------------ seed stack
+# bench/seed.sh wrote its own table (seed.md): the seed stack of the
+# design notes against this project, same run
+if ($seed_md) {
+    p;
+    p $seed_md;
 }
 
 open(my $o, ">", "$dir/report.md") or die "$dir/report.md: $!";

@@ -80,6 +80,19 @@ check_stream(const jsStreamConfig *have, const jsStreamConfig *want)
     if (want->Duplicates) {
         d += differs_i64(n, "duplicate_window_ns", have->Duplicates,
                          want->Duplicates);
+        if (have->Duplicates < want->Duplicates
+            && strcmp(n, GIFT_STREAM_EVENTS) == 0)
+        {
+            /* what signed webhooks rely on: say it in their words */
+            gift_log(GIFT_LOG_WARN, "stream %s: its duplicate window (%"
+                     PRId64 " s) is shorter than the %d s that nginx's "
+                     "gift_webhook_signature_window + "
+                     "gift_webhook_signature_skew may span: a replayed "
+                     "signed webhook could be stored twice; raise it "
+                     "(nats stream edit %s --dupe-window 10m)", n,
+                     (int64_t) (have->Duplicates / NS_PER_S),
+                     GIFT_DUP_WINDOW_S, n);
+        }
     }
     if (have->Replicas < want->Replicas) {
         d += differs_i64(n, "replicas", have->Replicas, want->Replicas);

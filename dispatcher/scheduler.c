@@ -24,7 +24,7 @@
 #include "dispatcher.h"
 #include "dispatch_int.h"
 
-static rlimit_t rl_rpc;
+static rlimit_t rl_rpc, rl_ids;
 
 /* ------------------------------------------------------------ devices */
 
@@ -257,10 +257,10 @@ device_wait(dsp_t *d, ddevice_t *dev, int64_t when)
  */
 static int fp_counter_bits = -1;
 
-static uint64_t
-rpc_id_fresh(dsp_t *d)
+static int
+rpc_id_fresh(dsp_t *d, uint64_t *out)
 {
-    uint64_t n = 0, high;
+    uint64_t n = 0, high, quiet;
     int      k, bits = d->mqtt.ids.counter_bits;
 
     if (fp_counter_bits < 0) {
@@ -285,12 +285,17 @@ rpc_id_fresh(dsp_t *d)
         if (dmap_get(&d->by_rpc, n) == NULL
             && dmap_get(&d->quarantine, n) == NULL)
         {
-            return n;
+            *out = n;
+            return 0;
         }
     }
-    gift_log(GIFT_LOG_ERR, "no RPC id free of late replies in 1024 tries "
-             "(%zu quarantined): reusing %" PRIu64, d->quar_n, n);
-    return n;
+    /* never reuse one: the device waits until an id leaves quarantine */
+    if (rlimit_ok(&rl_ids, gift_mono_us(), &quiet)) {
+        gift_log(GIFT_LOG_WARN, "no RPC id free of late replies in 1024 "
+                 "tries (%zu quarantined): waiting (%" PRIu64 " more not "
+                 "logged)", d->quar_n, quiet);
+    }
+    return -1;
 }
 
 /* An RPC timed out: keep its id away from new RPCs for late_reply_ms. */
@@ -403,7 +408,11 @@ device_kick(dsp_t *d, ddevice_t *dev)
             return;
         }
         r->dev = dev;
-        r->n = rpc_id_fresh(d);
+        if (rpc_id_fresh(d, &r->n) != 0) {
+            free(r);
+            device_wait(d, dev, now + 10000);
+            return;
+        }
         if (g->rounds_done > 0 || gift_left(g) > cmax) {
             /* a split gift: its next part, alone */
             g = queue_pop(dev);

@@ -396,6 +396,7 @@ ngx_http_gift_create_main_conf(ngx_conf_t *cf)
      *     gmcf->nats_urls = NULL;
      *     gmcf->used = 0;
      *     gmcf->follow_acks = 0;
+     *     gmcf->signature_span = 0;
      *     gmcf->nats.ssl = NULL;
      *     gmcf->nats.ssl_name = { 0, NULL };
      *     gmcf->nats.ssl_trusted_certificate = { 0, NULL };
@@ -488,7 +489,8 @@ ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_gift_loc_conf_t *prev = parent;
     ngx_http_gift_loc_conf_t *conf = child;
 
-    ngx_http_core_loc_conf_t  *clcf;
+    ngx_http_core_loc_conf_t   *clcf;
+    ngx_http_gift_main_conf_t  *gmcf;
 
     ngx_conf_merge_value(conf->webhook, prev->webhook, 0);
     ngx_conf_merge_msec_value(conf->publish_timeout, prev->publish_timeout,
@@ -526,6 +528,20 @@ ngx_http_gift_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                            "request could be stored twice",
                            conf->signature_window, conf->signature_skew);
         return NGX_CONF_ERROR;
+    }
+
+    /*
+     * The stream itself cannot be seen from here: each worker compares
+     * the largest span with GIFTS' duplicate window once connected.
+     */
+    if (conf->webhook && conf->secrets != NULL) {
+        gmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_gift_module);
+        if (gmcf->signature_span
+            < conf->signature_window + conf->signature_skew)
+        {
+            gmcf->signature_span = conf->signature_window
+                                   + conf->signature_skew;
+        }
     }
 
     if (conf->webhook && conf->secrets == NULL) {

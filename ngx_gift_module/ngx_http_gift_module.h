@@ -80,6 +80,8 @@ typedef struct {
     ngx_msec_t                 heartbeat;
     ngx_uint_t                 max_clients;
     ngx_uint_t                 max_backlog;
+    time_t                     signature_span;  /* largest window + skew of
+                                                   a signed webhook */
 } ngx_http_gift_main_conf_t;
 
 

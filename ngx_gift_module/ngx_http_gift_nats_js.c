@@ -10,6 +10,11 @@
  * When the connection drops, a publish whose bytes never left ends at once
  * with "unavailable" (it was not stored: a retry is safe); one that was
  * written may have been stored, and waits for its gift_publish_timeout.
+ *
+ * Once connected, it asks JetStream for GIFTS' settings ("<inbox>.i"): a
+ * duplicate window shorter than a signed webhook's window plus skew lets a
+ * replayed request be stored twice, which nginx -t cannot see.  A warning,
+ * and nothing else changes.
  */
 
 #include "ngx_http_gift_nats.h"
@@ -19,6 +24,8 @@
 
 typedef struct {
     ngx_uint_t                     queue_max;
+    time_t                         span;        /* signature window + skew */
+    int64_t                        warned_ns;   /* the window warned about */
     uint64_t                       next_id;
     ngx_rbtree_t                   pending;
     ngx_rbtree_node_t              sentinel;
@@ -30,6 +37,8 @@ static ngx_int_t ngx_http_gift_js_handshake(void *data);
 static void ngx_http_gift_js_connected(void *data);
 static void ngx_http_gift_js_disconnected(void *data, uint64_t written);
 static void ngx_http_gift_js_message(void *data, ngx_http_gift_nats_msg_t *m);
+static void ngx_http_gift_js_stream_info(ngx_http_gift_js_t *js,
+    ngx_http_gift_nats_msg_t *m);
 
 
 static ngx_http_gift_js_t  *ngx_http_gift_js;
@@ -47,6 +56,8 @@ ngx_http_gift_js_init_process(ngx_cycle_t *cycle,
     }
 
     js->queue_max = gmcf->queue_size;
+    js->span = gmcf->signature_span;
+    js->warned_ns = -1;
     js->next_id = 1;
     ngx_rbtree_init(&js->pending, &js->sentinel, ngx_rbtree_insert_value);
 
@@ -170,9 +181,87 @@ ngx_http_gift_js_handshake(void *data)
 }
 
 
+/* GIFTS' settings, once per connection: see ngx_http_gift_js_stream_info() */
 static void
 ngx_http_gift_js_connected(void *data)
 {
+    ngx_http_gift_js_t *js = data;
+
+    u_char     *o;
+    ngx_str_t  *inbox;
+
+    if (js->span == 0) {
+        return;                 /* no signed webhook */
+    }
+
+    inbox = ngx_http_gift_nats_inbox();
+
+    o = ngx_http_gift_nats_out(sizeof("PUB $JS.API.STREAM.INFO.GIFTS .i 0"
+                                      "\r\n\r\n")
+                               + inbox->len);
+    if (o == NULL) {
+        return;
+    }
+
+    (void) ngx_http_gift_nats_queue(ngx_sprintf(o,
+                                    "PUB $JS.API.STREAM.INFO.GIFTS %V.i 0"
+                                    "\r\n\r\n", inbox));
+}
+
+
+/*
+ * The answer to STREAM.INFO: {"config":{"duplicate_window":<ns>,...},...}.
+ * An error (no stream yet, no JetStream) says nothing here: the publishes
+ * report it.
+ */
+static void
+ngx_http_gift_js_stream_info(ngx_http_gift_js_t *js,
+    ngx_http_gift_nats_msg_t *m)
+{
+    int64_t        ns;
+    json_t        *root, *v;
+    json_error_t   jerr;
+
+    if (m->len == 0) {
+        return;                 /* a status: no responders */
+    }
+
+    root = json_loadb((const char *) m->data, m->len, 0, &jerr);
+    if (root == NULL) {
+        return;
+    }
+
+    v = json_object_get(json_object_get(root, "config"), "duplicate_window");
+    ns = json_is_integer(v) ? (int64_t) json_integer_value(v) : -1;
+    json_decref(root);
+
+    if (ns < 0) {
+        return;
+    }
+
+    if (ns >= (int64_t) js->span * 1000000000LL) {
+        ngx_log_error(NGX_LOG_INFO, ngx_http_gift_nats_log(), 0,
+                      "gift: the GIFTS duplicate window (%uLs) covers "
+                      "signed webhooks (%Ts)",
+                      (uint64_t) (ns / 1000000000LL), js->span);
+        return;
+    }
+
+    if (ns == js->warned_ns) {
+        return;                 /* once, not at every reconnect */
+    }
+
+    js->warned_ns = ns;
+
+    ngx_log_error(NGX_LOG_WARN, ngx_http_gift_nats_log(), 0,
+                  "gift: the GIFTS stream's duplicate window "
+                  "(duplicate_window) is %uLs, shorter than "
+                  "gift_webhook_signature_window plus "
+                  "gift_webhook_signature_skew (%Ts): a replayed signed "
+                  "webhook could be stored twice; raise the stream's "
+                  "duplicate window (nats stream edit GIFTS --dupe-window "
+                  "10m) or lower the two settings",
+                  (uint64_t) (ns / 1000000000LL), js->span);
 }
 
 
@@ -286,6 +375,15 @@ ngx_http_gift_js_message(void *data, ngx_http_gift_nats_msg_t *m)
     ngx_http_gift_pub_result_t   res;
 
     inbox = ngx_http_gift_nats_inbox();
+
+    if (m->subject_len == inbox->len + 2
+        && m->subject[inbox->len] == '.'
+        && m->subject[inbox->len + 1] == 'i'
+        && ngx_strncmp(m->subject, inbox->data, inbox->len) == 0)
+    {
+        ngx_http_gift_js_stream_info(js, m);
+        return;
+    }
 
     if (m->subject_len <= inbox->len + 1
         || ngx_strncmp(m->subject, inbox->data, inbox->len) != 0

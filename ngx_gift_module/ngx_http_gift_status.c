@@ -4,8 +4,8 @@
  *
  * Every counter is an ngx_atomic_t bumped with one atomic add: no lock on
  * the hot path.  The zone survives reloads (counters keep counting).  The
- * NATS state is kept per worker slot (ngx_worker), written by cnats's
- * callback threads with atomic stores, which touch nothing else of nginx.
+ * NATS state is kept per worker slot (ngx_worker), written by the worker's
+ * own NATS client with atomic stores, read by any worker's status page.
  */
 
 #include "ngx_http_gift_module.h"
@@ -184,7 +184,7 @@ ngx_http_gift_stat_add(ngx_http_gift_stat_e which, ngx_atomic_int_t delta)
 }
 
 
-/* From cnats callback threads too: atomic stores only. */
+/* The worker's NATS client: atomic stores, read by other workers. */
 void
 ngx_http_gift_stat_nats(ngx_uint_t connected, ngx_uint_t reconnected)
 {

@@ -7,8 +7,8 @@
 #     request was never processed;
 #   - every 202 is in GIFTS at its seq, and a sender that retries ends with
 #     each gift stored exactly once;
-#   - the old workers exit with code 0: bridge thread joined and cnats
-#     stopped in time, no socket left open (nginx alerts on those), their
+#   - the old workers exit with code 0: the NATS client's connection closed
+#     in time (and its DNS thread, if any, gone), no socket left open (nginx alerts on those), their
 #     NATS connections closed; the master has no thread and no new fd.
 
 use strict;
@@ -121,7 +121,7 @@ is($closed_dup, 0, 'a request cut by a closing connection was not processed');
 is(GiftFaults::js_stream_info($nats->url, 'GIFTS')->{state}{messages},
     scalar @rec, 'GIFTS holds each gift exactly once');
 
-# --- a reload while cnats is reconnecting (nats-server stopped): closing a
+# --- a reload while the NATS client is reconnecting (nats-server stopped): closing a
 # connection that is reconnecting must not hold up the old workers' exit
 my @old = @{$gen[-1]};
 my $off = length GiftTest::slurp($ngx->error_log);
@@ -148,7 +148,7 @@ my @log = split /\n/, GiftTest::slurp($ngx->error_log);
 is_deeply([grep { /worker process \d+ exited with code [1-9]/ } @log], [],
     'every worker exited with code 0');
 is_deeply([grep { /threads did not stop in time/ } @log], [],
-    'cnats threads stopped in time');
+    'no NATS thread held up the exit');
 is_deeply([grep { /open socket .* left in connection/ } @log], [],
     'no socket left open');
 is_deeply([grep { /exited on signal/ } @log], [], 'no worker crashed');

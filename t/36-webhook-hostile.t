@@ -227,6 +227,20 @@ like($msg, qr/readable by every user/, 'with a warning');
     like($o, qr/duplicate window \(duplicate_window\) of 60 s, shorter than 600 s/,
         'naming the setting') or diag $o;
     $nc->close;
+
+    # the dispatcher warns about it at start, in the webhook's words, and
+    # keeps working (it cannot know nginx's settings; nginx warns on its own)
+    require GiftDispatch;
+    my $mq = GiftDispatch::start_mosquitto();
+    my $d = GiftDispatch::start_dispatcher(nats_url => $n2->url,
+        mqtt_port => $mq->port);
+    ok(GiftTest::wait_until(20, sub {
+        $d->log_text =~ /stream GIFTS: its duplicate window \(60 s\) is shorter than the 600 s that nginx's gift_webhook_signature_window \+ gift_webhook_signature_skew may span/
+    }), 'the dispatcher warns at start, naming both settings')
+        or diag $d->log_text;
+    ok(kill(0, $d->pid), '... and keeps running');
+    $d->stop;
+    $mq->stop;
 }
 
 done_testing();

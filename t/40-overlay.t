@@ -2,8 +2,9 @@
 # The overlay page (web/) in a real browser: Debian's Chromium, driven by
 # playwright-core through t/browser/driver.mjs.  nginx serves the page and
 # /gift/events; acknowledgements are published into GIFT_ACKS as the
-# dispatcher would (and, when build/gift-dispatcher and build/tbsim exist,
-# also through the whole chain: POST /gift -> dispatcher -> tbsim).
+# dispatcher would (and, when build/gift-dispatcher exists, also through the
+# whole chain: POST /gift -> dispatcher -> the ThingsBoard stand-in and its
+# motors; GIFT_TB=tbsim: tbsim on mosquitto).
 #
 # What a viewer would check: who sent what, rounds, device, status (dead
 # letters with their reason), latency; per-device totals; names shown as
@@ -293,17 +294,29 @@ is_deeply([map { $_->{device} } @{$v->{totals}}], ['motor_02'],
 # ------------------------------------------------------------ full chain
 
 SKIP: {
-    GiftTest::skip_unless(-x "$BUILD/gift-dispatcher" && -x "$BUILD/tbsim",
-        'build/gift-dispatcher or build/tbsim not built', 9);
     require GiftDispatch;
+    require GiftTB;
+    my $use_tb = GiftTB::available() && ($ENV{GIFT_TB} // '') ne 'tbsim';
+    GiftTest::skip_unless(-x "$BUILD/gift-dispatcher"
+        && ($use_tb || -x "$BUILD/tbsim"),
+        'build/gift-dispatcher or build/tbsim not built', 9);
 
-    my $mq = GiftDispatch::start_mosquitto();
-    # motor_04 never answers: its gift is dead-lettered after MaxDeliver
-    # (5) attempts, kept short here
-    my $tb = GiftDispatch::start_tbsim(mqtt_port => $mq->port,
-        args => ['--offline', 'motor_04']);
+    # motor_04 is offline: its gift is dead-lettered after MaxDeliver (5)
+    # attempts, kept short here
+    my ($mq, $tbep, $tb, $mqtt_port, $mqtt_conf);
+    if ($use_tb) {
+        $tbep = GiftTB::start_tb(motors => 8, dispatchers => 1);
+        $tb = GiftTB::start_motors(port => $tbep->port, motors => 8,
+            args => ['--offline', 'motor_04']);
+        ($mqtt_port, $mqtt_conf) = ($tbep->port, $tbep->mqtt_conf(1));
+    } else {
+        $mq = GiftDispatch::start_mosquitto();
+        $tb = GiftDispatch::start_tbsim(mqtt_port => $mq->port,
+            args => ['--offline', 'motor_04']);
+        ($mqtt_port, $mqtt_conf) = ($mq->port, '');
+    }
     my $disp = GiftDispatch::start_dispatcher(nats_url => $nats->url,
-        mqtt_port => $mq->port, rpc_timeout_ms => 300,
+        mqtt_port => $mqtt_port, extra_mqtt => $mqtt_conf, rpc_timeout_ms => 300,
         extra_nats => 'retry_delays_ms = [ 100 ];');
 
     $browser->cmd(goto => url => $base, width => 1920, height => 1080);
@@ -340,7 +353,7 @@ SKIP: {
 
     $disp->stop;
     $tb->stop;
-    $mq->stop;
+    $tbep ? $tbep->stop : $mq->stop;
 }
 
 # ------------------------------------------------------------ phone, OBS

@@ -1,8 +1,9 @@
 #!/usr/bin/perl
 # The whole stack under a steady stream of gifts, with faults one after the
 # other: the dispatcher killed -9 and restarted, nats-server killed -9 and
-# restarted on the same store, mosquitto stopped for 3 s, nginx reloaded
-# twice and a worker killed -9.  A sender posts like a real one (retrying
+# restarted on the same store, ThingsBoard (the stand-in's endpoint) killed
+# -9 and restarted on the same port 3 s later (GIFT_TB=tbsim: mosquitto
+# stopped for 3 s under tbsim), nginx reloaded twice and a worker killed -9.  A sender posts like a real one (retrying
 # anything but 202 with the same body).  Then, as a user would check:
 #   - every gift that got a 202 is in GIFTS exactly once;
 #   - what the motors executed equals exactly the rounds of those gifts;
@@ -18,6 +19,7 @@ use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
 use GiftStream;
+use GiftTB;
 
 my $N = $ENV{GIFT_SOAK} ? 6000 : 800;        # gifts
 my $RATE = $ENV{GIFT_SOAK} ? 150 : 60;        # per second
@@ -25,13 +27,22 @@ my $RATE = $ENV{GIFT_SOAK} ? 150 : 60;        # per second
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
 GiftTest::giftctl($nats->url, 'setup');
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on mosquitto)
+my ($mq, $tbep, $tb, $mqtt_port, $mqtt_conf);
+if (GiftTB::available() && ($ENV{GIFT_TB} // '') ne 'tbsim') {
+    $tbep = GiftTB::start_tb(dir => $dir, motors => 8, dispatchers => 1);
+    $tb = GiftTB::start_motors(dir => $dir, port => $tbep->port, motors => 8);
+    ($mqtt_port, $mqtt_conf) = ($tbep->port, $tbep->mqtt_conf(1));
+} else {
+    $mq = GiftDispatch::start_mosquitto(dir => $dir);
+    $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port);
+    ($mqtt_port, $mqtt_conf) = ($mq->port, '');
+}
 my $rules = "    rule = (\n" . join(",\n", map {
     qq(        { gift = "G$_"; device = "motor_0$_"; })
 } 1 .. 4) . "\n    );\n";
-my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port,
-    rules => $rules);
+my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mqtt_port,
+    extra_mqtt => $mqtt_conf, rules => $rules);
 my $d = GiftDispatch::start_dispatcher(%dconf);
 # the SSE client is away from the reload to the end: the replay ring holds
 # every acknowledgement, or its resume would get a gap (soak: 6,000)
@@ -112,11 +123,21 @@ $step->($start + 4, 'kill -9 nats-server, restart on the same store', sub {
     sleep 1;
     $nats->start;
 });
-$step->($start + 7, 'stop mosquitto for 3 s', sub {
-    $mq->stop;
-    sleep 3;
-    $mq->start;
-});
+if ($tbep) {
+    # the RPCs in flight are lost with it: the dispatcher reconnects and
+    # retries them, the motors skip the event ids they already executed
+    $step->($start + 7, 'kill -9 the ThingsBoard stand-in, restart it 3 s later on the same port', sub {
+        $tbep->kill9;
+        sleep 3;
+        $tbep->start;
+    });
+} else {
+    $step->($start + 7, 'stop mosquitto for 3 s', sub {
+        $mq->stop;
+        sleep 3;
+        $mq->start;
+    });
+}
 $step->($start + 11, 'nginx reload twice, kill -9 a worker', sub {
     $sse->close;            # the reload ends it anyway; resume later
     $sse = undef;
@@ -159,7 +180,7 @@ ok(GiftTest::wait_until(20, sub {
     $got = $tb->rounds;
     join(',', map { $got->{$_} // 0 } sort keys %want)
         eq join(',', map { $want{$_} } sort keys %want);
-}, 0.5), "tbsim's motors turned exactly the rounds of the 202'd gifts")
+}, 0.5), "the motors turned exactly the rounds of the 202'd gifts")
     or diag explain { want => \%want, got => $got };
 # commands repeated for executed event ids: only where a command and its
 # answer were cut apart (the dispatcher's kill -9, mosquitto's stop), at
@@ -167,6 +188,17 @@ ok(GiftTest::wait_until(20, sub {
 my $dups = $tb->totals->{totals}{duplicates};
 cmp_ok($dups, '<=', 2 * 2 * 64 * 4,
     "commands repeated for executed ids ($dups) within the in-flight bound");
+
+# the dispatcher came back to the restarted endpoint
+if ($tbep) {
+    my $dt = $tbep->totals->{devices}{'gift-dispatcher-1'};
+    ok($dt->{connects} >= 1 && $dt->{connected},
+        'the dispatcher reconnected to the restarted stand-in')
+        or diag explain $dt;
+    my $mt = $tb->totals->{devices};
+    is(scalar(grep { $mt->{$_}{connects} >= 2 } keys %$mt), scalar(keys %$mt),
+        'so did every motor') or diag explain $mt;
+}
 
 # one acknowledgement per gift
 ok(GiftTest::wait_until(20, sub {

@@ -72,13 +72,33 @@ sub _spawn {
     my $self = bless { dir => $a{dir} // GiftTest::tempdir(), id => ++$seq,
         name => $name }, $class;
     unlink $self->out;
+    @$self{qw(ready argv)} = ($ready, $a{argv});
+    return $self->start;
+}
+
+# (Re)start the process with the arguments it was first given (the same
+# port for the endpoint): waits for its next "ready" line in the log.
+sub start {
+    my ($self) = @_;
+    return $self if $self->{pid};
     my $node = GiftTB::available() or die "node or tools/tbstandin/node_modules missing\n";
-    $self->{pid} = GiftTest::spawn($name, $self->log, $node,
-        "$DIR/" . ($name eq 'tb' ? 'tb.mjs' : 'motors.mjs'),
-        '--out', $self->out, @{$a{argv}});
-    GiftTest::wait_until(20, sub { $self->log_text =~ $ready })
-        or die "$name did not start:\n" . $self->log_text;
+    my $n = () = $self->log_text =~ /$self->{ready}/g;
+    $self->{pid} = GiftTest::spawn($self->{name}, $self->log, $node,
+        "$DIR/" . ($self->{name} eq 'tb' ? 'tb.mjs' : 'motors.mjs'),
+        '--out', $self->out, @{$self->{argv}});
+    GiftTest::wait_until(20, sub {
+        my $m = () = $self->log_text =~ /$self->{ready}/g;
+        $m > $n;
+    }) or die "$self->{name} did not start:\n" . $self->log_text;
     return $self;
+}
+
+# kill -9: no goodbye to its clients, no counters written.
+sub kill9 {
+    my ($self) = @_;
+    return unless $self->{pid};
+    GiftTest::stop_pid($self->{pid}, 'KILL', 10);
+    $self->{pid} = undef;
 }
 
 # ------------------------------------------------------------ the endpoint
