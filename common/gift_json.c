@@ -113,6 +113,21 @@ gift_ack_json(const Gift__V1__GiftAck *a, uint64_t seq, char *out, size_t cap)
         return 0;
     }
 
+    /* only when they say something, so that plain acks keep their shape:
+     * a gift above the per-gift limit (rounds is what was executed) and a
+     * gift split into several commands */
+    if (a->capped
+        && app(out, cap, &n, ",\"roundsRequested\":%" PRIu64
+               ",\"capped\":true", a->rounds_requested) != 0)
+    {
+        return 0;
+    }
+    if (a->parts > 0
+        && app(out, cap, &n, ",\"parts\":%" PRIu32, a->parts) != 0)
+    {
+        return 0;
+    }
+
     /* webhook received (nginx's clock) -> device answered, in ms */
     lat_ms = 0;
     if (a->received_at_ms > 0 && a->completed_at_ms >= a->received_at_ms) {

@@ -184,7 +184,8 @@ my $hostile = '<img src=x onerror="window.__pwned=1">';
 my @s1 = (
     ack(userName => 'Alice', deviceId => 'motor_01', rounds => 10),
     ack(userName => 'Bob', deviceId => 'motor_02', giftName => 'Rose',
-        diamond => 1, quantity => 5, rounds => 5),
+        diamond => 1, quantity => 5, rounds => 5, roundsRequested => 50000,
+        capped => 1),
     ack(userName => $hostile, giftName => '<b>Lion</b>',
         deviceId => 'motor_01', quantity => 2, rounds => 20),
     ack(userName => '', userId => 'user_777', deviceId => 'motor_02',
@@ -201,10 +202,12 @@ is_deeply(seqs($v), [reverse @s1], 'six acknowledgements, newest first')
 my %e = map { $_->{seq} => $_ } @{$v->{feed}};
 my $e1 = $e{$s1[0]};
 is_deeply([@$e1{qw(who gift qty rounds device statusText latency status)}],
-    ['Alice', 'Motor', "\x{d7}1", '10 rounds', 'motor_01', 'ok', '12 ms',
+    ['Alice', 'Motor', "\x{d7}1", '10 rounds', 'motor_01', 'accepted', '12 ms',
      'ok'], 'an entry: who, gift x quantity, rounds, device, status, '
     . 'latency') or diag explain $e1;
 is($e{$s1[1]}{qty}, "\x{d7}5", 'quantity');
+is($e{$s1[1]}{rounds}, '5 rounds (capped, 50,000 asked)',
+    'a gift above the per-gift limit: rounds turned, rounds asked');
 is($e{$s1[2]}{who}, $hostile, 'a name with markup is shown as text');
 is($e{$s1[2]}{gift}, '<b>Lion</b>', 'a gift name with markup too');
 is($v->{foreign}, 0, 'no element from the data in the feed');

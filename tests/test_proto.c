@@ -99,6 +99,18 @@ START_TEST(ack_round_trip_and_json)
 
     /* too small a buffer is refused, never overrun */
     ck_assert_uint_eq(gift_ack_json(back, 42, json, 40), 0);
+
+    /* a capped, split gift says so: rounds executed, rounds requested */
+    back->status = GIFT__V1__ACK_STATUS__ACK_STATUS_OK;
+    back->rounds = 100000;
+    back->rounds_requested = 100000000000ULL;
+    back->capped = 1;
+    back->parts = 100;
+    n = gift_ack_json(back, 43, json, sizeof(json));
+    ck_assert_uint_gt(n, 0);
+    json[n] = '\0';
+    ck_assert_ptr_nonnull(strstr(json, "\"rounds\":100000,\"status\":\"ok\","
+        "\"roundsRequested\":100000000000,\"capped\":true,\"parts\":100,"));
     gift__v1__gift_ack__free_unpacked(back, NULL);
 }
 END_TEST

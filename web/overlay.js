@@ -194,11 +194,20 @@
         text(li, '.who', str(a.userName) || str(a.userId) || 'someone');
         text(li, '.gift', str(a.giftName) || 'a gift');
         text(li, '.qty', '×' + num.format(qty || 1));
+        /* a gift above the per-gift limit turned only the limit: say so */
         text(li, '.rounds', num.format(rounds) + (rounds === 1 ? ' round'
-                                                                : ' rounds'));
+                                                                : ' rounds')
+             + (a.capped === true
+                ? ' (capped, ' + num.format(toInt(a.roundsRequested))
+                  + ' asked)'
+                : ''));
         text(li, '.device', str(a.deviceId) || '?');
+        /* "ok" from a motor means it accepted the command (the firmware
+         * answers on acceptance, then turns) */
         text(li, '.status', dead ? 'dead letter: ' + (str(a.reason) || 'unknown')
-                                 : 'ok');
+                                 : 'accepted');
+        li.querySelector('.status').title = dead
+            ? 'not turned: dead-lettered' : 'accepted by the motor';
         text(li, '.latency', latency(a.latencyMs));
 
         var when = li.querySelector('.when');

@@ -64,7 +64,10 @@ sub encode_ack {
         _field_string(13, $a->{giftName}),
         _field_varint(14, $a->{diamond}),
         _field_varint(15, $a->{quantity}),
-        _field_varint(16, $a->{receivedAtMs});
+        _field_varint(16, $a->{receivedAtMs}),
+        _field_varint(17, $a->{roundsRequested}),
+        _field_varint(18, $a->{capped} ? 1 : 0),
+        _field_varint(19, $a->{parts});
 }
 
 # ------------------------------------------------------------ NATS
