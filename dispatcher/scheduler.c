@@ -85,10 +85,13 @@ device_limits(dsp_t *d, ddevice_t *dev)
             if (eff == DSP_RPM_STOPPED) {
                 gift_log(GIFT_LOG_INFO, "device %s: %s, rate stopped",
                          dev->name, paused ? "paused" : "running");
+            } else if (eff == 0) {
+                gift_log(GIFT_LOG_INFO, "device %s: %s, rate unlimited",
+                         dev->name, paused ? "paused" : "running");
             } else {
-                gift_log(GIFT_LOG_INFO, "device %s: %s, %s%" PRIu64 " rounds"
+                gift_log(GIFT_LOG_INFO, "device %s: %s, %" PRIu64 " rounds"
                          " per minute", dev->name, paused ? "paused"
-                         : "running", eff ? "" : "unlimited: ", eff);
+                         : "running", eff);
             }
         }
         dev->paused = paused;

@@ -1,6 +1,7 @@
 #!/usr/bin/perl
 # gift-dispatcher when its peers fail, under load, with real processes:
-# the MQTT broker restarts, the NATS server restarts, the dispatcher itself
+# ThingsBoard (the stand-in's endpoint) is killed -9 and restarted on the
+# same port (GIFT_TB=tbsim: mosquitto restarts under tbsim), the NATS server restarts, the dispatcher itself
 # is killed with SIGKILL.  Each time the motors' totals end exactly as
 # expected (nothing lost, nothing turned twice) and every gift has exactly
 # one GiftAck.
@@ -12,20 +13,22 @@ use Time::HiRes qw(time sleep);
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--latency-ms', '2-8' ]);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on mosquitto)
+my $st = GiftTB::start_stack(dir => $dir, motors => 8,
+    motor_args => [ '--latency-ms', '2-8' ], tbsim_args => [ '--latency-ms', '2-8' ]);
+my $tb = $st->{motors};
 
 my $rules = "    rule = (\n" . join(",\n", map {
     qq(        { gift = "G$_"; device = "motor_0$_"; })
 } 1 .. 8) . "\n    );\n";
 # A short ack wait (the dispatcher creates the consumer), so that what a
 # killed dispatcher held comes back within the test's time.
-my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port,
-    rules => $rules, rpc_timeout_ms => 1000,
+my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $st->{port},
+    extra_mqtt => $st->conf(1), rules => $rules, rpc_timeout_ms => 1000,
     extra_nats => 'ack_wait_ms = 3000; publish_timeout_ms = 1000; '
         . 'publish_retry_ms = 200; retry_delays_ms = [ 200 ];',
     extra_devices => 'coalesce_max_events = 8;');
@@ -93,7 +96,14 @@ my $turning = sub {
 # --------------------------------------------------------------- MQTT broker
 GiftDispatch::js_publish_gifts($nats->url, $batch->(2000, 'mq'));
 $turning->();
-$mq->restart;
+if ($st->{tb}) {
+    # the RPCs in flight are lost with it: the dispatcher reconnects and
+    # retries them, the motors skip the event ids they already executed
+    $st->{tb}->kill9;
+    $st->{tb}->start;
+} else {
+    $st->{mq}->restart;
+}
 ok(GiftTest::wait_until(15, sub {
     $d->log_text =~ /connection lost(?s:.*)MQTT: listening/
 }), 'broker restarted: the dispatcher reconnected');
@@ -116,7 +126,7 @@ $d->stop('KILL', 5);
 $d = GiftDispatch::start_dispatcher(%dconf);
 $settled->('SIGKILL and restart', 4 * 64);
 my $t = $tb->totals->{totals};
-diag "tbsim: $t->{events} events, $t->{duplicates} repeated commands ignored,"
+diag "motors: $t->{events} events, $t->{duplicates} repeated commands ignored,"
     . " $t->{rpcs} RPCs";
 
 is($d->stop('TERM', 15), 0, 'SIGTERM: exit 0');
@@ -125,9 +135,7 @@ is($d->stop('TERM', 15), 0, 'SIGTERM: exit 0');
 # A third of the commands fail: gifts are retried (NakWithDelay) and those
 # that fail all 5 deliveries are dead-lettered.  What the motors executed
 # must be exactly what the ok GiftAcks say, device by device.
-$tb->stop;
-$tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--error-rate', '0.33', '--seed', '99' ]);
+$tb = $st->restart_motors('--error-rate', '0.33', '--seed', '99');
 $d = GiftDispatch::start_dispatcher(%dconf,
     extra_nats => 'retry_delays_ms = [ 20 ];',
     extra_devices => 'coalesce_max_events = 1;');
@@ -158,6 +166,7 @@ cmp_ok(scalar(grep { $_->{ack}{attempts} > 1 } @fa), '>', 0,
 diag 'flaky: ' . (300 - ($dead // 0)) . ' ok, ' . ($dead // 0)
     . ' dead-lettered';
 is($d->stop('TERM', 15), 0, 'SIGTERM: exit 0');
+$st->stop;
 is_deeply([ GiftDispatch::sanitizer_reports(GiftTest::slurp($_)) ], [],
     "no sanitizer report in $_") for glob("$dir/dispatcher-*.log");
 done_testing();

@@ -15,12 +15,14 @@ use MIME::Base64 ();
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--latency-ms', '1-3' ]);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on mosquitto)
+my $st = GiftTB::start_stack(dir => $dir, motors => 8,
+    motor_args => [ '--latency-ms', '1-3' ], tbsim_args => [ '--latency-ms', '1-3' ]);
+my $tb = $st->{motors};
 
 my $rules = <<'R';
     default_device = "motor_01";
@@ -31,8 +33,8 @@ my $rules = <<'R';
         { gift = "Lion";   device = "motor_04"; }
     );
 R
-my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port,
-    rules => $rules, rpc_timeout_ms => 300,
+my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $st->{port},
+    extra_mqtt => $st->conf(1), rules => $rules, rpc_timeout_ms => 300,
     extra_nats => 'retry_delays_ms = [ 100 ]; ack_wait_ms = 4000;');
 my $d = GiftDispatch::start_dispatcher(%dconf);
 my $ngx = GiftTest::start_nginx(dir => "$dir/nginx", nats_url => $nats->url);
@@ -174,7 +176,7 @@ is($rounds->('motor_02') - $before, 14,
 # The motor is offline when frame 3 comes: its RPC times out and is
 # retried; once the motor is back, the retry turns its increment (3), not
 # 0 (the count already says 3), and frames that follow add only theirs.
-$tb->control('offline motor_02');
+$st->mute('motor_02');
 $before = $rounds->('motor_02');
 my ($r3) = map { post(frame(count => $_, group => 'g4'))->{id} } 3;
 ok(GiftTest::wait_until(10, sub {
@@ -207,6 +209,7 @@ cmp_ok($d->metric('gift_dispatcher_streak_updates_total{outcome="new"}'),
     '>', 0, '/metrics counts streak updates');
 
 is($d->stop('TERM', 15), 0, 'SIGTERM: exit 0');
+$st->stop;
 is_deeply([ GiftDispatch::sanitizer_reports(GiftTest::slurp($_)) ], [],
     "no sanitizer report in $_") for glob("$dir/dispatcher-*.log");
 is_deeply([ $ngx->bad_log_lines ], [], 'no alert or emerg in nginx');

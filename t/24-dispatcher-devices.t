@@ -16,12 +16,15 @@ use Time::HiRes qw(time sleep);
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--latency-ms', '15-25' ]);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on mosquitto)
+my $tbs = GiftTB::start_stack(dir => $dir,
+    motors => join(',', map { "motor_$_" } qw(busy side cap rate pause other conf)),
+    motor_args => [ '--latency-ms', '15-25' ], tbsim_args => [ '--latency-ms', '15-25' ]);
+my $tb = $tbs->{motors};
 
 my $rules = "    rule = (\n" . join(",\n", map {
     qq(        { gift = "$_"; device = "motor_$_"; })
@@ -30,7 +33,8 @@ my $rules = "    rule = (\n" . join(",\n", map {
 # of one device is t/29-dispatcher-fairness.t's)
 my $devconf = 'coalesce_max_events = 32; coalesce_max_rounds = 1000; '
     . 'max_held = 1000;';
-my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port,
+my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $tbs->{port},
+    extra_mqtt => $tbs->conf(1),
     rules => $rules, rpc_timeout_ms => 1000,
     extra_nats => 'ack_wait_ms = 2000;',
     extra_devices => $devconf);
@@ -248,6 +252,7 @@ is(HTTP::Tiny->new->get('http://127.0.0.1:' . $d->metrics_port . '/x')
 
 is($tb->totals->{totals}{duplicates}, 0, 'no command executed twice');
 is($d->stop('TERM', 15), 0, 'SIGTERM: exit 0');
+$tbs->stop;
 is_deeply([ grep { / error gift-dispatcher: / } split /\n/, $d->log_text ],
     [], 'no error logged');
 is_deeply([ GiftDispatch::sanitizer_reports(GiftTest::slurp($_)) ], [],

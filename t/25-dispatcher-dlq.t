@@ -14,12 +14,15 @@ use Time::HiRes qw(time sleep);
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--offline', 'motor_07', '--latency-ms', '1' ]);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on mosquitto)
+my $tbs = GiftTB::start_stack(dir => $dir, motors => 8,
+    motor_args => [ '--silent', 'motor_07', '--latency-ms', '1' ],
+    tbsim_args => [ '--offline', 'motor_07', '--latency-ms', '1' ]);
+my $tb = $tbs->{motors};
 
 my $rules = <<'R';
     default_device = "motor_01";
@@ -27,7 +30,8 @@ my $rules = <<'R';
 R
 # retries after 200, 400, 800, then 1600 ms (the debug log says each)
 my $d = GiftDispatch::start_dispatcher(dir => $dir, nats_url => $nats->url,
-    mqtt_port => $mq->port, rules => $rules, rpc_timeout_ms => 250,
+    mqtt_port => $tbs->{port},
+    extra_mqtt => $tbs->conf(1), rules => $rules, rpc_timeout_ms => 250,
     log_level => 'debug',
     extra_nats => 'retry_delays_ms = [ 200, 400, 800, 1600 ];');
 my $ngx = GiftTest::start_nginx(dir => "$dir/nginx", nats_url => $nats->url);
@@ -152,6 +156,7 @@ ok(GiftTest::wait_until(10, sub {
 is($u->{deliveries}, 1, '... at once (first delivery)');
 
 is($d->stop('TERM', 15), 0, 'SIGTERM: exit 0');
+$tbs->stop;
 is_deeply([ GiftDispatch::sanitizer_reports(GiftTest::slurp($_)) ], [],
     "no sanitizer report in $_") for glob("$dir/dispatcher-*.log");
 $ngx->stop;

@@ -23,6 +23,9 @@ use GiftDispatch;
 
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
+# The direct-broker mode's test (tbsim on mosquitto, not the ThingsBoard
+# stand-in): dispatchers seeing each other's replies on a shared topic
+# happens only on a plain broker.
 my $mq = GiftDispatch::start_mosquitto(dir => $dir);
 my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
     args => [ '--latency-ms', '2-6' ]);

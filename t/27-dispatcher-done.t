@@ -17,17 +17,20 @@ use Time::HiRes qw(time sleep);
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--latency-ms', '2-6' ]);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on mosquitto)
+my $st = GiftTB::start_stack(dir => $dir, motors => 8,
+    motor_args => [ '--latency-ms', '2-6' ], tbsim_args => [ '--latency-ms', '2-6' ]);
+my $tb = $st->{motors};
 
 my $rules = "    rule = (\n" . join(",\n", map {
     qq(        { gift = "G$_"; device = "motor_0$_"; })
 } 1 .. 8) . "\n    );\n";
-my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port,
+my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $st->{port},
+    extra_mqtt => $st->conf(1),
     rules => $rules, rpc_timeout_ms => 1000,
     extra_nats => 'ack_wait_ms = 2000; publish_timeout_ms = 1000; '
         . 'publish_retry_ms = 200; retry_delays_ms = [ 200 ];',
@@ -111,6 +114,7 @@ crash_and_recover('GIFT_ACKS probe', ' done_markers = false;', 'pr');
 ok(GiftTest::wait_until(10, sub {
     GiftDispatch::consumer_state($nats->url)->{num_ack_pending} == 0
 }, 0.1), 'nothing left unacked');
+$st->stop;
 is_deeply([ GiftDispatch::sanitizer_reports(GiftTest::slurp($_)) ], [],
     "no sanitizer report in $_") for glob("$dir/dispatcher-*.log");
 done_testing();

@@ -12,12 +12,14 @@ use Test::More;
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $BIN = GiftDispatch::bin('gift-dispatcher');
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on mosquitto)
+my $st = GiftTB::start_stack(dir => $dir, motors => 8);
+my $tb = $st->{motors};
 
 my $rules = sub {
     my ($over) = @_;
@@ -31,7 +33,8 @@ my $rules = sub {
     );
 R
 };
-my %conf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port,
+my %conf = (dir => $dir, nats_url => $nats->url, mqtt_port => $st->{port},
+    extra_mqtt => $st->conf(1),
     rules => $rules->(''),
     extra_devices => 'coalesce_max_rounds = 1000; rounds_per_minute = 600000;');
 my $d = GiftDispatch::start_dispatcher(%conf);
@@ -125,6 +128,7 @@ is($a && $a->{status}, 'ok', '... then it turns');
 is($tb->totals->{devices}{motor_02}{rounds}, 8, '... 5 rounds');
 
 is($d->stop('TERM'), 0, 'the dispatcher exits 0');
+$st->stop;
 is(scalar(GiftDispatch::sanitizer_reports($d->log_text)), 0,
     'no sanitizer reports');
 done_testing();

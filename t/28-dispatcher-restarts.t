@@ -16,12 +16,14 @@ use Time::HiRes qw(time sleep);
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--offline', 'motor_off' ]);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on mosquitto)
+my $st = GiftTB::start_stack(dir => $dir, motors => 'motor_01,motor_02,motor_03,motor_off',
+    motor_args => [ '--silent', 'motor_off' ], tbsim_args => [ '--offline', 'motor_off' ]);
+my $tb = $st->{motors};
 
 my $rules = <<'R';
     default_device = "motor_01";
@@ -32,7 +34,8 @@ my $rules = <<'R';
 R
 # ack wait 2 s: a killed dispatcher's gifts come back within seconds
 my $d = GiftDispatch::start_dispatcher(dir => $dir, nats_url => $nats->url,
-    mqtt_port => $mq->port, rules => $rules, rpc_timeout_ms => 300,
+    mqtt_port => $st->{port},
+    extra_mqtt => $st->conf(1), rules => $rules, rpc_timeout_ms => 300,
     shutdown_timeout_ms => 2000,
     extra_nats => 'ack_wait_ms = 2000; retry_delays_ms = [ 100 ]; '
         . 'max_attempts = 3;',
@@ -114,6 +117,7 @@ ok(GiftTest::wait_until(10, sub {
 }, 0.1), 'nothing left pending on the consumer');
 
 is($d->stop('TERM'), 0, 'the dispatcher exits 0 on SIGTERM');
+$st->stop;
 is(scalar(GiftDispatch::sanitizer_reports($d->log_text)), 0,
     'no sanitizer reports');
 done_testing();

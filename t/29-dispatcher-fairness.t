@@ -12,15 +12,18 @@ use Test::More;
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--offline', 'motor_01' ]);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on mosquitto)
+my $st = GiftTB::start_stack(dir => $dir, motors => 8,
+    motor_args => [ '--silent', 'motor_01' ], tbsim_args => [ '--offline', 'motor_01' ]);
+my $tb = $st->{motors};
 
 my $d = GiftDispatch::start_dispatcher(dir => $dir, nats_url => $nats->url,
-    mqtt_port => $mq->port, rpc_timeout_ms => 1000,
+    mqtt_port => $st->{port},
+    extra_mqtt => $st->conf(1), rpc_timeout_ms => 1000,
     extra_nats => 'max_inflight = 200;',
     extra_devices => 'max_held = 50; busy_retry_ms = 1000; '
         . 'offline_grace_ms = 600000; offline_retry_ms = 300;');
@@ -73,6 +76,7 @@ is(scalar(() = GiftDispatch::acks($nats->url)), $N1 + $N2,
     'one GiftAck per gift');
 
 is($d->stop('TERM'), 0, 'the dispatcher exits 0');
+$st->stop;
 is(scalar(GiftDispatch::sanitizer_reports($d->log_text)), 0,
     'no sanitizer reports');
 done_testing();

@@ -19,13 +19,18 @@ use Test::More;
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $late_reply_ms = $ENV{T_LATE_REPLY_MS} // 2000;   # 0: the control run
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--offline', 'motor_b' ]);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on
+# mosquitto); the stand-in passes a motor's late reply on (its RPC node
+# waits 3 s)
+my $st = GiftTB::start_stack(dir => $dir,
+    motors => join(',', 'motor_a', 'motor_b', map { "motor_f$_" } 1 .. 6),
+    motor_args => [ '--silent', 'motor_b' ], tbsim_args => [ '--offline', 'motor_b' ]);
+my $tb = $st->{motors};
 $tb->control('slow motor_a=1200');
 
 my $rules = "    rule = (\n        { gift = \"Ghost\"; device = \"motor_b\"; },\n"
@@ -36,9 +41,9 @@ my $d;
 {
     local $ENV{GIFT_DISPATCHER_FAILPOINT} = 'rpc_counter_bits=6';
     $d = GiftDispatch::start_dispatcher(dir => $dir, nats_url => $nats->url,
-        mqtt_port => $mq->port, rules => $rules, rpc_timeout_ms => 400,
+        mqtt_port => $st->{port}, rules => $rules, rpc_timeout_ms => 400,
         extra_nats => 'retry_delays_ms = [ 20 ]; max_attempts = 6;',
-        extra_mqtt => "late_reply_ms = $late_reply_ms;",
+        extra_mqtt => $st->conf(1) . " late_reply_ms = $late_reply_ms;",
         extra_devices => 'coalesce_max_events = 1; offline_retry_ms = 10;');
 }
 
@@ -75,6 +80,7 @@ my $rpcs = $d->metric('gift_dispatcher_rpcs_total{outcome="sent"}') // 0;
 cmp_ok($rpcs, '>', 10 * 64, "$rpcs RPCs: the 64 ids wrapped many times");
 
 is($d->stop('TERM'), 0, 'the dispatcher exits 0');
+$st->stop;
 is(scalar(GiftDispatch::sanitizer_reports($d->log_text)), 0,
     'no sanitizer reports');
 done_testing();

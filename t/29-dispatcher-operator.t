@@ -13,12 +13,15 @@ use Test::More;
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port,
-    args => [ '--offline', 'motor_x' ]);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on mosquitto)
+my $st = GiftTB::start_stack(dir => $dir,
+    motors => 'motor_01,motor_02,motor_03,motor_s,motor_x,motor_y',
+    motor_args => [ '--silent', 'motor_x' ], tbsim_args => [ '--offline', 'motor_x' ]);
+my $tb = $st->{motors};
 
 my $rules = sub {
     my ($lion) = @_;
@@ -32,7 +35,8 @@ my $rules = sub {
     );
 R
 };
-my %conf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port,
+my %conf = (dir => $dir, nats_url => $nats->url, mqtt_port => $st->{port},
+    extra_mqtt => $st->conf(1),
     rules => $rules->('motor_x'), rpc_timeout_ms => 300,
     extra_nats => 'retry_delays_ms = [ 1500 ]; max_attempts = 20;');
 my $d = GiftDispatch::start_dispatcher(%conf);
@@ -57,7 +61,8 @@ ok(GiftTest::wait_until(20, sub {
     'a gift for silent motor_x failed its first attempt');
 GiftTest::spurt($d->conf, GiftDispatch::dispatcher_conf(%conf,
     log_level => 'info', shutdown_timeout_ms => 10000,
-    metrics_port => $d->metrics_port, extra_mqtt => '', extra_devices => '',
+    metrics_port => $d->metrics_port, extra_mqtt => $st->conf(1),
+    extra_devices => '',
     rules => $rules->('motor_y')));
 $d->signal('HUP');
 ok(GiftTest::wait_until(10, sub { $d->log_text =~ /reloaded/ }, 0.05),
@@ -155,6 +160,7 @@ is($rc, 0, 'ctl resume motor_02');
 is($a && $a->{ack}{status}, 'ok', '... its gift turns');
 
 is($d->stop('TERM'), 0, 'the dispatcher exits 0');
+$st->stop;
 is(scalar(GiftDispatch::sanitizer_reports($d->log_text)), 0,
     'no sanitizer reports');
 done_testing();

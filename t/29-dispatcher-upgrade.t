@@ -14,12 +14,14 @@ use JSON::PP ();
 use lib 't/lib';
 use GiftTest;
 use GiftDispatch;
+use GiftTB;
 
 my $JSON = JSON::PP->new->canonical;
 my $dir = GiftTest::tempdir();
 my $nats = GiftTest::start_nats(dir => $dir);
-my $mq = GiftDispatch::start_mosquitto(dir => $dir);
-my $tb = GiftDispatch::start_tbsim(dir => $dir, mqtt_port => $mq->port);
+# ThingsBoard: the stand-in and its motors (GIFT_TB=tbsim: tbsim on mosquitto)
+my $st = GiftTB::start_stack(dir => $dir, motors => 8);
+my $tb = $st->{motors};
 
 my $NS = 1_000_000_000;
 my $api = sub {
@@ -67,7 +69,8 @@ like($out, qr/max_deliver 5 \(expected -1\); leaving it/,
 is($consumer->(), 5, '... unchanged: MaxDeliver 5');
 is($ttl->('GIFT_DONE'), 600, '... GIFT_DONE TTL unchanged');
 
-my %conf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port);
+my %conf = (dir => $dir, nats_url => $nats->url, mqtt_port => $st->{port},
+    extra_mqtt => $st->conf(1));
 my $d = eval { GiftDispatch::start_dispatcher(%conf) };
 ok(!$d, 'the dispatcher refuses to start on it');
 my $why = $@;
@@ -124,4 +127,5 @@ is(scalar(grep { $_->{event}{event_id} eq 'old-1' }
     GiftDispatch::dead_letters($nats->url)), 1, '... it stays in the DLQ');
 
 is($d->stop('TERM'), 0, 'the dispatcher exits 0');
+$st->stop;
 done_testing();

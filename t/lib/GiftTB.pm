@@ -14,6 +14,7 @@ package GiftTB;
 use strict;
 use warnings;
 use GiftTest;
+use GiftDispatch;
 
 my $JSON = $GiftTest::JSON;
 my $DIR = GiftTest::root() . '/tools/tbstandin';
@@ -140,7 +141,8 @@ sub rounds {
 }
 
 # Commands at run time ("offline D1,D2", "online ...", "silent ...",
-# "latency A[-B]", "error-rate P", "speed R"); waits until applied.
+# "slow D1,D2=MS", "latency A[-B]", "error-rate P", "speed R"); waits
+# until applied.
 sub control {
     my ($self, @lines) = @_;
     GiftTest::spurt($self->ctl_file, join('', map { "$_\n" } @lines));
@@ -170,5 +172,65 @@ sub start_motors {
 }
 
 sub GiftTB::Motors::ctl_file { $_[0]{ctl} }
+
+# The MQTT side of a dispatcher test: the stand-in (endpoint + motors) by
+# default; with GIFT_TB=tbsim (or without node), tbsim on mosquitto.
+#   my $st = GiftTB::start_stack(dir => $dir, motors => 'motor_01,motor_x',
+#       dispatchers => 1, tb_args => [...], motor_args => [...],
+#       tbsim_args => [...]);
+#   $st->{motors} (totals, rounds, control, stop), $st->{port},
+#   $st->conf(N) (extra_mqtt of dispatcher N), $st->{tb} (the endpoint, or
+#   undef), $st->{mq} (mosquitto, or undef)
+sub use_standin { available() && ($ENV{GIFT_TB} // '') ne 'tbsim' }
+
+sub start_stack {
+    my (%a) = @_;
+    my $self = bless { dir => $a{dir}, spec => $a{motors} // 8 }, 'GiftTB::Stack';
+    if (use_standin()) {
+        $self->{tb} = start_tb(dir => $a{dir}, motors => $a{motors} // 8,
+            dispatchers => $a{dispatchers} // 1, args => $a{tb_args});
+        $self->{motors} = start_motors(dir => $a{dir}, port => $self->{tb}->port,
+            motors => $a{motors} // 8, args => $a{motor_args});
+        $self->{port} = $self->{tb}->port;
+    } else {
+        $self->{mq} = GiftDispatch::start_mosquitto(dir => $a{dir});
+        $self->{motors} = GiftDispatch::start_tbsim(dir => $a{dir},
+            mqtt_port => $self->{mq}->port, args => $a{tbsim_args});
+        $self->{port} = $self->{mq}->port;
+    }
+    return $self;
+}
+
+package GiftTB::Stack;
+
+sub conf { $_[0]{tb} ? $_[0]{tb}->mqtt_conf($_[1] // 1) : '' }
+
+# These motors receive and never answer (tbsim: "offline"; the motors:
+# "silent", connected); $st->{motors}->control('online ...') undoes it.
+sub mute {
+    my ($self, $list) = @_;
+    $self->{motors}->control(($self->{tb} ? 'silent ' : 'offline ') . $list);
+}
+
+# Stop the motors and start new ones (fresh counters) with these arguments,
+# on the same endpoint or broker.
+sub restart_motors {
+    my ($self, @args) = @_;
+    $self->{motors}->stop;
+    $self->{motors} = $self->{tb}
+        ? GiftTB::start_motors(dir => $self->{dir}, port => $self->{port},
+            motors => $self->{spec}, args => [ @args ])
+        : GiftDispatch::start_tbsim(dir => $self->{dir},
+            mqtt_port => $self->{port}, args => [ @args ]);
+    return $self->{motors};
+}
+
+sub stop {
+    my ($self) = @_;
+    $self->{motors}->stop;
+    $self->{tb}->stop if $self->{tb};
+}
+
+package GiftTB;
 
 1;

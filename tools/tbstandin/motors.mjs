@@ -7,21 +7,25 @@
 //     each event whose id is in a bounded window of executed ids, queue the
 //     rounds of the others, and answer {"ok":true} on acceptance (also when
 //     every event was skipped); another method: {"ok":false,...};
-//   - turn the queued rounds one command after another at --speed rounds/s.
+//   - turn the queued rounds one command after another at --speed rounds/s;
+//   - on {"method":"stop"} (the emergency stop): answer {"ok":true} at once.
 //
 // It counts per motor what it did and writes it as JSON on SIGUSR1 and at
 // exit (--out), like tbsim:
 //   {"snapshot":S,"pid":P,"devices":{"motor_01":{"rpcs","events",
 //    "duplicates","rounds","turned","commands","queued","errors","ignored",
-//    "connects"}},"totals":{...}}
+//    "connects","max_cmd_rounds","stops"}},"totals":{...}}
 // rounds: accepted for turning; turned: turned so far; duplicates: events
-// skipped because their id was in the window (repeats).
+// skipped because their id was in the window (repeats); max_cmd_rounds: the
+// largest command's rounds (duplicates included, as tbsim counts it);
+// stops: "stop" commands.
 //
 // With --control FILE, SIGUSR2 reads FILE, one command a line:
 //   offline D1,D2   disconnect these motors (ThingsBoard: NO_ACTIVE_CONNECTION)
 //   online D1,D2    connect them again and answer
 //   silent D1,D2    stay connected, receive, never answer (TIMEOUT)
 //   latency A[-B]   answer after A..B ms
+//   slow D1,D2=MS   these motors answer after MS ms (-1: the global latency)
 //   error-rate P    answer {"ok":false,"error":"jammed"} with probability P
 //   speed R         turn R rounds a second (0: at once)
 // and logs "control: <line>" for each.
@@ -108,7 +112,8 @@ class Motor {
     this.window = new Set();           // insertion order: oldest first
     this.queue = [];                   // rounds of accepted commands
     this.turning = false;
-    this.c = { rpcs: 0, events: 0, duplicates: 0, rounds: 0, turned: 0, commands: 0, queued: 0, errors: 0, ignored: 0, connects: 0 };
+    this.c = { rpcs: 0, events: 0, duplicates: 0, rounds: 0, turned: 0, commands: 0, queued: 0, errors: 0, ignored: 0, connects: 0, max_cmd_rounds: 0, stops: 0 };
+    this.slowMs = -1;
     this.client = null;
     this.ready = false;
   }
@@ -149,7 +154,10 @@ class Motor {
     let req;
     try { req = JSON.parse(payload.toString('utf8')); } catch { req = null; }
     let answer;
-    if (!req || req.method !== 'rotate') {
+    if (req && req.method === 'stop') {
+      answer = { ok: true };
+      this.c.stops++;
+    } else if (!req || req.method !== 'rotate') {
       answer = { ok: false, error: 'unknown method' };
       this.c.errors++;
     } else if (errorRate > 0 && rand() < errorRate) {
@@ -167,6 +175,8 @@ class Motor {
         todo += ev.rounds;
       }
       if (!evs.length && Number.isInteger(req.params?.rounds)) todo = req.params.rounds;
+      const asked = Number.isInteger(req.params?.rounds) && req.params.rounds > 0 ? req.params.rounds : todo;
+      if (asked > this.c.max_cmd_rounds) this.c.max_cmd_rounds = asked;
       this.c.rounds += todo;
       if (todo > 0) this.enqueue(todo);
       answer = { ok: true };
@@ -174,7 +184,7 @@ class Motor {
     const send = () => {
       if (this.client) this.client.publish(`v1/devices/me/rpc/response/${m[1]}`, JSON.stringify(answer), { qos: 1 });
     };
-    const lat = latMin + rand() * (latMax - latMin);
+    const lat = this.slowMs >= 0 ? this.slowMs : latMin + rand() * (latMax - latMin);
     if (lat > 0) setTimeout(send, lat); else send();
   }
 
@@ -232,11 +242,12 @@ function control() {
   try { text = fs.readFileSync(opts.control, 'utf8'); } catch (e) { log(`control: ${e.message}`); return; }
   for (const line of text.split('\n').map((l) => l.trim()).filter(Boolean)) {
     const [cmd, arg = ''] = line.split(/\s+/, 2);
-    const names = list(arg).filter((n) => byName.has(n));
+    const names = list(arg.replace(/=.*/, '')).filter((n) => byName.has(n));
     switch (cmd) {
       case 'offline': for (const n of names) { offline.add(n); byName.get(n).disconnect(); } break;
       case 'online': for (const n of names) { offline.delete(n); silent.delete(n); byName.get(n).connect(); } break;
       case 'silent': for (const n of names) silent.add(n); break;
+      case 'slow': for (const n of names) byName.get(n).slowMs = Number(arg.replace(/.*=/, '')); break;
       case 'latency': [latMin, latMax] = parseRange(arg); break;
       case 'error-rate': errorRate = Number(arg); break;
       case 'speed': speed = Number(arg); break;
