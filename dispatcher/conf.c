@@ -306,7 +306,7 @@ static const char *const k_nats[] = {
     "provision", "replicas", "ack_wait_ms", "max_ack_pending", "fetch_batch",
     "fetch_wait_ms", "max_inflight", "publish_timeout_ms", "publish_retry_ms",
     "retry_delays_ms", "shutdown_timeout_ms", "done_markers", "max_attempts",
-    "max_gift_age", NULL
+    "max_gift_age", "lease_ms", NULL
 };
 static const char *const k_mqtt[] = {
     "host", "port", "client_id", "access_token", "password", "keepalive",
@@ -353,6 +353,7 @@ defaults(dconf_t *c)
     c->done_markers = 1;
     c->max_attempts = GIFT_MAX_ATTEMPTS;
     c->max_gift_age_s = GIFT_MAX_GIFT_AGE_S;
+    c->lease_ms = 5000;
 
     c->mqtt_port = 1883;
     c->mqtt_keepalive = 30;
@@ -455,6 +456,12 @@ load_nats(errs_t *e, const config_setting_t *g, dconf_t *c)
     get_bool(e, g, "done_markers", &c->done_markers);
     get_int(e, g, "max_attempts", 1, 1000, &c->max_attempts);
     get_i64(e, g, "max_gift_age", 10, 7 * 86400, &c->max_gift_age_s);
+    if (get_int(e, g, "lease_ms", 0, 600000, &c->lease_ms) == 1
+        && c->lease_ms > 0 && c->lease_ms < 1000)
+    {
+        errf(e, g, "lease_ms", "must be 0 (every dispatcher active) or at "
+             "least 1000");
+    }
     /* streak and completion state outlive the oldest gift that may come */
     c->prov.state_ttl_s = c->max_gift_age_s + GIFT_STATE_MARGIN_S;
 

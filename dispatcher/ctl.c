@@ -154,8 +154,16 @@ ctl_main(const dconf_t *c, int argc, char **argv)
         }
         for (i = 0; i < keys.Count; i++) {
             if (kvStore_Get(&e, kv, keys.Keys[i]) == NATS_OK) {
-                printf("%s = %.*s\n", keys.Keys[i], kvEntry_ValueLen(e),
-                       (const char *) kvEntry_Value(e));
+                const char *v = (const char *) kvEntry_Value(e);
+                int         n = kvEntry_ValueLen(e);
+
+                if (strcmp(keys.Keys[i], GIFT_LEASE_KEY) == 0) {
+                    /* the owner lease: who, not its rate windows */
+                    const char *nl = memchr(v, '\n', (size_t) n);
+
+                    n = nl != NULL ? (int) (nl - v) : n;
+                }
+                printf("%s = %.*s\n", keys.Keys[i], n, v);
                 kvEntry_Destroy(e);
             }
         }

@@ -343,7 +343,7 @@ publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a, int marker)
 
 /* The device turned: record it. */
 static void
-gift_ok(dsp_t *d, dgift_t *g, int64_t latency_us)
+gift_ok(dsp_t *d, dgift_t *g, int64_t latency_us, int64_t done_ms)
 {
     Gift__V1__GiftAck a = GIFT__V1__GIFT_ACK__INIT;
 
@@ -352,6 +352,10 @@ gift_ok(dsp_t *d, dgift_t *g, int64_t latency_us)
     ack_fill(g, &a);
     a.status = GIFT__V1__ACK_STATUS__ACK_STATUS_OK;
     a.rpc_latency_us = latency_us > 0 ? (uint64_t) latency_us : 0;
+    if (done_ms > 0) {
+        /* the command's answer: the same in all of its GiftAcks */
+        a.completed_at_ms = done_ms;
+    }
     /* a marker only where a motor turned: a gift of 0 rounds is
      * recomputed as 0 on any redelivery anyway */
     publish_ack(d, g, &a, g->rounds > 0 && d->conf->done_markers);
@@ -508,10 +512,10 @@ gift_answered(dsp_t *d, dgift_t *g, const drpc_t *r, drpc_reply_rc rc,
             STAT_ADD(d, released, 1);
             return 0;
         }
-        gift_ok(d, g, lat);
+        gift_ok(d, g, lat, r->done_ms);
     } else if (rc == RPC_REPLY_OK) {
         g->rounds_done = g->rounds;
-        gift_ok(d, g, lat);
+        gift_ok(d, g, lat, r->done_ms);
     } else if (offline && d->stopping) {
         gift_release(d, g, 0);              /* no attempt spent either */
         STAT_ADD(d, released, 1);
@@ -613,7 +617,7 @@ gift_queue(dsp_t *d, dgift_t *g)
              g->dev->name, g->rounds);
     if (g->rounds == 0) {
         /* nothing to turn: acknowledged without a command */
-        gift_ok(d, g, 0);
+        gift_ok(d, g, 0, 0);
         return;
     }
     g->state = GIFT_QUEUED;
@@ -912,7 +916,9 @@ dispatch_msg(dsp_t *d, natsMsg *m)
         d->credit_back++;
         return;
     }
-    if (d->stopping) {
+    if (d->stopping || !lease_active(d)) {
+        /* stopping, or no longer the owner: at once to the next one, no
+         * attempt spent */
         natsMsg_Nak(m, NULL);
         natsMsg_Destroy(m);
         STAT_ADD(d, released, 1);
@@ -1146,14 +1152,13 @@ dispatch_timers(dsp_t *d, int64_t now)
 
 /* ------------------------------------------------------------ stopping */
 
-void
-dispatch_stop(dsp_t *d)
+/* Release every gift waiting in a device queue (no attempt spent). */
+static size_t
+release_queued(dsp_t *d)
 {
     size_t     i, n = 0;
     dgift_t   *g;
 
-    d->stopping = 1;
-    nats_in_fetch_stop(d);
     for (i = 0; i < d->devcap; i++) {
         if (d->dev[i] == NULL) {
             continue;
@@ -1164,6 +1169,27 @@ dispatch_stop(dsp_t *d)
         }
     }
     STAT_ADD(d, released, n);
+    return n;
+}
+
+void
+dispatch_standby(dsp_t *d)
+{
+    size_t n = release_queued(d);
+
+    gift_log(GIFT_LOG_WARN, "no longer the active dispatcher: released %zu "
+             "queued gifts; %zu RPCs and publishes in flight finish", n,
+             d->nheld);
+}
+
+void
+dispatch_stop(dsp_t *d)
+{
+    size_t n;
+
+    d->stopping = 1;
+    nats_in_fetch_stop(d);
+    n = release_queued(d);
     gift_log(GIFT_LOG_INFO, "stopping: released %zu queued gifts; waiting for"
              " %zu RPCs and publishes in flight (up to %d ms)", n, d->nheld,
              d->conf->shutdown_timeout_ms);

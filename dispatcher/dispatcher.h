@@ -183,6 +183,8 @@ typedef struct {
     int          done_markers;         /* write GIFT_DONE markers */
     int          max_attempts;         /* device attempts before the DLQ */
     int64_t      max_gift_age_s;       /* older: dead letter "expired" */
+    int          lease_ms;             /* the owner's lease (lease.c); 0:
+                                          no lease, every dispatcher active */
 
     /* mqtt { } */
     char        *mqtt_host;
@@ -402,6 +404,11 @@ int     rate_add(drate_t *r, int64_t now_us, uint64_t rounds);
 /* Rounds sent in the minute before now_us. */
 uint64_t rate_sum(drate_t *r, int64_t now_us);
 void    rate_free(drate_t *r);
+/* The window as "<wall ms>:<rounds>,..." (one entry a second, oldest
+ * first; now_ms is the wall clock at now_us): what a new owner takes
+ * over (lease.c).  Its length, or 0 when empty or cap is too small. */
+size_t  rate_format(drate_t *r, int64_t now_us, int64_t now_ms, char *out,
+    size_t cap);
 
 /*
  * Coalescing: may the next RPC, holding `taken` gifts of `taken_rounds`
@@ -529,6 +536,8 @@ struct drpc {
     uint64_t       rounds;
     int64_t        sent_us;
     int64_t        deadline_us;
+    int64_t        done_ms;        /* wall clock of its answer: every
+                                      GiftAck of the command carries it */
     drpc_t        *tnext, *tprev;  /* dsp.rpcs, by deadline */
 };
 
@@ -737,6 +746,34 @@ struct dquar {
     int64_t   until_us;
 };
 
+/*
+ * lease.c: one active dispatcher (the owner of every device) among those
+ * sharing the consumer.  The lease is key GIFT_LEASE_KEY in KV
+ * GIFT_DEVICES, taken by compare-and-set, renewed by its own thread.
+ * Fields marked "shared" are atomics read by the main and fetch threads.
+ */
+#define GIFT_LEASE_KEY   "_owner"
+
+typedef struct {
+    pthread_t        tid;
+    int              started;
+    pthread_mutex_t  mu;
+    pthread_cond_t   cond;
+    int              stop;         /* under mu */
+    kvStore         *kv;           /* the lease thread's own handle */
+    uint64_t         rev;          /* our lease's revision (lease thread) */
+    char             val[384];     /* who we are */
+    char            *rates;        /* under mu: our devices' last minute */
+    char            *inherit;      /* under mu: the last owner's value */
+    int64_t          rates_us;     /* main: next rates snapshot */
+    int              active;       /* shared: may fetch and send */
+    int64_t          until_us;     /* shared: may send until (monotonic):
+                                      last renewal sent + lease - margin */
+    int64_t          takeover_us;  /* shared: the last takeover's time */
+    uint64_t         takeovers;    /* shared */
+    int              seen_active;  /* main thread: the state it acted on */
+} dlease_t;
+
 struct dsp {
     dconf_t           *conf;       /* replaced on SIGHUP (rules part) */
     int                wake_fd;    /* eventfd: chans and signals */
@@ -772,7 +809,23 @@ struct dsp {
     size_t             nwaiting;   /* devices with wake_us set */
     int64_t            wake_min_us;
     dmetrics_t        *metrics;
+    dlease_t           lease;
 };
+
+/* lease.c --------------------------------------------------------------- */
+
+/* Start the lease thread (nats.lease_ms > 0; else active at once). */
+int  lease_start(dsp_t *d);
+/* Stop it; with `release`, delete the lease key when we hold it. */
+void lease_stop(dsp_t *d, int release);
+/* May this dispatcher send commands now (holds a lease not yet due)? */
+int  lease_may_send(dsp_t *d, int64_t now_us);
+/* Is it the owner (for fetching and /metrics)? */
+int  lease_active(dsp_t *d);
+/* Main thread: the rate windows the lease carries (once a second); the
+ * last owner's, taken over on becoming the owner. */
+void lease_rates_tick(dsp_t *d, int64_t now_us);
+void lease_take_over_rates(dsp_t *d);
 
 /* Flags set by signal handlers (main.c); the loop acts on them. */
 extern volatile sig_atomic_t dsp_sig_term, dsp_sig_hup, dsp_sig_usr1;
@@ -795,6 +848,14 @@ void dispatch_reply(dsp_t *d, uint64_t n, const char *payload, size_t len);
 /* A PubAck (or its failure) from the handler thread: PUBACK_OK(msg) or
  * a dpuback_t.  Takes it. */
 void dispatch_puback(dsp_t *d, void *item);
+
+/* The lease was lost: release what waits in device queues. */
+void dispatch_standby(dsp_t *d);
+
+/* The rate-limited devices' last minute as "rate <device> <window>\n"
+ * lines (rate_format), for the lease value; and taking them over. */
+size_t dispatch_rates_format(dsp_t *d, char *buf, size_t cap);
+void   dispatch_rates_restore(dsp_t *d, const char *text);
 
 /* Send what device queues allow (after MQTT became ready, or a reload). */
 void dispatch_kick_all(dsp_t *d);

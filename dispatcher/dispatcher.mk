@@ -13,7 +13,7 @@ DISPATCHER_OBJS     := $(DISPATCHER_LIB_OBJS) $(OBJ)/dispatcher/main.o \
                        $(OBJ)/dispatcher/nats_in.o $(OBJ)/dispatcher/mqtt_out.o \
                        $(OBJ)/dispatcher/kv.o $(OBJ)/dispatcher/ctl.o \
                        $(OBJ)/dispatcher/metrics.o \
-                       $(OBJ)/dispatcher/identity.o
+                       $(OBJ)/dispatcher/identity.o $(OBJ)/dispatcher/lease.o
 
 BINS        += $(BUILD)/gift-dispatcher
 DISPATCHER_TESTS := $(BUILD)/tests/test_rules $(BUILD)/tests/test_dconf \

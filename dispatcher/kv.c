@@ -734,7 +734,8 @@ kv_start(dsp_t *d)
         if (s == NATS_OK && k->done == NULL) {
             s = open_bucket(d, &k->done, GIFT_KV_DONE, 0);
         }
-        if (s == NATS_OK && (d->conf->control || d->conf->nmqtt_tokens > 0)
+        if (s == NATS_OK && (d->conf->control || d->conf->nmqtt_tokens > 0
+                             || d->conf->lease_ms > 0)
             && k->devices == NULL)
         {
             s = open_bucket(d, &k->devices, GIFT_KV_DEVICES,

@@ -16,6 +16,8 @@
  * Also here, pure so that they are unit-tested: which queued gifts the
  * next RPC takes (coalesce_more) and the retry back-off (retry_delay_ms).
  */
+#include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -146,4 +148,38 @@ retry_delay_ms(const int64_t *delays, size_t n, uint64_t delivered)
     }
     i = delivered > 0 ? (size_t) (delivered - 1) : 0;
     return delays[i < n ? i : n - 1];
+}
+
+size_t
+rate_format(drate_t *r, int64_t now_us, int64_t now_ms, char *out, size_t cap)
+{
+    size_t    o = 0, i;
+    int64_t   b_end = 0, t_ms;
+    uint64_t  b_rounds = 0;
+    int       w;
+
+    expire(r, now_us);
+    for (i = 0; i <= r->n; i++) {
+        t_ms = i < r->n ? now_ms - (now_us - at(r, i)->t_us) / 1000 : 0;
+        if (i < r->n && b_rounds > 0 && t_ms - b_end < 1000 && t_ms >= b_end) {
+            /* one entry a second: the later time (rounds leave the window
+             * no earlier than they did) */
+            b_end = t_ms;
+            b_rounds += at(r, i)->rounds;
+            continue;
+        }
+        if (b_rounds > 0) {
+            w = snprintf(out + o, cap - o, "%s%" PRId64 ":%" PRIu64,
+                         o ? "," : "", b_end, b_rounds);
+            if (w < 0 || (size_t) w >= cap - o) {
+                return 0;
+            }
+            o += (size_t) w;
+        }
+        if (i < r->n) {
+            b_end = t_ms;
+            b_rounds = at(r, i)->rounds;
+        }
+    }
+    return o;
 }

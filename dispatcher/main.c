@@ -206,12 +206,33 @@ reload(dsp_t *d)
     dispatch_limits_reload(d);
 }
 
+/* The lease was taken or lost (lease.c): a standby holds nothing; a new
+ * owner goes on with the last owner's sliding minutes, then sends. */
+static void
+lease_check(dsp_t *d)
+{
+    if (lease_active(d) == d->lease.seen_active) {
+        return;
+    }
+    d->lease.seen_active = !d->lease.seen_active;
+    if (!d->lease.seen_active) {
+        dispatch_standby(d);
+        return;
+    }
+    lease_take_over_rates(d);
+    d->lease.rates_us = 0;
+    if (!d->stopping) {
+        dispatch_kick_all(d);
+    }
+}
+
 static void
 drain_queues(dsp_t *d)
 {
     void   **items;
     size_t   n, i;
 
+    lease_check(d);         /* before any gift of a new owner is sent */
     /* PubAcks first: they free slots and devices */
     dchan_take(&d->nats.acks, &items, &n);
     for (i = 0; i < n; i++) {
@@ -281,6 +302,8 @@ run(dsp_t *d, const sigset_t *unblocked)
             }
         }
 
+        lease_check(d);
+        lease_rates_tick(d, now);
         next = dispatch_timers(d, now);
         metrics_tick(d, now);
         t = mqtt_out_misc(d, now);
@@ -289,6 +312,10 @@ run(dsp_t *d, const sigset_t *unblocked)
         }
         if (d->stopping == 1 && d->stop_deadline_us < next) {
             next = d->stop_deadline_us;
+        }
+        t = __atomic_load_n(&d->lease.until_us, __ATOMIC_ACQUIRE);
+        if (d->lease.seen_active && t < next) {
+            next = t;                      /* fencing: act on time */
         }
         if (d->credit_back > 0) {
             nats_in_release(d, d->credit_back);
@@ -458,6 +485,9 @@ main(int argc, char **argv)
         /* gifts matter more than their metrics: run without */
         gift_log(GIFT_LOG_WARN, "running without /metrics");
     }
+    if (lease_start(&d) != 0) {
+        goto out;
+    }
     mqtt_out_connect(&d, gift_mono_us());
     if (nats_in_fetch_start(&d) != 0) {
         goto out;
@@ -473,6 +503,14 @@ main(int argc, char **argv)
 out:
     /* 6. teardown, in reverse */
     nats_in_fetch_join(&d);
+    if (d.nats.inited && d.nats.nc != NULL) {
+        /* the naks of the released gifts go out before the lease is
+         * released (same connection, in order) */
+        natsConnection_FlushTimeout(d.nats.nc, 2000);
+    }
+    d.lease.rates_us = 0;
+    lease_rates_tick(&d, gift_mono_us());   /* the minutes, handed over */
+    lease_stop(&d, 1);               /* in-flight work is finished */
     metrics_stop(&d);
     kv_stop(&d);                     /* jobs still out come back failed */
     if (!d.stopping) {

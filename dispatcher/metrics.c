@@ -278,6 +278,28 @@ render(dmetrics_t *m, size_t *len)
     gauge(&b, "gift_dispatcher_mqtt_connected",
           "1 when connected to the broker and subscribed to replies.",
           STAT_GET(d, mqtt_up));
+    gauge(&b, "gift_dispatcher_active",
+          "1 when this dispatcher holds the lease (pulls gifts and sends "
+          "commands); 0: a standby.", (uint64_t) lease_active(d));
+    counter(&b, "gift_dispatcher_takeovers_total",
+            "Leases this dispatcher took from another owner (released or "
+            "expired).", __atomic_load_n(&d->lease.takeovers,
+                                         __ATOMIC_RELAXED));
+    {
+        int64_t tk = __atomic_load_n(&d->lease.takeover_us, __ATOMIC_RELAXED);
+
+        if (tk >= 0 && __atomic_load_n(&d->lease.takeovers,
+                                       __ATOMIC_RELAXED) > 0)
+        {
+            sb_printf(&b, "# HELP gift_dispatcher_takeover_seconds Time "
+                      "without an owner before this dispatcher's last "
+                      "takeover (from the old owner's last sign of life seen "
+                      "to the lease taken).\n# TYPE "
+                      "gift_dispatcher_takeover_seconds gauge\n"
+                      "gift_dispatcher_takeover_seconds %" PRId64 ".%06"
+                      PRId64 "\n", tk / 1000000, tk % 1000000);
+        }
+    }
 
     pthread_mutex_lock(&m->mu);
     if (m->dev != NULL) {

@@ -487,6 +487,19 @@ fetch_main(void *arg)
             pthread_mutex_unlock(&n->mu);
             break;
         }
+        if (!lease_active(d)) {
+            /* a standby pulls nothing (lease.c): look again shortly */
+            clock_gettime(CLOCK_REALTIME, &until);
+            until.tv_nsec += 50000000L;
+            if (until.tv_nsec >= 1000000000L) {
+                until.tv_sec++;
+                until.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&n->cond, &n->mu, &until);
+            pthread_mutex_unlock(&n->mu);
+            idle = 0;
+            continue;
+        }
         want = n->credit < c->fetch_batch ? n->credit : c->fetch_batch;
         n->credit -= want;
         pthread_mutex_unlock(&n->mu);

@@ -368,6 +368,15 @@ device_kick(dsp_t *d, ddevice_t *dev)
     uint64_t       room = UINT64_MAX, sent, cmax, head;
     size_t         bytes;
 
+    if (dev->qhead != NULL && !lease_may_send(d, gift_mono_us())) {
+        /* not (or no longer) the owner: nothing is sent; what comes to a
+         * queue now goes back to the stream, no attempt spent */
+        while ((g = queue_pop(dev)) != NULL) {
+            gift_release(d, g, 0);
+            STAT_ADD(d, released, 1);
+        }
+        return;
+    }
     while (dev->qhead != NULL && dev->inflight < c->dev_max_inflight
            && d->mqtt.ready && dev->paused <= 0
            && dev->rpm != DSP_RPM_STOPPED)
@@ -520,6 +529,7 @@ rpc_finish(dsp_t *d, drpc_t *r, drpc_reply_rc rc, const char *why)
 
     rpc_unlink(d, r);
     dev->inflight--;
+    r->done_ms = gift_now_ms();
     if (rc == RPC_REPLY_OK || why != NULL) {
         lat_observe(d, lat);             /* answered: not a timeout */
     }
@@ -829,4 +839,76 @@ sched_timers(dsp_t *d, int64_t now, int64_t next)
         next = d->wake_min_us;
     }
     return next;
+}
+
+/* ------------------------------------------------------------ lease hand-over */
+
+size_t
+dispatch_rates_format(dsp_t *d, char *buf, size_t cap)
+{
+    int64_t    now_us = gift_mono_us(), now_ms = gift_now_ms();
+    size_t     o = 0, i, n;
+    ddevice_t *dev;
+    int        w;
+
+    for (i = 0; i < d->devcap; i++) {
+        dev = d->dev[i];
+        if (dev == NULL || dev->rpm == 0 || dev->rate.n == 0) {
+            continue;
+        }
+        w = snprintf(buf + o, cap - o, "rate %s ", dev->name);
+        if (w < 0 || (size_t) w >= cap - o) {
+            break;                       /* full: the rest is not handed */
+        }
+        n = rate_format(&dev->rate, now_us, now_ms, buf + o + (size_t) w,
+                        cap - o - (size_t) w - 1);
+        if (n == 0) {
+            buf[o] = '\0';
+            continue;
+        }
+        o += (size_t) w + n;
+        buf[o++] = '\n';
+        buf[o] = '\0';
+    }
+    return o;
+}
+
+void
+dispatch_rates_restore(dsp_t *d, const char *text)
+{
+    int64_t     now_us = gift_mono_us(), now_ms = gift_now_ms(), t;
+    const char *p = text, *nl;
+    char        name[DSP_DEVICE_MAX + 1];
+    ddevice_t  *dev;
+    long long   ms;
+    unsigned long long rounds;
+    int         k, adv;
+    size_t      ndev = 0;
+
+    for (; p != NULL && *p != '\0'; p = nl ? nl + 1 : NULL) {
+        nl = strchr(p, '\n');
+        if (sscanf(p, "rate %64s %n", name, &k) != 1
+            || !rules_device_valid(name)
+            || (dev = device_get(d, name)) == NULL)
+        {
+            continue;
+        }
+        p += k;
+        while (sscanf(p, "%lld:%llu%n", &ms, &rounds, &adv) == 2) {
+            t = now_us - (now_ms - (int64_t) ms) * 1000;
+            if (t > now_us - RATE_WINDOW_US && t <= now_us) {
+                rate_add(&dev->rate, t, (uint64_t) rounds);
+            }
+            p += adv;
+            if (*p != ',') {
+                break;
+            }
+            p++;
+        }
+        ndev++;
+    }
+    if (ndev > 0) {
+        gift_log(GIFT_LOG_INFO, "lease: took over the last minute's rounds "
+                 "of %zu rate-limited devices", ndev);
+    }
 }

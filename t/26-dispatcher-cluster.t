@@ -3,8 +3,10 @@
 # After each, what tbsim's motors executed equals exactly the sum of every
 # gift the webhook answered 202 (not duplicate), device by device, each
 # gift executed once, and GIFT_ACKS holds one GiftAck per gift:
-#  - two dispatchers sharing the consumer (own MQTT client ids, distinct
-#    RPC id tags leased in KV): both work, and no gift is handled by both;
+#  - two dispatchers sharing the consumer, both active (nats.lease_ms = 0:
+#    no owner lease; t/66 tests the default, one active owner), own MQTT
+#    client ids, distinct RPC id tags leased in KV: both work, and no gift
+#    is handled by both;
 #  - mosquitto stopped and started while gifts flow;
 #  - the dispatcher killed with SIGKILL mid-stream, then restarted: what
 #    it held comes back after the ack wait (t/27 makes the crash land
@@ -34,7 +36,7 @@ my $rules = "    rule = (\n" . join(",\n", map {
 my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $mq->port,
     rules => $rules, rpc_timeout_ms => 1000,
     extra_nats => 'ack_wait_ms = 3000; publish_timeout_ms = 1000; '
-        . 'publish_retry_ms = 200; retry_delays_ms = [ 200 ];',
+        . 'publish_retry_ms = 200; retry_delays_ms = [ 200 ]; lease_ms = 0;',
     extra_devices => 'coalesce_max_events = 16;');
 # no instance_id: each leases an RPC id tag no other live one holds
 my $da = GiftDispatch::start_dispatcher(%dconf,

@@ -93,7 +93,20 @@ START_TEST(defaults)
     ck_assert_int_eq(c->provision, 1);
     ck_assert_ptr_null(c->rules->default_device);
     ck_assert_uint_eq(c->nretry_delays, 4);
+    ck_assert_int_eq(c->lease_ms, 5000);          /* one active owner */
     dconf_free(c);
+}
+END_TEST
+
+START_TEST(lease)
+{
+    dconf_t *c;
+
+    ck_assert_int_eq(load("nats = {\n  lease_ms = 0;\n};\n", &c), 0);
+    ck_assert_int_eq(c->lease_ms, 0);             /* every one active */
+    dconf_free(c);
+    ck_assert_int_eq(load("nats = {\n  lease_ms = 500;\n};\n", &c), -1);
+    has_error(1, "nats.lease_ms: must be 0");
 }
 END_TEST
 
@@ -344,6 +357,7 @@ suite(void)
     tcase_add_checked_fixture(t, setup, teardown);
     tcase_add_test(t, example_is_valid);
     tcase_add_test(t, defaults);
+    tcase_add_test(t, lease);
     tcase_add_test(t, syntax_error_names_the_line);
     tcase_add_test(t, bad_values_name_file_line_key);
     tcase_add_test(t, unknown_keys);

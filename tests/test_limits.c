@@ -48,6 +48,28 @@ START_TEST(window)
 }
 END_TEST
 
+/* The window handed to a new owner in the lease value (lease.c): one
+ * entry a second at its latest time, oldest first, wall-clock ms. */
+START_TEST(window_handover)
+{
+    drate_t r;
+    char    buf[256];
+    int64_t t = 1000 * S, wall = 5000000;   /* wall ms at t */
+
+    memset(&r, 0, sizeof(r));
+    ck_assert_uint_eq(rate_format(&r, t, wall, buf, sizeof(buf)), 0);
+    rate_add(&r, t - 70 * S, 5);            /* out of the minute */
+    rate_add(&r, t - 30 * S, 10);
+    rate_add(&r, t - 30 * S + 300000, 2);   /* same second: merged */
+    rate_add(&r, t - 10 * S, 7);
+    ck_assert_uint_gt(rate_format(&r, t, wall, buf, sizeof(buf)), 0);
+    ck_assert_str_eq(buf, "4970300:12,4990000:7");
+    /* too small a buffer: nothing rather than a cut window */
+    ck_assert_uint_eq(rate_format(&r, t, wall, buf, 10), 0);
+    rate_free(&r);
+}
+END_TEST
+
 START_TEST(oversized_goes_alone)
 {
     drate_t r;
@@ -229,6 +251,7 @@ main(void)
 
     tcase_add_test(tc, no_limit);
     tcase_add_test(tc, window);
+    tcase_add_test(tc, window_handover);
     tcase_add_test(tc, oversized_goes_alone);
     tcase_add_test(tc, sliding_minute_holds);
     tcase_add_test(tc, merge_bounds_memory);

@@ -12,12 +12,16 @@
  * executed and ignored as duplicates, and writes them as JSON on SIGUSR1
  * and at exit, so that tests and benchmarks can check what the motors did:
  *   {"snapshot":S,"devices":{"motor_01":{"rounds":N,"rpcs":M,"events":K,
- *    "duplicates":D,"errors":E,"ignored":I,"max_cmd_rounds":X,"stops":P}},
+ *    "duplicates":D,"errors":E,"ignored":I,"max_cmd_rounds":X,"stops":P,
+ *    "max_pending":Q,"max_minute_rounds":R}},
  *    "totals":{...}}
  * "duplicates" counts commands' events for ids already executed: tests
  * assert it (0 where exactly-once is promised).  "max_cmd_rounds" is the
  * largest command a motor got (the dispatcher's per-command limit);
  * "stops" counts the emergency "stop" method, which is always accepted.
+ * "max_pending" is the most commands a device had received and not yet
+ * answered at once (1: never two in flight); "max_minute_rounds" the most
+ * rounds it executed within any 59 s (a rate limit kept, seen by the motor).
  *
  * One thread: ppoll() over the broker socket (libmosquitto driven with
  * mosquitto_loop_read/write/misc) and a timer heap of replies due, so
@@ -120,6 +124,14 @@ typedef struct {
     uint64_t     rounds, rpcs, events, duplicates, errors, ignored;
     uint64_t     max_cmd_rounds;  /* the largest command's rounds */
     uint64_t     stops;           /* "stop" commands (emergency stop) */
+    uint64_t     pending;         /* commands received, not yet answered */
+    uint64_t     max_pending;     /* the most at once: 1 when the
+                                     dispatchers keep one in flight */
+    /* rounds executed in the last MINUTE_US, as a ring of (time, rounds) */
+    int64_t     *mt;
+    uint64_t    *mr;
+    size_t       mcap, mhead, mn;
+    uint64_t     msum, max_minute;
     int          slow_ms;         /* its own reply latency; -1: --latency-ms */
     int          offline;
     /* the dedup window: a ring of the last `window` ids, and a hash */
@@ -245,6 +257,8 @@ device_free(device_t *d)
 {
     size_t i;
 
+    free(d->mt);
+    free(d->mr);
     for (i = 0; i < d->ring_n; i++) {
         idnode_t *n = d->ring[(d->ring_head + i) % opt.window];
 
@@ -336,6 +350,7 @@ typedef struct {
     uint64_t  order;              /* FIFO among equal deadlines */
     char     *topic;
     char     *payload;
+    device_t *dev;                /* its pending count drops when sent */
 } reply_t;
 
 static reply_t  *heap;
@@ -442,9 +457,12 @@ write_totals(void)
         fprintf(f, "\":{\"rounds\":%" PRIu64 ",\"rpcs\":%" PRIu64
                 ",\"events\":%" PRIu64 ",\"duplicates\":%" PRIu64
                 ",\"errors\":%" PRIu64 ",\"ignored\":%" PRIu64
-                ",\"max_cmd_rounds\":%" PRIu64 ",\"stops\":%" PRIu64 "}",
+                ",\"max_cmd_rounds\":%" PRIu64 ",\"stops\":%" PRIu64
+                ",\"max_pending\":%" PRIu64 ",\"max_minute_rounds\":%"
+                PRIu64 "}",
                 d->rounds, d->rpcs, d->events, d->duplicates, d->errors,
-                d->ignored, d->max_cmd_rounds, d->stops);
+                d->ignored, d->max_cmd_rounds, d->stops, d->max_pending,
+                d->max_minute);
         t[0] += d->rounds;
         t[1] += d->rpcs;
         t[2] += d->events;
@@ -512,7 +530,7 @@ response_topic(const char *id, const char *device, char *out, size_t cap)
 static void
 schedule_reply(const char *id, const char *device, const char *payload)
 {
-    reply_t r = { 0, 0, NULL, NULL };
+    reply_t r = { 0, 0, NULL, NULL, NULL };
     char    topic[512];
     int64_t lat = opt.lat_min_ms;
     device_t *d = strcmp(device, "me") ? device_get(device) : NULL;
@@ -526,17 +544,74 @@ schedule_reply(const char *id, const char *device, const char *payload)
         lat += (int64_t) (rng() % (uint64_t) (opt.lat_max_ms
                                                - opt.lat_min_ms + 1));
     }
+    if (d != NULL && ++d->pending > d->max_pending) {
+        d->max_pending = d->pending;
+    }
     if (lat == 0) {
         mosquitto_publish(mosq, NULL, topic, (int) strlen(payload), payload,
                           opt.qos, false);
+        if (d != NULL) {
+            d->pending--;
+        }
         return;
     }
+    r.dev = d;
     r.due_us = gift_mono_us() + lat * 1000;
     r.topic = strdup(topic);
     r.payload = strdup(payload);
     if (r.topic == NULL || r.payload == NULL || heap_push(r) != 0) {
         free(r.topic);
         free(r.payload);
+        if (d != NULL) {
+            d->pending--;
+        }
+    }
+}
+
+/*
+ * The most rounds executed within any MINUTE_US: 59 s, a second short of
+ * the dispatchers' sliding minute, so that delivery jitter between their
+ * send and our receipt never shows a limit kept as exceeded.
+ */
+#define MINUTE_US  59000000LL
+
+static void
+minute_add(device_t *d, uint64_t rounds)
+{
+    int64_t now = gift_mono_us();
+
+    while (d->mn > 0 && d->mt[d->mhead] <= now - MINUTE_US) {
+        d->msum -= d->mr[d->mhead];
+        d->mhead = (d->mhead + 1) % d->mcap;
+        d->mn--;
+    }
+    if (d->mn == d->mcap) {
+        size_t    cap = d->mcap ? d->mcap * 2 : 64, i;
+        int64_t  *t = malloc(cap * sizeof(*t));
+        uint64_t *r = malloc(cap * sizeof(*r));
+
+        if (t == NULL || r == NULL) {
+            free(t);
+            free(r);
+            return;
+        }
+        for (i = 0; i < d->mn; i++) {
+            t[i] = d->mt[(d->mhead + i) % d->mcap];
+            r[i] = d->mr[(d->mhead + i) % d->mcap];
+        }
+        free(d->mt);
+        free(d->mr);
+        d->mt = t;
+        d->mr = r;
+        d->mcap = cap;
+        d->mhead = 0;
+    }
+    d->mt[(d->mhead + d->mn) % d->mcap] = now;
+    d->mr[(d->mhead + d->mn) % d->mcap] = rounds;
+    d->mn++;
+    d->msum += rounds;
+    if (d->msum > d->max_minute) {
+        d->max_minute = d->msum;
     }
 }
 
@@ -631,6 +706,9 @@ on_message(struct mosquitto *m, void *obj, const struct mosquitto_message *msg)
         d->events++;
     }
     d->rounds += rounds;
+    if (rounds > 0) {
+        minute_add(d, rounds);
+    }
     {
         /* what the command asked for, duplicates included */
         json_t  *pr = json_object_get(params, "rounds");
@@ -905,6 +983,9 @@ main(int argc, char **argv)
             if (connected) {
                 mosquitto_publish(mosq, NULL, r.topic, (int) strlen(r.payload),
                                   r.payload, opt.qos, false);
+            }
+            if (r.dev != NULL) {
+                r.dev->pending--;
             }
             free(r.topic);
             free(r.payload);
