@@ -7,6 +7,8 @@
 
 #include "gift_nkey.h"
 
+#include <errno.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <openssl/evp.h>
@@ -321,5 +323,30 @@ gift_nkey_find_jwt(const char *text, size_t len, const char **jwt,
     *jwt = p;
     *jwt_len = (size_t) (s - p);
 
+    return 0;
+}
+
+
+int
+gift_nkey_read_file(const char *file, gift_nkey_t *k, const char **err)
+{
+    char         buf[4096];
+    size_t       n;
+    FILE        *f;
+    const char  *seed;
+
+    f = fopen(file, "r");
+    if (f == NULL) {
+        *err = strerror(errno);
+        return -1;
+    }
+    n = fread(buf, 1, sizeof(buf), f);
+    fclose(f);
+
+    if (gift_nkey_find_seed(buf, n, &seed, err) != 0
+        || gift_nkey_from_seed(seed, GIFT_NKEY_SEED_LEN, k, err) != 0)
+    {
+        return -1;
+    }
     return 0;
 }

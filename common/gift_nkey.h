@@ -57,6 +57,11 @@ size_t gift_base64url(const unsigned char *in, size_t len, char *out);
  */
 int gift_nkey_find_seed(const char *text, size_t len, const char **seed,
                         const char **err);
+
+/* The key of the seed in FILE (a seed file or a .creds file), for the
+ * programs that read it themselves (giftctl, the dispatcher); *err says why
+ * not.  0 or -1. */
+int gift_nkey_read_file(const char *file, gift_nkey_t *k, const char **err);
 int gift_nkey_find_jwt(const char *text, size_t len, const char **jwt,
                        size_t *jwt_len, const char **err);
 

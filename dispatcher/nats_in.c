@@ -153,27 +153,13 @@ pause_ms(int ms)
 static natsStatus
 set_nkey(natsOptions *o, const char *file)
 {
-    char         buf[4096];
-    size_t       n;
-    FILE        *f;
-    const char  *seed, *err;
+    const char  *err;
     gift_nkey_t  k;
 
-    f = fopen(file, "r");
-    if (f == NULL) {
-        gift_log(GIFT_LOG_ERR, "nats.nkey %s: %s", file, strerror(errno));
-        return NATS_ERR;
-    }
-    n = fread(buf, 1, sizeof(buf), f);
-    fclose(f);
-
-    if (gift_nkey_find_seed(buf, n, &seed, &err) != 0
-        || gift_nkey_from_seed(seed, GIFT_NKEY_SEED_LEN, &k, &err) != 0)
-    {
+    if (gift_nkey_read_file(file, &k, &err) != 0) {
         gift_log(GIFT_LOG_ERR, "nats.nkey %s: %s", file, err);
         return NATS_ERR;
     }
-
     return natsOptions_SetNKeyFromSeed(o, k.public_key, file);
 }
 
