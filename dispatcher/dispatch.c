@@ -14,10 +14,16 @@
  * nats.max_inflight, kept alive with InProgress, and released with a nak
  * when the daemon stops before its outcome is known.
  *
- * This file is the one owner of gift state.  The devices (queues, limits,
+ * Gift state has one owner, the main thread's gift code, in three files
+ * (dispatch_int.h is their interface): this one owns the gift itself --
+ * its memory, the held list and map, decoding, routing, outcomes,
+ * attempts, ack and nak; publish.c owns its publishes in flight (which
+ * gift each belongs to, g->pubs, the retry list); timers.c owns what time
+ * does to held gifts and the orderly stop.  The devices (queues, limits,
  * RPCs in flight) are scheduler.c's; it reports each gift of a finished
  * RPC back here (gift_answered).  The I/O modules (nats_in.c, kv.c,
- * mqtt_out.c) hand their results to the dispatch_*() entry points.
+ * mqtt_out.c) write none of it: they return results, post them to the
+ * main thread's queues, or hand them to the dispatch_*() entry points.
  *
  * Attempts are counted here, not by the server: an attempt record in KV
  * GIFT_DONE ("a.<event id>": failed attempts, the device of the first
@@ -32,8 +38,8 @@
  *     and it is acked without an RPC;
  *   - a streak frame claims its increment in GIFT_STREAKS (streaks.c):
  *     rounds = diamond x increment x multiplier, 0 when it adds nothing.
- * The marker is written with the GiftAck, as an asynchronous publish, once
- * the device answered ok; the delivery is acked when both are stored.
+ * The marker is written with the GiftAck (publish_ack, publish.c) once
+ * the device answered ok; the delivery is acked on the GiftAck's PubAck.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -44,22 +50,8 @@
 #include "dispatcher.h"
 #include "dispatch_int.h"
 #include "gift_kvkey.h"
-#include "gift_json.h"
 #include "gift_normalize.h"
 #include "gift_util.h"
-
-#define ACK_BUF   8192      /* a packed GiftAck: strings are <= 256 bytes */
-
-/* publish failures: logged at most once a second (dispatch_int.h) */
-static rlimit_t rl_pub;
-
-
-
-
-
-
-
-
 
 /* ------------------------------------------------------------ gift memory */
 
@@ -128,7 +120,7 @@ held_unlink(dsp_t *d, dgift_t *g)
 }
 
 /* Append (or move) g to the tail: the list stays ordered by touched_us. */
-static void
+void
 held_touch(dsp_t *d, dgift_t *g, int64_t now)
 {
     if (g->hprev || g->hnext || d->held == g) {
@@ -145,7 +137,7 @@ held_touch(dsp_t *d, dgift_t *g, int64_t now)
 }
 
 /* The end of a gift: its delivery was acked or naked (or is abandoned). */
-static void
+void
 gift_free(dsp_t *d, dgift_t *g)
 {
     if (g->dev != NULL && g->dev_counted) {
@@ -176,7 +168,7 @@ event_id(const dgift_t *g)
  * dead letter, if it fails again, is not dropped as a duplicate of the
  * first), while a repeat of the same replay is still deduplicated.
  */
-static void
+void
 msg_id_stem(const dgift_t *g, char *out, size_t cap)
 {
     const char *id = NULL;
@@ -217,7 +209,7 @@ failpoint_init(void)
     }
 }
 
-static void
+void
 gift_ack_and_free(dsp_t *d, dgift_t *g)
 {
     natsStatus s;
@@ -282,63 +274,6 @@ ack_fill(const dgift_t *g, Gift__V1__GiftAck *a)
         a->quantity = e->quantity;
         a->received_at_ms = e->received_at_ms;
     }
-}
-
-/*
- * Publish the GiftAck `a` of g (Nats-Msg-Id "<event id>:ack"; it counts
- * in g->pubs: the delivery is acked on its PubAck); with `marker`, first
- * the completion marker: the same bytes as the value of key <event id> in
- * GIFT_DONE.  A KV put is a publish to $KV.GIFT_DONE.<key>; this one is a
- * plain core publish, without waiting for a PubAck: it goes out before the
- * GiftAck on the same connection, so the server has it whenever the
- * GiftAck's PubAck comes back, and it costs a third of a tracked publish
- * (no reply inbox, no pending table, no callback) on the way of every
- * gift.  A marker lost with a failing server only means that a redelivery
- * sends the RPC again, which the device's event-id window absorbs.
- */
-static void
-publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a, int marker)
-{
-    uint8_t  buf[ACK_BUF];
-    char     subject[sizeof(GIFT_SUBJ_ACKS_PREFIX) + DSP_DEVICE_MAX + 8];
-    char     msg_id[2 * GIFT_ID_MAX + 64];
-    char     ksubj[sizeof("$KV." GIFT_KV_DONE ".") + GIFT_KVKEY_SIZE(GIFT_ID_MAX)];
-    size_t   len;
-    int      n;
-
-    len = gift__v1__gift_ack__get_packed_size(a);
-    if (len > sizeof(buf)) {
-        gift_log(GIFT_LOG_ERR, "GiftAck of %s too large (%zu bytes)",
-                 event_id(g), len);
-        return;
-    }
-    gift__v1__gift_ack__pack(a, buf);
-
-    /* one line per outcome (log_level "warning" silences them) */
-    gift_log(GIFT_LOG_INFO, "event %s: %s%s%s, device %s, %" PRIu64
-             " rounds, attempt %" PRIu32 ", rpc %" PRIu64 ".%03" PRIu64
-             " ms, %" PRId64 " ms since the webhook", a->event_id,
-             gift_ack_status_name(a->status),
-             a->reason && a->reason[0] ? " " : "",
-             a->reason ? a->reason : "", a->device_id, a->rounds,
-             a->attempts, a->rpc_latency_us / 1000, a->rpc_latency_us % 1000,
-             a->received_at_ms > 0 ? a->completed_at_ms - a->received_at_ms
-                                   : (int64_t) 0);
-
-    if (marker && event_id(g)[0] != '\0') {
-        n = snprintf(ksubj, sizeof(ksubj), "$KV." GIFT_KV_DONE ".");
-        if (gift_kvkey_encode(event_id(g), ksubj + n, sizeof(ksubj)
-                              - (size_t) n) > 0)
-        {
-            nats_in_publish_core(d, ksubj, buf, len);
-        }
-    }
-
-    snprintf(subject, sizeof(subject), GIFT_SUBJ_ACKS_PREFIX "%s",
-             a->device_id);
-    msg_id_stem(g, msg_id, sizeof(msg_id) - 4);
-    strcat(msg_id, ":ack");
-    nats_in_publish(d, g, subject, buf, len, msg_id, NULL);
 }
 
 /* The device turned: record it. */
@@ -409,7 +344,7 @@ gift_dead_letter(dsp_t *d, dgift_t *g, const char *reason,
 
     g->state = GIFT_PUBLISHING;
     g->rpc = NULL;
-    nats_in_publish(d, g, dsubj, natsMsg_GetData(g->msg),
+    gift_publish(d, g, dsubj, natsMsg_GetData(g->msg),
                     (size_t) natsMsg_GetDataLength(g->msg), msg_id, hdrs);
 
     ack_fill(g, &a);
@@ -473,18 +408,6 @@ gift_fail(dsp_t *d, dgift_t *g, const char *reason, const char *detail)
     STAT_ADD(d, retried, 1);
     gift_release(d, g, delay);
 }
-
-
-
-
-
-
-
-
-
-
-
-
 
 /*
  * What an RPC's end means for one of its gifts (scheduler.c reports it):
@@ -550,7 +473,7 @@ done_check_needed(dgift_t *g)
 }
 
 /* Past max_gift_age (by nginx's clock, else the sender's)? */
-static int
+int
 gift_expired(const dsp_t *d, const dgift_t *g)
 {
     return g->received_ms > 0
@@ -793,7 +716,7 @@ gift_done_again(dsp_t *d, dgift_t *g, const void *val, size_t len)
     gift__v1__gift_ack__free_unpacked(a, NULL);
     STAT_ADD(d, done_hits, 1);
     g->state = GIFT_PUBLISHING;
-    nats_in_publish(d, g, subject, val, len, msg_id, NULL);
+    gift_publish(d, g, subject, val, len, msg_id, NULL);
     if (g->pubs == 0) {
         gift_release(d, g, 0);
     }
@@ -886,7 +809,6 @@ dispatch_kv(dsp_t *d, dkvjob_t *j)
     }
     gift_queue(d, g);
 }
-
 
 void
 dispatch_msg(dsp_t *d, natsMsg *m)
@@ -1006,257 +928,6 @@ dispatch_msg(dsp_t *d, natsMsg *m)
     gift_route(d, g);
 }
 
-void
-dispatch_puback(dsp_t *d, void *item)
-{
-    dpuback_t  ok, *p;
-    dgift_t   *g;
-    uint64_t   quiet;
-
-    if ((uintptr_t) item & 1) {
-        /* success, posted as the tagged message pointer alone */
-        ok.m = (natsMsg *) ((uintptr_t) item & ~(uintptr_t) 1);
-        ok.err = NATS_OK;
-        p = &ok;
-    } else {
-        p = item;
-    }
-    g = dmap_del(&d->by_pub, (uint64_t) (uintptr_t) p->m);
-    if (g == NULL) {
-        natsMsg_Destroy(p->m);
-        if (p != &ok) {
-            free(p);
-        }
-        return;
-    }
-    if (p->err != NATS_OK) {
-        STAT_ADD(d, pub_errors, 1);
-        if (rlimit_ok(&rl_pub, gift_mono_us(), &quiet)) {
-            gift_log(GIFT_LOG_WARN, "publish to %s for %s failed: %s (js "
-                     "error %d); retrying every %d ms (%" PRIu64 " more "
-                     "publish failures not logged)", natsMsg_GetSubject(p->m),
-                     event_id(g), p->text, p->jerr, d->conf->publish_retry_ms,
-                     quiet);
-        }
-        {
-            dretry_t *r = calloc(1, sizeof(*r));
-
-            if (r != NULL) {
-                r->m = p->m;
-                r->g = g;
-                r->due_us = gift_mono_us()
-                            + (int64_t) d->conf->publish_retry_ms * 1000;
-                if (d->retries_tail) {
-                    d->retries_tail->next = r;
-                } else {
-                    d->retries = r;
-                }
-                d->retries_tail = r;
-                free(p);
-                return;
-            }
-        }
-        /* no memory for a retry: leave the gift to redelivery */
-        natsMsg_Destroy(p->m);
-        free(p);
-        g->pubs--;
-        if (g->pubs == 0) {
-            gift_release(d, g, 0);
-        }
-        return;
-    }
-    natsMsg_Destroy(p->m);
-    if (p != &ok) {
-        free(p);
-    }
-    if (--g->pubs > 0) {
-        return;
-    }
-    if (g->state == GIFT_PUBLISHING && g->msg != NULL) {
-        gift_ack_and_free(d, g);
-    } else {
-        gift_free(d, g);            /* abandoned at shutdown: already naked */
-    }
-}
-
-/* ------------------------------------------------------------ timers */
-
-int64_t
-dispatch_timers(dsp_t *d, int64_t now)
-{
-    int64_t   next = now + 1000000;
-    int64_t   every;
-    dretry_t *t;
-    dgift_t  *g;
-    size_t    k;
-
-    next = sched_timers(d, now, next);
-
-    /* publishes to send again */
-    while ((t = d->retries) != NULL && t->due_us <= now) {
-        d->retries = t->next;
-        if (d->retries == NULL) {
-            d->retries_tail = NULL;
-        }
-        if (t->g->msg == NULL || d->stopping > 1) {
-            natsMsg_Destroy(t->m);
-            if (--t->g->pubs == 0) {
-                gift_free(d, t->g);
-            }
-        } else {
-            nats_in_republish(d, t->g, t->m);
-        }
-        free(t);
-    }
-    if (d->retries != NULL && d->retries->due_us < next) {
-        next = d->retries->due_us;
-    }
-
-    STAT_SET(d, held, d->nheld);
-    STAT_SET(d, mqtt_up, (uint64_t) d->mqtt.ready);
-
-    /* InProgress for gifts held a third of the ack wait: they wait for a
-     * busy device or a broker; without it the server would redeliver */
-    every = d->nats.ack_wait_us / 3;
-    if (every < 1000000) {
-        every = 1000000;
-    }
-    for (k = d->nheld; k > 0 && (g = d->held) != NULL
-         && now - g->touched_us >= every; k--)
-    {
-        if (g->state == GIFT_QUEUED && g->msg != NULL && !d->stopping
-            && gift_expired(d, g))
-        {
-            /* waited past max_gift_age (a paused or offline device): the
-             * stream it belonged to is over */
-            queue_unlink(g->dev, g);
-            STAT_ADD(d, expired, 1);
-            gift_dead_letter(d, g, "expired", "waited past max_gift_age");
-            if (dmap_get(&d->by_seq, g->seq) != g) {
-                continue;                   /* freed already */
-            }
-            held_touch(d, g, now);
-            continue;
-        }
-        if (g->msg != NULL) {
-            natsMsg_InProgress(g->msg, NULL);
-        }
-        STAT_ADD(d, in_progress, 1);
-        held_touch(d, g, now);
-    }
-    if (d->held != NULL && d->held->touched_us + every < next) {
-        next = d->held->touched_us + every;
-    }
-    return next;
-}
-
-/* ------------------------------------------------------------ stopping */
-
-/* Release every gift waiting in a device queue (no attempt spent). */
-static size_t
-release_queued(dsp_t *d)
-{
-    size_t     i, n = 0;
-    dgift_t   *g;
-
-    for (i = 0; i < d->devcap; i++) {
-        if (d->dev[i] == NULL) {
-            continue;
-        }
-        while ((g = queue_pop(d->dev[i])) != NULL) {
-            gift_release(d, g, 0);
-            n++;
-        }
-    }
-    STAT_ADD(d, released, n);
-    return n;
-}
-
-void
-dispatch_standby(dsp_t *d)
-{
-    size_t n = release_queued(d);
-
-    gift_log(GIFT_LOG_WARN, "no longer the active dispatcher: released %zu "
-             "queued gifts; %zu RPCs and publishes in flight finish", n,
-             d->nheld);
-}
-
-void
-dispatch_stop(dsp_t *d)
-{
-    size_t n;
-
-    d->stopping = 1;
-    nats_in_fetch_stop(d);
-    n = release_queued(d);
-    gift_log(GIFT_LOG_INFO, "stopping: released %zu queued gifts; waiting for"
-             " %zu RPCs and publishes in flight (up to %d ms)", n, d->nheld,
-             d->conf->shutdown_timeout_ms);
-}
-
-void
-dispatch_abandon(dsp_t *d)
-{
-    drpc_t   *r;
-    dgift_t  *g, *next;
-    size_t    n = 0;
-
-    d->stopping = 2;
-    while ((r = d->rpcs) != NULL) {
-        dmap_del(&d->by_rpc, r->n);
-        rpc_unlink(d, r);
-        r->dev->inflight--;
-        for (g = r->gifts; g != NULL; g = next) {
-            next = g->qnext;
-            gift_release(d, g, 0);
-            n++;
-        }
-        free(r);
-    }
-    /* gifts waiting for a PubAck: nak now, free when the PubAck comes or
-     * at exit (the library still holds their messages) */
-    for (g = d->held; g != NULL; g = next) {
-        next = g->hnext;
-        if (g->msg != NULL) {
-            natsMsg_Nak(g->msg, NULL);
-            natsMsg_Destroy(g->msg);
-            g->msg = NULL;
-            n++;
-        }
-    }
-    STAT_ADD(d, released, n);
-    gift_log(GIFT_LOG_WARN, "stop deadline reached: released %zu gifts "
-             "unfinished (they will be redelivered)", n);
-}
-
-int
-dispatch_idle(const dsp_t *d)
-{
-    return d->nheld == 0 || (d->stopping > 1 && d->retries == NULL
-                             && d->by_pub.n == 0);
-}
-
-void
-dispatch_log_stats(const dsp_t *d)
-{
-    const dstats_t *s = &d->st;
-
-    gift_log(GIFT_LOG_INFO, "stats: received %" PRIu64 " redelivered-held %"
-             PRIu64 " ok %" PRIu64 " dead %" PRIu64 " retried %" PRIu64
-             " released %" PRIu64 "; rpcs %" PRIu64 " ok %" PRIu64 " errors %"
-             PRIu64 " timeouts %" PRIu64 " unknown-replies %" PRIu64
-             "; publish errors %" PRIu64 "; held %zu, devices %zu",
-             s->received, s->duplicates, s->acked_ok, s->dead_letters,
-             s->retried, s->released, s->rpcs_sent, s->rpc_ok, s->rpc_errors,
-             s->rpc_timeouts, s->replies_unknown, s->pub_errors, d->nheld,
-             d->ndev);
-}
-
-
-
-
-
 /* ------------------------------------------------------------ lifetime */
 
 int
@@ -1267,8 +938,8 @@ dispatch_init(dsp_t *d)
     if (d->dev == NULL
         || dmap_init(&d->by_seq, (size_t) d->conf->max_inflight) != 0
         || dmap_init(&d->by_rpc, 1024) != 0
-        || dmap_init(&d->by_pub, (size_t) d->conf->max_inflight) != 0
-        || dmap_init(&d->quarantine, 1024) != 0)
+        || dmap_init(&d->quarantine, 1024) != 0
+        || publish_init(d) != 0)
     {
         return -1;
     }
@@ -1281,7 +952,6 @@ void
 dispatch_destroy(dsp_t *d)
 {
     drpc_t   *r;
-    dretry_t *t;
     dgift_t  *g;
     size_t    i;
 
@@ -1289,12 +959,7 @@ dispatch_destroy(dsp_t *d)
         rpc_unlink(d, r);
         free(r);
     }
-    while ((t = d->retries) != NULL) {
-        d->retries = t->next;
-        natsMsg_Destroy(t->m);
-        free(t);
-    }
-    d->retries_tail = NULL;
+    publish_destroy(d);
     while ((g = d->held) != NULL) {
         if (g->msg != NULL) {
             natsMsg_Nak(g->msg, NULL);
@@ -1312,7 +977,6 @@ dispatch_destroy(dsp_t *d)
     d->dev = NULL;
     dmap_free(&d->by_seq);
     dmap_free(&d->by_rpc);
-    dmap_free(&d->by_pub);
     dmap_free(&d->quarantine);
     free(d->quar);
     d->quar = NULL;

@@ -1,12 +1,20 @@
 /*
- * dispatch_int.h: between the two halves of the main thread's gift work.
+ * dispatch_int.h: between the files of the main thread's gift work.
  *
- *   dispatch.c   the life of a gift, and the one owner of gift state:
- *                decode, route, outcomes (GiftAck, dead letter, retry),
- *                publishes, acks, timers, stopping
+ *   dispatch.c   the life of a gift, and the owner of the gift itself:
+ *                memory, the held list and map, decode, route, outcomes
+ *                (GiftAck, dead letter, retry), attempts, ack and nak
+ *   publish.c    its publishes in flight: which gift each belongs to
+ *                (d->by_pub), g->pubs, the retry list, the GiftAck
+ *                publish, the PubAcks (dispatch_puback)
+ *   timers.c     what time does to held gifts (InProgress, expiry) and
+ *                the orderly stop (stop, standby, abandon, idle)
  *   scheduler.c  the devices: their table, queues, limits (pause, rate,
  *                offline, share), RPCs in flight and their ids; it hands
  *                each gift of a finished RPC back with gift_answered()
+ *
+ * The I/O modules (nats_in.c, kv.c, mqtt_out.c) never include this: they
+ * return results or hand them to the dispatch_*() entry points.
  *
  * Main thread only.  Not installed; dispatcher.h is the public face.
  */
@@ -69,7 +77,22 @@ int64_t  sched_timers(dsp_t *d, int64_t now, int64_t next);
 /* dispatch.c ------------------------------------------------------------ */
 
 const char *event_id(const dgift_t *g);
+
+/* The stem of the Nats-Msg-Ids recording g's outcome (the event id, or a
+ * DLQ replay's own id), into out (cap bytes). */
+void        msg_id_stem(const dgift_t *g, char *out, size_t cap);
+
+/* Move g to the tail of the held list (touched now). */
+void        held_touch(dsp_t *d, dgift_t *g, int64_t now);
+/* Past max_gift_age? */
+int         gift_expired(const dsp_t *d, const dgift_t *g);
+
+/* The end of g: acked (its outcome is stored), naked (released, back
+ * after delay_ms), or only freed (its delivery was naked already). */
+void        gift_ack_and_free(dsp_t *d, dgift_t *g);
 void        gift_release(dsp_t *d, dgift_t *g, int64_t delay_ms);
+void        gift_free(dsp_t *d, dgift_t *g);
+
 void        gift_dead_letter(dsp_t *d, dgift_t *g, const char *reason,
     const char *detail);
 
@@ -81,5 +104,32 @@ void        gift_dead_letter(dsp_t *d, dgift_t *g, const char *reason,
  */
 int         gift_answered(dsp_t *d, dgift_t *g, const drpc_t *r,
     drpc_reply_rc rc, const char *why, int64_t lat, int offline, int room);
+
+/* publish.c ------------------------------------------------------------- */
+
+/*
+ * Publish `data` to `subject` for g through JetStream (Nats-Msg-Id
+ * `msg_id`, extra headers as nats_in_msg_new), counted in g->pubs until
+ * its PubAck; a failed send is retried every publish_retry_ms.  0, or -1
+ * when no message could be built (g->pubs unchanged: a caller that finds
+ * it 0 releases g).
+ */
+int         gift_publish(dsp_t *d, dgift_t *g, const char *subject,
+    const void *data, size_t len, const char *msg_id, const char **hdrs);
+
+/* The GiftAck `a` of g, and with `marker` the completion marker first. */
+void        publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a,
+    int marker);
+
+/* Send again the failed publishes that are due: the earlier of `next` and
+ * the next due time. */
+int64_t     publish_timers(dsp_t *d, int64_t now, int64_t next);
+
+/* Nothing waits for a PubAck or a retry. */
+int         publish_idle(const dsp_t *d);
+
+int         publish_init(dsp_t *d);
+/* Drop the retries (their gifts are freed by dispatch_destroy). */
+void        publish_destroy(dsp_t *d);
 
 #endif /* GIFT_DISPATCH_INT_H */

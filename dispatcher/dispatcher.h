@@ -565,7 +565,8 @@ struct ddevice {
     int64_t        wake_us;        /* rate-limited: kick again then (0: no) */
 };
 
-/* A publish whose PubAck failed, waiting to be sent again. */
+/* A publish that failed (at once or in its PubAck), waiting to be sent
+ * again (publish.c). */
 typedef struct dretry {
     natsMsg        *m;
     dgift_t        *g;
@@ -786,7 +787,8 @@ struct dsp {
 
     dmap_t             by_seq;     /* stream seq -> dgift_t held */
     dmap_t             by_rpc;     /* RPC id -> drpc_t */
-    dmap_t             by_pub;     /* natsMsg* published -> dgift_t */
+    dmap_t             by_pub;     /* natsMsg* published -> dgift_t
+                                      (publish.c) */
     dmap_t             quarantine; /* RPC ids timed out recently: a late
                                       reply must not complete a new RPC */
     struct dquar      *quar;       /* ... in expiry order (a ring) */
@@ -794,7 +796,7 @@ struct dsp {
     dgift_t           *held, *held_tail;   /* all held gifts */
     size_t             nheld;
     drpc_t            *rpcs, *rpcs_tail;   /* in flight, by deadline */
-    dretry_t          *retries, *retries_tail;
+    dretry_t          *retries, *retries_tail;   /* publish.c */
     int                credit_back;        /* slots freed this iteration */
 
     int                stopping;
@@ -832,6 +834,14 @@ extern volatile sig_atomic_t dsp_sig_term, dsp_sig_hup, dsp_sig_usr1;
 
 /* dispatch.c ------------------------------------------------------------ */
 
+/*
+ * The entry points of the main thread's gift and device code.  Gift state
+ * is owned by dispatch.c (the gift's life), publish.c (its publishes in
+ * flight) and timers.c (time and the stop); devices by scheduler.c.  The
+ * I/O modules hand results to these functions and write none of that
+ * state themselves.  dispatch_int.h is the interface between those files.
+ */
+
 /* Create / destroy the gift state (maps, device table) of `d`. */
 int  dispatch_init(dsp_t *d);
 /* Free every gift still held (naking it), every RPC and device. */
@@ -841,16 +851,14 @@ void dispatch_destroy(dsp_t *d);
  * once: dead letter, zero rounds, release while stopping).  Takes `m`. */
 void dispatch_msg(dsp_t *d, natsMsg *m);
 
+/* An answer from the KV thread.  Takes `job`. */
+void dispatch_kv(dsp_t *d, dkvjob_t *job);
+
+/* scheduler.c ----------------------------------------------------------- */
+
 /* A reply on the response topic with id n (unknown ids are counted and
  * ignored: they belong to another instance or to an RPC that timed out). */
 void dispatch_reply(dsp_t *d, uint64_t n, const char *payload, size_t len);
-
-/* A PubAck (or its failure) from the handler thread: PUBACK_OK(msg) or
- * a dpuback_t.  Takes it. */
-void dispatch_puback(dsp_t *d, void *item);
-
-/* The lease was lost: release what waits in device queues. */
-void dispatch_standby(dsp_t *d);
 
 /* The rate-limited devices' last minute as "rate <device> <window>\n"
  * lines (rate_format), for the lease value; and taking them over. */
@@ -859,22 +867,6 @@ void   dispatch_rates_restore(dsp_t *d, const char *text);
 
 /* Send what device queues allow (after MQTT became ready, or a reload). */
 void dispatch_kick_all(dsp_t *d);
-
-/* Time-driven work: RPC timeouts, publish retries, InProgress for gifts
- * held long.  Returns the next time (monotonic us) it wants to run. */
-int64_t dispatch_timers(dsp_t *d, int64_t now_us);
-
-/* Begin an orderly stop: release queued gifts, stop fetching. */
-void dispatch_stop(dsp_t *d);
-
-/* Release (nak) everything still held: the stop deadline passed. */
-void dispatch_abandon(dsp_t *d);
-
-/* 1 when nothing is held and nothing is in flight. */
-int  dispatch_idle(const dsp_t *d);
-
-/* An answer from the KV thread.  Takes `job`. */
-void dispatch_kv(dsp_t *d, dkvjob_t *job);
 
 /* A device switch changed in KV GIFT_DEVICES.  Takes `c`. */
 void dispatch_ctl(dsp_t *d, dctl_t *c);
@@ -886,6 +878,32 @@ void dispatch_limits_reload(dsp_t *d);
 /* Per-device state for /metrics, as Prometheus text lines, into buf
  * (cap bytes): the length written (truncated at a line boundary). */
 size_t dispatch_device_metrics(const dsp_t *d, char *buf, size_t cap);
+
+/* publish.c ------------------------------------------------------------- */
+
+/* A PubAck (or its failure) from the handler thread: PUBACK_OK(msg) or
+ * a dpuback_t.  Takes it. */
+void dispatch_puback(dsp_t *d, void *item);
+
+/* timers.c -------------------------------------------------------------- */
+
+/* Time-driven work: RPC timeouts, publish retries, InProgress for gifts
+ * held long.  Returns the next time (monotonic us) it wants to run. */
+int64_t dispatch_timers(dsp_t *d, int64_t now_us);
+
+/* The lease was lost: release what waits in device queues. */
+void dispatch_standby(dsp_t *d);
+
+/* Begin an orderly stop: release queued gifts, stop fetching. */
+void dispatch_stop(dsp_t *d);
+
+/* Release (nak) everything still held: the stop deadline passed. */
+void dispatch_abandon(dsp_t *d);
+
+/* 1 when nothing is held and nothing is in flight. */
+int  dispatch_idle(const dsp_t *d);
+
+/* metrics.c (its log line) ---------------------------------------------- */
 
 /* One info line with the counters (SIGUSR1, and at exit). */
 void dispatch_log_stats(const dsp_t *d);
@@ -913,21 +931,27 @@ void nats_in_fetch_stop(dsp_t *d);
 /* 1 when the fetch thread has exited (or never ran). */
 int  nats_in_fetch_done(dsp_t *d);
 
+/* A message for `subject` with `data` and the extra headers (NULL-
+ * terminated key/value pairs), or NULL (logged). */
+natsMsg *nats_in_msg_new(const char *subject, const void *data, size_t len,
+    const char **hdrs);
+
 /*
- * Publish `data` to `subject` through JetStream asynchronously with
- * Nats-Msg-Id `msg_id` (none when NULL), and the extra headers
- * (NULL-terminated key/value pairs).  The PubAck arrives through dispatch_puback().  The published
- * message is recorded in d->by_pub -> g.  0 or -1 (not sent; g untouched).
+ * Publish m through JetStream asynchronously with Nats-Msg-Id `msg_id`
+ * (none when NULL).  0: sent; the library holds m until its PubAck, which
+ * the handler posts to d->nats.acks with this same pointer (publish.c's
+ * dispatch_puback takes it).  -1: not sent; m is still the caller's, its
+ * Nats-Msg-Id header set for nats_in_republish.  Writes no gift state.
  */
-int  nats_in_publish(dsp_t *d, dgift_t *g, const char *subject,
-    const void *data, size_t len, const char *msg_id, const char **hdrs);
+int  nats_in_publish(dsp_t *d, natsMsg *m, const char *msg_id);
 
 /* A plain (core) publish, no PubAck awaited: the GIFT_DONE markers. */
 void nats_in_publish_core(dsp_t *d, const char *subject, const void *data,
     size_t len);
 
-/* Publish an existing message again (after a PubAck failure).  0 / -1. */
-int  nats_in_republish(dsp_t *d, dgift_t *g, natsMsg *m);
+/* Publish a message again (its publish or PubAck failed), with the
+ * Nats-Msg-Id it carries.  As nats_in_publish. */
+int  nats_in_republish(dsp_t *d, natsMsg *m);
 
 /* Stop and join the fetch thread (before gifts are freed: acking needs
  * the subscription alive). */

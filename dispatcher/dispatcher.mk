@@ -10,6 +10,7 @@ DISPATCHER_LIB_OBJS := $(OBJ)/dispatcher/conf.o $(OBJ)/dispatcher/rules.o \
                        $(OBJ)/common/gift_kvkey.o $(OBJ)/common/gift_nkey.o
 DISPATCHER_OBJS     := $(DISPATCHER_LIB_OBJS) $(OBJ)/dispatcher/main.o \
                        $(OBJ)/dispatcher/dispatch.o $(OBJ)/dispatcher/scheduler.o \
+                       $(OBJ)/dispatcher/publish.o $(OBJ)/dispatcher/timers.o \
                        $(OBJ)/dispatcher/nats_in.o $(OBJ)/dispatcher/mqtt_out.o \
                        $(OBJ)/dispatcher/kv.o $(OBJ)/dispatcher/ctl.o \
                        $(OBJ)/dispatcher/metrics.o \
@@ -22,7 +23,8 @@ DISPATCHER_TESTS := $(BUILD)/tests/test_rules $(BUILD)/tests/test_dconf \
 UNIT_TESTS  += $(DISPATCHER_TESTS)
 
 $(DISPATCHER_OBJS): dispatcher/dispatcher.h
-$(OBJ)/dispatcher/dispatch.o $(OBJ)/dispatcher/scheduler.o: dispatcher/dispatch_int.h
+$(OBJ)/dispatcher/dispatch.o $(OBJ)/dispatcher/scheduler.o \
+$(OBJ)/dispatcher/publish.o $(OBJ)/dispatcher/timers.o: dispatcher/dispatch_int.h
 
 $(BUILD)/gift-dispatcher: $(DISPATCHER_OBJS) $(COMMON_OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS_NATS) $(DISPATCHER_LIBS)

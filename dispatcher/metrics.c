@@ -14,6 +14,9 @@
  *     requests made here, on this thread, at most once a second (cached);
  *   - connection states: natsConnection_Status() (thread-safe) and a
  *     gauge main keeps for MQTT.
+ *
+ * The same counters as one log line (SIGUSR1, and at exit) are
+ * dispatch_log_stats(), at the end: main thread.
  */
 #include <arpa/inet.h>
 #include <inttypes.h>
@@ -471,4 +474,22 @@ metrics_stop(dsp_t *d)
     free(m->mine);
     free(m);
     d->metrics = NULL;
+}
+
+/* ------------------------------------------------------------ the log line */
+
+void
+dispatch_log_stats(const dsp_t *d)
+{
+    const dstats_t *s = &d->st;
+
+    gift_log(GIFT_LOG_INFO, "stats: received %" PRIu64 " redelivered-held %"
+             PRIu64 " ok %" PRIu64 " dead %" PRIu64 " retried %" PRIu64
+             " released %" PRIu64 "; rpcs %" PRIu64 " ok %" PRIu64 " errors %"
+             PRIu64 " timeouts %" PRIu64 " unknown-replies %" PRIu64
+             "; publish errors %" PRIu64 "; held %zu, devices %zu",
+             s->received, s->duplicates, s->acked_ok, s->dead_letters,
+             s->retried, s->released, s->rpcs_sent, s->rpc_ok, s->rpc_errors,
+             s->rpc_timeouts, s->replies_unknown, s->pub_errors, d->nheld,
+             d->ndev);
 }

@@ -7,8 +7,10 @@
  *   of ours blocks in natsSubscription_FetchRequest() and hands messages to
  *   the main thread through d->nats.inbox, within a credit that the main
  *   thread gives back as gifts finish (the in-flight bound),
- * - JetStream publishes (GiftAck, DLQ) with js_PublishMsgAsync(); the
- *   PubAck handler runs on a cnats thread and only posts to d->nats.acks.
+ * - JetStream publishes (GiftAck, DLQ) with js_PublishMsgAsync(): sent or
+ *   not, said by the return value; the PubAck handler runs on a cnats
+ *   thread and only posts to d->nats.acks.  Which gift a publish belongs
+ *   to, and its retries, are publish.c's: this file writes no gift state.
  *
  * Fetch strategy.  A fetch for a batch of N waits until N messages came or
  * the request expired, so a lone gift would wait the whole expiry.  Hence:
@@ -619,62 +621,14 @@ nats_in_fetch_done(dsp_t *d)
 
 /* ------------------------------------------------------------ publishing */
 
-static int
-publish(dsp_t *d, dgift_t *g, natsMsg **m, const char *msg_id)
-{
-    jsPubOptions po;
-    natsStatus   s;
-    natsMsg     *keep = *m;
+/*
+ * Only the sending: which gift a message is for, how many are in flight
+ * and what to do when one fails are publish.c's.
+ */
 
-    jsPubOptions_Init(&po);
-    po.MsgId = msg_id;
-    po.MaxWait = d->conf->publish_timeout_ms;
-
-    /* recorded before the call: the PubAck may beat the return */
-    if (dmap_put(&d->by_pub, (uint64_t) (uintptr_t) keep, g) != 0) {
-        return -1;
-    }
-    s = js_PublishMsgAsync(d->nats.js, m, &po);
-    if (s != NATS_OK) {
-        dmap_del(&d->by_pub, (uint64_t) (uintptr_t) keep);
-        if (msg_id != NULL) {
-            /* cnats sets it from po.MsgId when it sends; a retry later
-             * reads it back from the message */
-            natsMsgHeader_Set(keep, "Nats-Msg-Id", msg_id);
-        }
-        gift_log(GIFT_LOG_DEBUG, "NATS: publish to %s: %s",
-                 natsMsg_GetSubject(keep), nats_GetLastError(NULL));
-        return -1;
-    }
-    return 0;
-}
-
-/* Keep a message whose publish failed, to send it again later. */
-static void
-retry_later(dsp_t *d, dgift_t *g, natsMsg *m)
-{
-    dretry_t *r = calloc(1, sizeof(*r));
-
-    if (r == NULL) {
-        /* the gift stays held and unacknowledged: redelivered later */
-        natsMsg_Destroy(m);
-        gift_log(GIFT_LOG_ERR, "out of memory keeping a publish to retry");
-        return;
-    }
-    r->m = m;
-    r->g = g;
-    r->due_us = gift_mono_us() + (int64_t) d->conf->publish_retry_ms * 1000;
-    if (d->retries_tail) {
-        d->retries_tail->next = r;
-    } else {
-        d->retries = r;
-    }
-    d->retries_tail = r;
-}
-
-int
-nats_in_publish(dsp_t *d, dgift_t *g, const char *subject, const void *data,
-    size_t len, const char *msg_id, const char **hdrs)
+natsMsg *
+nats_in_msg_new(const char *subject, const void *data, size_t len,
+    const char **hdrs)
 {
     natsMsg    *m = NULL;
     natsStatus  s;
@@ -687,12 +641,32 @@ nats_in_publish(dsp_t *d, dgift_t *g, const char *subject, const void *data,
     if (s != NATS_OK) {
         natsMsg_Destroy(m);
         gift_log(GIFT_LOG_ERR, "cannot build a message for %s", subject);
-        return -1;
+        return NULL;
     }
-    g->pubs++;
-    if (publish(d, g, &m, msg_id) != 0) {
-        d->st.pub_errors++;
-        retry_later(d, g, m);
+    return m;
+}
+
+int
+nats_in_publish(dsp_t *d, natsMsg *m, const char *msg_id)
+{
+    jsPubOptions po;
+    natsStatus   s;
+    natsMsg     *keep = m;
+
+    jsPubOptions_Init(&po);
+    po.MsgId = msg_id;
+    po.MaxWait = d->conf->publish_timeout_ms;
+
+    s = js_PublishMsgAsync(d->nats.js, &m, &po);
+    if (s != NATS_OK) {
+        if (msg_id != NULL) {
+            /* cnats sets it from po.MsgId when it sends; a retry later
+             * reads it back from the message */
+            natsMsgHeader_Set(keep, "Nats-Msg-Id", msg_id);
+        }
+        gift_log(GIFT_LOG_DEBUG, "NATS: publish to %s: %s",
+                 natsMsg_GetSubject(keep), nats_GetLastError(NULL));
+        return -1;
     }
     return 0;
 }
@@ -711,16 +685,12 @@ nats_in_publish_core(dsp_t *d, const char *subject, const void *data,
 }
 
 int
-nats_in_republish(dsp_t *d, dgift_t *g, natsMsg *m)
+nats_in_republish(dsp_t *d, natsMsg *m)
 {
     const char *id = NULL;
 
     natsMsgHeader_Get(m, "Nats-Msg-Id", &id);
-    if (publish(d, g, &m, id) != 0) {
-        retry_later(d, g, m);
-        return -1;
-    }
-    return 0;
+    return nats_in_publish(d, m, id);
 }
 
 /* ------------------------------------------------------------ teardown */
@@ -794,7 +764,6 @@ nats_in_stop(dsp_t *d)
             m = ((dpuback_t *) items[i])->m;
             free(items[i]);
         }
-        dmap_del(&d->by_pub, (uint64_t) (uintptr_t) m);
         natsMsg_Destroy(m);
     }
     free(items);
