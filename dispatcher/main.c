@@ -35,6 +35,13 @@
  *   main --js_PublishMsgAsync(GiftAck)--> cnats --PubAck--> acks --> main
  *   main --natsMsg_Ack(msg, NULL)  (asynchronous: never a round trip)
  *
+ * What main owns, file by file: the gift in dispatch.c (its life, the one
+ * owner of gift state), publish.c (its publishes in flight and their
+ * retries) and timers.c (held gifts over time, the orderly stop); the
+ * devices and RPCs in scheduler.c.  The I/O modules (nats_in.c, kv.c,
+ * mqtt_out.c) write none of it: they return results, post them to the
+ * queues drained here, or hand them to the dispatch_*() entry points.
+ *
  * Start-up follows mosquitto's order (config, logging, signals,
  * connections, loop, orderly teardown), with one change: signals come
  * before the connections, because connecting waits for NATS (it may start

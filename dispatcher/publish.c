@@ -98,7 +98,8 @@ gift_publish(dsp_t *d, dgift_t *g, const char *subject, const void *data,
     g->pubs++;
     if (send_tracked(d, g, m, msg_id, 0) != 0) {
         STAT_ADD(d, pub_errors, 1);
-        /* out of memory: the gift stays held and unacknowledged */
+        /* on -1 (memory) g waits for a publish that will not come:
+         * held, unacknowledged, released at the next stop */
         (void) retry_later(d, g, m);
     }
     return 0;
