@@ -19,6 +19,10 @@
  *       gifts (accepted, never acknowledged), duplicate acknowledgements,
  *       and CPU seconds and peak RSS of each process given by --pids (and
  *       of giftbench itself).  A table on stderr, one JSON line on stdout.
+ *       --max-unacked N bounds the gifts sent and not yet acknowledged (or
+ *       refused): a closed loop on the acknowledgements rather than on the
+ *       202s, so that it measures what the pipeline keeps up with instead
+ *       of leaving a backlog behind the 202s.
  *
  *   giftbench echo -l 127.0.0.1:PORT [-T THREADS]
  *       The trivial server that gives giftbench's own ceiling: POST answers
