@@ -63,6 +63,7 @@ B=$ROOT/build
 T_START=$(date +%s)
 
 say() { echo "e2e: $*" >&2; }
+. "$ROOT/bench/lib.sh"
 
 # ThingsBoard: the stand-in unless GIFT_TB=tbsim
 TB=standin
@@ -94,24 +95,11 @@ MOSQ=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 rm -rf "$WORK"
 mkdir -p "$WORK"/{nats,nginx/tmp,runs}
 
-free_port() {
-    perl -MIO::Socket::INET -e '
-        for (1 .. 500) {
-            my $p = 20000 + int(rand(12000));
-            next if grep { $_ == $p } @ARGV;
-            my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1",
-                LocalPort => $p, Listen => 1, ReuseAddr => 1) or next;
-            print $p; exit 0;
-        }
-        exit 1' "$@"
-}
-taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-NATS_PORT=$(free_port)
-MQTT_PORT=$(free_port "$NATS_PORT")
-HTTP_PORT=$(free_port "$NATS_PORT" "$MQTT_PORT")
-METRICS_PORT=$(free_port "$NATS_PORT" "$MQTT_PORT" "$HTTP_PORT")
-ECHO_PORT=$(free_port "$NATS_PORT" "$MQTT_PORT" "$HTTP_PORT" "$METRICS_PORT")
+free_port NATS_PORT
+free_port MQTT_PORT
+free_port HTTP_PORT
+free_port METRICS_PORT
+free_port ECHO_PORT
 
 # started processes, stopped in reverse order, by PID
 PIDS=() NAMES=()
@@ -148,24 +136,6 @@ stop_one() {  # pid: stop now (and forget it)
         [[ ${PIDS[i]} == "$pid" ]] && unset 'PIDS[i]' 'NAMES[i]'
     done
     PIDS=("${PIDS[@]}") NAMES=("${NAMES[@]}")
-}
-
-wait_port() {  # port, name, pid, log
-    for _ in $(seq 100); do
-        taken "$1" && return 0
-        kill -0 "$3" 2>/dev/null ||
-            { say "$2 exited:"; tail -20 "$4" >&2; exit 1; }
-        sleep 0.1
-    done
-    say "$2 did not open port $1"; exit 1
-}
-wait_log() {  # file, regex, count, name, pid
-    for _ in $(seq 150); do
-        (( $(grep -cE "$2" "$1" 2>/dev/null || true) >= $3 )) && return 0
-        kill -0 "$5" 2>/dev/null || { say "$4 exited:"; tail -20 "$1" >&2; exit 1; }
-        sleep 0.1
-    done
-    say "$4: no '$2' in $1"; tail -20 "$1" >&2; exit 1
 }
 
 # ---------------------------------------------------------------- ceiling
@@ -233,16 +203,7 @@ MQTT_CONF="access_token = \"gift-dispatcher-1\";"
 TB_PROCS="tbstandin=$SB_PID,motors=$TBSIM_PID"
 TB_SAY="the ThingsBoard stand-in :$MQTT_PORT (1 ms per queue hop) and its motors"
 else
-cat >"$WORK/mosquitto.conf" <<EOF
-listener $MQTT_PORT 127.0.0.1
-allow_anonymous true
-set_tcp_nodelay true
-max_queued_messages 0
-persistence false
-log_dest stderr
-log_type error
-log_type warning
-EOF
+mosquitto_conf "$WORK/mosquitto.conf" "$MQTT_PORT"
 "$MOSQ" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
 MOSQ_PID=$!
 started "$MOSQ_PID" mosquitto
@@ -356,21 +317,6 @@ run_gb() {  # tag, giftbench arguments...: prints nothing, fills runs/TAG.*
     [[ -s $WORK/runs/$tag.json ]] || { say "$tag: giftbench wrote nothing"; return 2; }
     return 0
 }
-jget() {  # file, perl expression over $d
-    perl -MJSON::PP -e 'local $/; my $d = decode_json(<STDIN>); print eval $ARGV[0]' \
-        "$2" <"$1"
-}
-# sustained(file, rate): the step's verdict
-sustained() {
-    jget "$1" '
-        my $R = '"$2"'; my $n = 0;
-        $n += $d->{status}{$_} for grep { $_ ne "202" && $_ ne "conn_error" } keys %{$d->{status}};
-        $n += $d->{status}{conn_error};
-        ($d->{accepted_per_s} >= 0.95 * $R && $d->{lost} == 0 && $d->{dup_acks} == 0
-         && $n == 0 && $d->{fanout}{incomplete} == 0
-         && $d->{latency_ms}{p99} <= '"$P99_BOUND_MS"') ? 1 : 0'
-}
-
 # ---------------------------------------------------------------- runs
 say "warm-up: 1000 gifts/s for 2 s"
 run_gb warmup -R 1000 -d 2 -q || exit 1
@@ -390,34 +336,11 @@ if [[ -z $RATES ]]; then
             map { int($s * $_ / 10 / 500 + 0.5) * 500 } 5 .. 12' "$SAT")
 fi
 say "ramp: ${STEP_SECS}s per step at $RATES gifts/s (saturated: $SAT/s)"
-MAX_OK=0 FAILED_AT=0
-step() {  # rate: 0 when sustained (two attempts)
-    local R=$1 attempt tag
-    for attempt in 1 2; do
-        tag=ramp-$R-$attempt
-        run_gb "$tag" -R "$R" -d "$STEP_SECS" --grace 15 || exit 1
-        [[ $(sustained "$WORK/runs/$tag.json" "$R") == 1 ]] && return 0
-        say "$R gifts/s not sustained (attempt $attempt)"
-        sleep 2     # let a backlog drain before trying again
-    done
-    return 1
-}
-for R in $RATES; do
-    if step "$R"; then MAX_OK=$R; else FAILED_AT=$R; break; fi
-done
-# not even the first step: halve until one is sustained
-R=${RATES%% *}
-while (( MAX_OK == 0 && R > 250 )); do
-    R=$(( R / 2 ))
-    if step "$R"; then MAX_OK=$R; else FAILED_AT=$R; fi
-done
-# then narrow the gap between the last sustained and the first failed step
-for _ in 1 2; do
-    (( FAILED_AT > 0 && MAX_OK > 0 )) || break
-    R=$(( (MAX_OK + FAILED_AT) / 2 / 250 * 250 ))
-    (( R > MAX_OK && R < FAILED_AT )) || break
-    if step "$R"; then MAX_OK=$R; else FAILED_AT=$R; fi
-done
+RAMP_DIR=$WORK/runs RAMP_P99_BOUND_MS=$P99_BOUND_MS
+ramp_run() { run_gb "$1" -R "$2" -d "$STEP_SECS" --grace 15; }
+# shellcheck disable=SC2086
+ramp $RATES
+MAX_OK=$RAMP_MAX_OK FAILED_AT=$RAMP_FAILED_AT
 say "maximum sustained rate: $MAX_OK gifts/s${FAILED_AT:+ (not sustained: $FAILED_AT)}"
 
 # ---------------------------------------------------------------- motors

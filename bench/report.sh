@@ -32,6 +32,7 @@ my %j = map { $_ => rd("$_.json") } qw(ingest dispatcher fanout e2e);
 my @have = grep { $j{$_} } sort keys %j;
 my $seed_md;
 if (open(my $sh, "<", "$dir/seed.md")) { local $/; $seed_md = <$sh>; close $sh; }
+my $seed = rd("seed.json");
 unless (@have || $seed_md) {
     print STDERR "report: no benchmark JSON in $dir\n";
     exit 1;
@@ -61,6 +62,7 @@ p;
 for my $k (qw(ingest dispatcher fanout e2e)) {
     p "- `$k.json`: ", $j{$k} ? ($j{$k}{date} // "present") : "not run";
 }
+p "- `seed.json`: ", $seed ? ($seed->{date} // "present") : "not run";
 p;
 
 # ------------------------------------------------------------ summary
@@ -126,6 +128,31 @@ if ($e) {
     push @missed, "e2e-rate" if ($e->{max_sustained_rate} // 0) < 20000;
     push @missed, "e2e-p99" if ($ref->{latency_ms}{p99} // 1e9) >= 3;
     push @missed, "e2e-lost" if $lost || !$e->{motors}{equal};
+}
+# the seed comparison (bench/seed.sh): its headline figures per stack of
+# ours, next to the seed stack and the client ceiling of that run
+if ($seed && $seed->{stacks}) {
+    my $sd = $seed->{stacks}{seed};
+    my $ceil = $seed->{ceiling} // {};
+    for my $s (grep { $_ ne "seed" } sort keys %{$seed->{stacks}}) {
+        my $x = $seed->{stacks}{$s};
+        my $o = $x->{others_cpu_pct} // {};
+        push @rows, [ "seed comparison, $s: closed loop acknowledged gifts/s; maximum sustained (open loop)",
+            n($x->{saturate}{acked_per_s}) . "; " . n($x->{max_sustained_rate}) . " gifts/s"
+            . " (others: " . n($o->{min}) . "-" . n($o->{max}) . "% CPU)",
+            ($sd ? "seed stack: " . n($sd->{saturate}{acked_per_s}) . "; " : "")
+            . "client ceiling: " . n($ceil->{acked_per_s}),
+            $sd ? pct($x->{saturate}{acked_per_s}, $sd->{saturate}{acked_per_s}) : "-",
+            "5x the seed", $sd ? yes(($x->{saturate}{acked_per_s} // 0)
+                >= 5 * ($sd->{saturate}{acked_per_s} // 1e99)) : "-" ];
+        push @rows, [ "seed comparison, $s at " . n($seed->{settings}{reference_rate}) . " gifts/s: product us/gift; p50 / p99",
+            n($x->{reference}{us_per_gift}{product}) . " us; " . f($x->{reference}{latency_ms}{p50})
+            . " / " . f($x->{reference}{latency_ms}{p99}) . " ms",
+            $sd ? "seed stack: " . n($sd->{reference}{us_per_gift}{product}) . " us; p99 "
+            . f($sd->{reference}{latency_ms}{p99}) . " ms" : "-", "-",
+            "1/5 of the seed stack", $sd ? yes(($x->{reference}{us_per_gift}{product} // 1e99) * 5
+                <= ($sd->{reference}{us_per_gift}{product} // 0)) : "-" ];
+    }
 }
 p "## Summary";
 p;

@@ -7,7 +7,8 @@ use warnings;
 use JSON::PP;
 
 my ($runs, $out_json, $out_md, $stacks, $ref_rate, $secs, $mix, $conns, $sse,
-    $concurrency, $aof, $nodelay) = @ARGV;
+    $concurrency, $aof, $nodelay, $window, $step_secs, $ramp_stacks) = @ARGV;
+$window //= 0;
 my $js = JSON::PP->new->canonical;
 sub rd { my $f = shift; open(my $h, "<", $f) or return undef; local $/;
     my $d = eval { $js->decode(<$h>) }; $d }
@@ -41,7 +42,8 @@ sub summary {
         dup_acks => $d->{dup_acks}, non_202 => $non202, status => $d->{status},
         latency_ms => $d->{latency_ms}, accept_latency_ms => $d->{accept_latency_ms},
         machine_cpu_pct => $d->{machine_cpu_pct}, others_cpu_pct => $d->{others_cpu_pct},
-        window_seconds => $d->{window_seconds},
+        window_seconds => $d->{window_seconds}, max_unacked => $d->{max_unacked},
+        unacked_peak => $d->{unacked_peak},
         us_per_gift => { map { $_ => 0 + sprintf("%.1f", $g{$_}) } keys %g },
         processes => \%p, ok => $d->{ok},
     };
@@ -52,6 +54,8 @@ my %doc = (bench => "seed", date => scalar(gmtime) . " UTC", seconds => 0 + $sec
         my $x = <$l> // ""; chomp $x; $x },
     settings => { mix => $mix, conns => 0 + $conns, sse_clients => 0 + $sse,
         reference_rate => 0 + $ref_rate, seed_worker_concurrency => 0 + $concurrency,
+        closed_loop_max_unacked => 0 + $window, step_seconds => 0 + ($step_secs // 5),
+        ramp_stacks => $ramp_stacks // "",
         seed_redis_aof => 0 + $aof, seed_mqtt_nodelay => 0 + ($nodelay // 1) },
     groups => { product => "seed: api, worker, redis; ours: nginx master and "
         . "workers, nats-server, dispatcher", "stand-ins" => "seed: device, mosquitto; "
@@ -64,11 +68,47 @@ for my $s (@st) {
     my $ref = summary(rd("$runs/$s-reference.json"));
     my $sat = summary(rd("$runs/$s-saturate.json"));
     my $rounds = rd("$runs/$s-rounds.json") // {};
+    my $acks = rd("$runs/$s-acks.json");
+    my $rr = rd("$runs/$s-ramp-result.json");
+    # the open-loop steps, with bench/seed.sh's verdict (bench/lib.sh's
+    # sustained(), logged as "RATE ATTEMPT 1|0")
+    my %verdict;
+    if (open(my $l, "<", "$runs/$s-ramp.log")) {
+        while (<$l>) { my ($r, $a, $v) = split; $verdict{"$r-$a"} = $v }
+    }
+    my @ramp;
+    for my $f (glob "$runs/$s-ramp-*-*.json") {
+        my ($r, $a) = $f =~ /-ramp-(\d+)-(\d+)\.json$/ or next;
+        my $x = summary(rd($f)) or next;
+        push @ramp, { rate => 0 + $r, attempt => 0 + $a, %$x,
+            sustained => $verdict{"$r-$a"} ? JSON::PP::true : JSON::PP::false };
+    }
+    @ramp = sort { $a->{rate} <=> $b->{rate} || $a->{attempt} <=> $b->{attempt} } @ramp;
+    my ($top) = reverse grep { $_->{sustained} } @ramp;
+    # a run's "lost" is no acknowledgement within its grace period; where
+    # GIFT_ACKS was counted (ours), a gift is lost only if its GiftAck never
+    # came; ramp steps that were not sustained may be late, the others not
+    my $late = 0; $late += $_->{lost} // 0 for @ramp;
+    my $never = $acks ? ($acks->{accepted} > $acks->{stored} ? $acks->{accepted} - $acks->{stored} : 0) : undef;
+    my $rounds_ok = defined $rounds->{turned} && ($rounds->{turned} == $rounds->{expected}
+        || (($rounds->{late_acks} // 0) > 0 && $rounds->{turned} > $rounds->{expected}));
     my $good = $ref && $sat && !$ref->{lost} && !$ref->{dup_acks} && !$ref->{non_202}
-        && !$sat->{lost} && !$sat->{dup_acks}
-        && defined $rounds->{turned} && $rounds->{turned} == $rounds->{expected};
+        && !$sat->{lost} && !$sat->{dup_acks} && !grep({ $_->{dup_acks} } @ramp)
+        && !grep({ $_->{sustained} && $_->{lost} } @ramp)
+        && (!$acks || !$never) && $rounds_ok;
     $ok &&= $good;
+    my @others = grep { defined } map { $_ && $_->{others_cpu_pct} } $ref, $sat, @ramp;
     $doc{stacks}{$s} = { reference => $ref, saturate => $sat, rounds => $rounds,
+        ramp => \@ramp,
+        max_sustained_rate => $rr ? 0 + $rr->{max_sustained_rate} : undef,
+        not_sustained_at => $rr ? 0 + $rr->{not_sustained_at} : undef,
+        ramp_steps => $rr ? $rr->{steps} : undef,
+        highest_sustained_step => $top,
+        acknowledgements => $acks ? { accepted => 0 + $acks->{accepted},
+            stored_in_gift_acks => 0 + $acks->{stored}, never_acknowledged => $never,
+            late_in_ramp_steps => $late, waited_s => 0 + $acks->{waited_s} } : undef,
+        others_cpu_pct => { min => (sort { $a <=> $b } @others)[0],
+            max => (sort { $b <=> $a } @others)[0] },
         ok => $good ? JSON::PP::true : JSON::PP::false };
 }
 # ratios: the seed stack's figure over ours (CPU, latency), ours over the
@@ -100,7 +140,11 @@ push @md, "## Seed stack vs this project ($doc{date}, $doc{cpus} cores, load ave
     "";
 push @md, "| figure | " . join(" | ", @st) . " |", "|---|" . join("|", map { "---" } @st) . "|";
 my @rows = (
-    ["saturate: acknowledged gifts/s", sub { $f->($_[0]{saturate}{acked_per_s}) }],
+    ["saturate: acknowledged gifts/s" . ($window ? " (closed loop, at most $window unacknowledged)" : " (closed loop on 202s)"),
+        sub { $f->($_[0]{saturate}{acked_per_s}) }],
+    ["saturate: accepted gifts/s (202s)", sub { $f->($_[0]{saturate}{accepted_per_s}) }],
+    ["saturate: p50 / p99 webhook -> SSE, ms", sub { $f->($_[0]{saturate}{latency_ms}{p50}, "%.1f") . " / "
+        . $f->($_[0]{saturate}{latency_ms}{p99}, "%.1f") }],
     ["saturate: product us/gift", sub { $f->($_[0]{saturate}{us_per_gift}{product}) }],
     ["saturate: stand-ins us/gift", sub { $f->($_[0]{saturate}{us_per_gift}{"stand-ins"}) }],
     ["saturate: client us/gift", sub { $f->($_[0]{saturate}{us_per_gift}{client}) }],
@@ -112,8 +156,21 @@ my @rows = (
     ["$ref_rate/s: p50 webhook -> SSE, ms", sub { $f->($_[0]{reference}{latency_ms}{p50}, "%.2f") }],
     ["$ref_rate/s: p99 webhook -> SSE, ms", sub { $f->($_[0]{reference}{latency_ms}{p99}, "%.2f") }],
     ["$ref_rate/s: others on the machine, % CPU", sub { $f->($_[0]{reference}{others_cpu_pct}) }],
-    ["lost / duplicated (both runs)", sub { sprintf "%d / %d", ($_[0]{reference}{lost} // 0) + ($_[0]{saturate}{lost} // 0),
+    ["maximum sustained rate, open loop (first step not sustained)", sub { defined $_[0]{max_sustained_rate}
+        ? "**" . $f->($_[0]{max_sustained_rate}) . "** (" . $f->($_[0]{not_sustained_at}) . ")" : "-" }],
+    ["at the highest sustained step: product us/gift", sub { $f->($_[0]{highest_sustained_step}{us_per_gift}{product}) }],
+    ["at the highest sustained step: stand-ins us/gift", sub { $f->($_[0]{highest_sustained_step}{us_per_gift}{"stand-ins"}) }],
+    ["at the highest sustained step: client us/gift", sub { $f->($_[0]{highest_sustained_step}{us_per_gift}{client}) }],
+    ["at the highest sustained step: p50 / p99, ms", sub { my $t = $_[0]{highest_sustained_step}; $t
+        ? $f->($t->{latency_ms}{p50}, "%.2f") . " / " . $f->($t->{latency_ms}{p99}, "%.2f") : "-" }],
+    ["others on the machine, % CPU (min-max over the runs)", sub { my $o = $_[0]{others_cpu_pct};
+        defined $o->{min} ? $f->($o->{min}) . "-" . $f->($o->{max}) : "-" }],
+    ["lost / duplicated (reference and saturate)", sub { sprintf "%d / %d", ($_[0]{reference}{lost} // 0) + ($_[0]{saturate}{lost} // 0),
         ($_[0]{reference}{dup_acks} // 0) + ($_[0]{saturate}{dup_acks} // 0) }],
+    ["GiftAcks in GIFT_ACKS for accepted gifts, all runs", sub { my $a = $_[0]{acknowledgements}; $a
+        ? sprintf("%s of %s%s", $f->($a->{stored_in_gift_acks}), $f->($a->{accepted}),
+            $a->{late_in_ramp_steps} ? " (" . $f->($a->{late_in_ramp_steps}) . " late in steps not sustained)" : "")
+        : "-" }],
     ["rounds turned = expected", sub { my $r = $_[0]{rounds}; defined $r->{turned}
         ? ($r->{turned} == $r->{expected} ? "yes ($r->{turned})" : "NO ($r->{turned} of $r->{expected})") : "-" }],
 );
@@ -129,14 +186,28 @@ if ($doc{ratios}) {
         push @md, "| $k | " . join(" | ", map { $f->($doc{ratios}{$_}{$k}, "%.2fx") } sort keys %{$doc{ratios}}) . " |";
     }
 }
-push @md, "", "Per process, us per gift (reference / saturate):", "";
-push @md, "| stack | process | group | $ref_rate/s | saturate |", "|---|---|---|---|---|";
+for my $s (grep { @{$doc{stacks}{$_}{ramp} // []} } @st) {
+    my $x = $doc{stacks}{$s};
+    push @md, "", "Open-loop steps of $s (${\($step_secs // 5)} s each; sustained: accepted >= 95% of the rate, nothing lost"
+        . " or duplicated, every answer a 202, p99 <= 100 ms):", "",
+        "| rate | accepted/s | p50 ms | p99 ms | lost (late) | product us/gift | stand-ins us/gift | client us/gift | others % CPU | sustained |",
+        "|---|---|---|---|---|---|---|---|---|---|";
+    for my $r (@{$x->{ramp}}) {
+        push @md, sprintf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", $f->($r->{rate}), $f->($r->{accepted_per_s}),
+            $f->($r->{latency_ms}{p50}, "%.2f"), $f->($r->{latency_ms}{p99}, "%.2f"), $f->($r->{lost}),
+            $f->($r->{us_per_gift}{product}), $f->($r->{us_per_gift}{"stand-ins"}), $f->($r->{us_per_gift}{client}),
+            $f->($r->{others_cpu_pct}), $r->{sustained} ? "yes" : "no";
+    }
+}
+push @md, "", "Per process, us per gift:", "";
+push @md, "| stack | process | group | $ref_rate/s | saturate | highest sustained step |", "|---|---|---|---|---|---|";
 for my $s (@st) {
     my $x = $doc{stacks}{$s};
     for my $n (sort { ($x->{saturate}{processes}{$a}{group} // "") cmp ($x->{saturate}{processes}{$b}{group} // "") || $a cmp $b }
                keys %{$x->{saturate}{processes} // {}}) {
-        push @md, sprintf "| %s | %s | %s | %s | %s |", $s, $n, $x->{saturate}{processes}{$n}{group},
-            $f->($x->{reference}{processes}{$n}{us_per_gift}, "%.1f"), $f->($x->{saturate}{processes}{$n}{us_per_gift}, "%.1f");
+        push @md, sprintf "| %s | %s | %s | %s | %s | %s |", $s, $n, $x->{saturate}{processes}{$n}{group},
+            $f->($x->{reference}{processes}{$n}{us_per_gift}, "%.1f"), $f->($x->{saturate}{processes}{$n}{us_per_gift}, "%.1f"),
+            $f->($x->{highest_sustained_step}{processes}{$n}{us_per_gift}, "%.1f");
     }
 }
 push @md, "", "Verdict: " . ($ok ? "every stack acknowledged every gift once and turned its rounds"

@@ -24,8 +24,18 @@
 #   warmup     200 gifts/s for 2 s (not reported)
 #   reference  500 gifts/s (open loop) for GIFT_SEED_REF_SECONDS: latency
 #              webhook -> SSE p50/p99, CPU per gift
-#   saturate   closed loop for GIFT_SEED_SAT_SECONDS: acknowledged gifts/s,
-#              CPU per gift
+#   saturate   closed loop on the acknowledgements for GIFT_SEED_SAT_SECONDS:
+#              at most GIFT_SEED_WINDOW gifts sent and not yet acknowledged
+#              (giftbench --max-unacked), so that the rate is what the whole
+#              pipeline keeps up with, not how fast it answers 202s while a
+#              backlog grows behind them; acknowledged gifts/s, CPU per gift
+#   ramp       (GIFT_SEED_RAMP_STACKS: run, tuned) open-loop steps of
+#              GIFT_SEED_STEP gifts/s for GIFT_SEED_STEP_SECONDS each, from
+#              about half the saturated rate upward, stopped at the first
+#              step not sustained, then one bisection: the maximum sustained
+#              rate, decided as bench/e2e.sh decides it (bench/lib.sh:
+#              accepted >= 95% of the rate, nothing lost or duplicated, every
+#              answer a 202, p99 <= 100 ms)
 # CPU per gift per process comes from /proc (giftbench --pids), grouped:
 #   product    seed: api, worker, redis; ours: nginx master and workers,
 #              nats-server, dispatcher
@@ -34,18 +44,25 @@
 #   client     giftbench
 # Checks: no gift lost or acknowledged twice, every answer a 202, and the
 # devices turned exactly the rounds the acknowledgements announced (seed:
-# the device simulator's count; run: the stand-in's motors; tuned: tbsim).
+# the device simulator's count; run: the stand-in's motors; tuned: tbsim);
+# for run and tuned, every accepted gift of every run has its GiftAck in
+# GIFT_ACKS in the end (giftctl info, waited for up to GIFT_SEED_DRAIN_SECONDS):
+# a gift giftbench counted lost that is there was late, not lost.
 # Writes build/bench/seed.json and build/bench/seed.md (a markdown table).
 #
 # Environment: GIFT_SEED_STACKS ("seed run tuned"), GIFT_SEED_REF_RATE
 # (500), GIFT_SEED_REF_SECONDS (10), GIFT_SEED_SAT_SECONDS (5),
+# GIFT_SEED_WINDOW (256; 0: the closed loop on 202s of before),
+# GIFT_SEED_RAMP_STACKS ("run tuned"; "" for none), GIFT_SEED_STEP (1000
+# below 6,000 gifts/s saturated, else 2000), GIFT_SEED_STEP_SECONDS (5),
+# GIFT_SEED_DRAIN_SECONDS (60),
 # GIFT_SEED_CONNS (64), GIFT_SEED_SSE (1), GIFT_SEED_MIX (the --gift list),
 # GIFT_SEED_WORKER_CONCURRENCY (64), GIFT_SEED_REDIS_AOF (1: appendonly yes,
 # appendfsync everysec, as BullMQ's production notes advise; 0: no
 # persistence), GIFT_SEED_MQTT_NODELAY (1: TCP_NODELAY on the seed's mqtt.js
 # sockets, which leave Nagle on by default; 0: as mqtt.js leaves them),
 # GIFT_BENCH_OUT (build/bench), GIFT_BENCH_KEEP=1 keeps the
-# work directory.  Loopback only; bounded (about 2 minutes with the
+# work directory.  Loopback only; bounded (about 4 minutes with the
 # defaults); every process it starts is stopped by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +72,11 @@ STACKS=${GIFT_SEED_STACKS:-seed run tuned}
 REF_RATE=${GIFT_SEED_REF_RATE:-500}
 REF_SECS=${GIFT_SEED_REF_SECONDS:-10}
 SAT_SECS=${GIFT_SEED_SAT_SECONDS:-5}
+WINDOW=${GIFT_SEED_WINDOW:-256}
+RAMP_STACKS=${GIFT_SEED_RAMP_STACKS-run tuned}
+STEP=${GIFT_SEED_STEP:-}
+STEP_SECS=${GIFT_SEED_STEP_SECONDS:-5}
+DRAIN_SECS=${GIFT_SEED_DRAIN_SECONDS:-60}
 CONNS=${GIFT_SEED_CONNS:-64}
 SSE=${GIFT_SEED_SSE:-1}
 CONCURRENCY=${GIFT_SEED_WORKER_CONCURRENCY:-64}
@@ -68,6 +90,7 @@ B=$ROOT/build
 T_START=$(date +%s)
 
 say() { echo "seed: $*" >&2; }
+. "$ROOT/bench/lib.sh"
 
 # ---------------------------------------------------------------- what we need
 need=()
@@ -101,23 +124,6 @@ fi
 rm -rf "$WORK"
 mkdir -p "$WORK/runs"
 
-USED=()
-free_port() {
-    local p
-    p=$(perl -MIO::Socket::INET -e '
-        for (1 .. 500) {
-            my $p = 20000 + int(rand(12000));
-            next if grep { $_ == $p } @ARGV;
-            my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1",
-                LocalPort => $p, Listen => 1, ReuseAddr => 1) or next;
-            print $p; exit 0;
-        }
-        exit 1' "${USED[@]}") || { say "no free port"; exit 1; }
-    USED+=("$p")
-    echo "$p"
-}
-taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
 # started processes, stopped in reverse order, by PID
 PIDS=()
 stop_pid() {  # pid [signal]
@@ -148,27 +154,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_port() {  # port, name, pid, log
-    for _ in $(seq 150); do
-        taken "$1" && return 0
-        kill -0 "$3" 2>/dev/null || { say "$2 exited:"; tail -20 "$4" >&2; exit 1; }
-        sleep 0.1
-    done
-    say "$2 did not open port $1"; exit 1
-}
-wait_log() {  # file, regex, count, name, pid
-    for _ in $(seq 200); do
-        (( $(grep -cE "$2" "$1" 2>/dev/null || true) >= $3 )) && return 0
-        kill -0 "$5" 2>/dev/null || { say "$4 exited:"; tail -20 "$1" >&2; exit 1; }
-        sleep 0.1
-    done
-    say "$4: no '$2' in $1"; tail -20 "$1" >&2; exit 1
-}
-jget() {  # file, perl expression over $d
-    perl -MJSON::PP -e 'local $/; my $d = decode_json(<STDIN>); print eval $ARGV[0]' \
-        "$2" <"$1"
-}
-
 GB=("$B/giftbench" -S "$SSE" -C "$CONNS" --gift "$MIX")
 run_gb() {  # stack, tag, pids, giftbench arguments...
     local stack=$1 tag=$2 pids=$3 rc=0
@@ -178,28 +163,76 @@ run_gb() {  # stack, tag, pids, giftbench arguments...
     sed 's/^/  /' "$WORK/runs/$stack-$tag.log" >&2
     [[ -s $WORK/runs/$stack-$tag.json ]] || { say "$stack $tag: giftbench wrote nothing"; exit 1; }
 }
-# the three runs of a stack; then the rounds its devices turned, by a
-# command that prints the total (retried until equal or 10 s)
-drive() {  # stack, pids, rounds-command
-    local stack=$1 pids=$2 expected turned=0
+# the runs of a stack: warm-up, reference, saturate (closed loop on the
+# acknowledgements) and, for GIFT_SEED_RAMP_STACKS, the open-loop steps;
+# then, given its NATS URL, the GiftAcks stored for every accepted gift, and
+# the rounds its devices turned, by a command that prints the total
+# (retried until equal or 10 s)
+RAMP_DIR=$WORK/runs RAMP_ATTEMPTS=${GIFT_SEED_RAMP_ATTEMPTS:-1} RAMP_NARROW=1
+ramp_run() {  # tag (stack-ramp-R-A), rate
+    run_gb "$RAMP_STACK" "${1#"$RAMP_STACK"-}" "$RAMP_PIDS" -R "$2" -d "$STEP_SECS" \
+        --grace 10 -q
+}
+drive() {  # stack, pids, rounds-command[, NATS URL]
+    local stack=$1 pids=$2 nats=${4:-} expected late turned=0 sat rates
+    local window_say="closed loop on 202s" runs
+    (( WINDOW > 0 )) && window_say="closed loop, at most $WINDOW gifts unacknowledged"
     say "$stack: warm-up, 200 gifts/s for 2 s"
     run_gb "$stack" warmup "$pids" -R 200 -d 2 -q --grace 30
     say "$stack: reference, $REF_RATE gifts/s for ${REF_SECS}s"
     run_gb "$stack" reference "$pids" -R "$REF_RATE" -d "$REF_SECS" --grace 30 --reset-hwm
-    say "$stack: saturate, closed loop for ${SAT_SECS}s"
-    run_gb "$stack" saturate "$pids" -d "$SAT_SECS" --grace 30
+    say "$stack: saturate, $window_say, for ${SAT_SECS}s"
+    run_gb "$stack" saturate "$pids" -d "$SAT_SECS" --grace 30 --max-unacked "$WINDOW"
+    if [[ " $RAMP_STACKS " == *" $stack "* ]]; then
+        sat=$(jget "$WORK/runs/$stack-saturate.json" 'int($d->{acked_per_s})')
+        # from about half the saturated rate, STEP apart, at most 8 steps
+        rates=$(perl -e 'my ($sat, $step) = @ARGV;
+            $step ||= $sat < 6000 ? 1000 : 2000;
+            my $r = int($sat / 2 / $step) * $step; $r = $step if $r < $step;
+            print join " ", map { $r + $_ * $step } 0 .. 7' "$sat" "$STEP")
+        say "$stack: ramp, ${STEP_SECS}s per step at $rates gifts/s (saturated: $sat/s), up to the first not sustained"
+        RAMP_STACK=$stack RAMP_PIDS=$pids RAMP_TAG=$stack-ramp- RAMP_LOG=$WORK/runs/$stack-ramp.log
+        : >"$RAMP_LOG"
+        # shellcheck disable=SC2086
+        ramp $rates
+        say "$stack: maximum sustained rate $RAMP_MAX_OK gifts/s (not sustained: $RAMP_FAILED_AT)"
+        echo "{\"max_sustained_rate\":$RAMP_MAX_OK,\"not_sustained_at\":$RAMP_FAILED_AT,\"steps\":\"$rates\"}" \
+            >"$WORK/runs/$stack-ramp-result.json"
+    fi
+    runs=()
+    for f in "$WORK/runs/$stack"-*.json; do
+        [[ $f == *-rounds.json || $f == *-acks.json || $f == *-ramp-result.json ]] || runs+=("$f")
+    done
+    # every accepted gift has its GiftAck in GIFT_ACKS in the end: what a
+    # run counted lost (no acknowledgement within its grace) was late
+    if [[ -n $nats ]]; then
+        local accepted stored=0 t0=$SECONDS
+        accepted=$(perl -MJSON::PP -e 'my $t = 0; for my $f (@ARGV) { open my $h, "<", $f
+            or next; local $/; $t += decode_json(<$h>)->{accepted} } print $t' "${runs[@]}")
+        while :; do
+            stored=$(gift_acks_stored "$nats")
+            (( stored >= accepted || SECONDS - t0 >= DRAIN_SECS )) && break
+            sleep 0.5
+        done
+        say "$stack: GIFT_ACKS holds $stored GiftAcks for $accepted accepted gifts" \
+            "($(( SECONDS - t0 )) s after the last run)"
+        echo "{\"accepted\":$accepted,\"stored\":$stored,\"waited_s\":$(( SECONDS - t0 ))}" \
+            >"$WORK/runs/$stack-acks.json"
+    fi
     # the rounds the acknowledgements announce (diamond x quantity x the
-    # rule's multiplier: make run's configuration doubles Perfume)
-    expected=$(perl -MJSON::PP -e 'my $t = 0; for my $f (@ARGV) { open my $h, "<", $f
-        or next; local $/; $t += decode_json(<$h>)->{rounds}{acked} } print $t' \
-        "$WORK/runs/$stack"-{warmup,reference,saturate}.json)
+    # rule's multiplier: make run's configuration doubles Perfume); late
+    # acknowledgements (counted lost by their run) announced none
+    read -r expected late < <(perl -MJSON::PP -e 'my ($t, $l) = (0, 0); for my $f (@ARGV) {
+        open my $h, "<", $f or next; local $/; my $d = decode_json(<$h>);
+        $t += $d->{rounds}{acked}; $l += $d->{lost} } print "$t $l\n"' "${runs[@]}")
     for _ in $(seq 50); do
         turned=$($3 2>/dev/null || echo 0)
         [[ $turned == "$expected" ]] && break
         sleep 0.2
     done
-    say "$stack: devices turned $turned rounds, $expected expected"
-    echo "{\"turned\":${turned:-0},\"expected\":$expected}" >"$WORK/runs/$stack-rounds.json"
+    say "$stack: devices turned $turned rounds, $expected expected${late:+ ($late late acknowledgements)}"
+    echo "{\"turned\":${turned:-0},\"expected\":$expected,\"late_acks\":${late:-0}}" \
+        >"$WORK/runs/$stack-rounds.json"
 }
 # SIGUSR1, then the file's totals.rounds once its snapshot counter moved
 usr1_rounds() {  # pid, file
@@ -215,7 +248,7 @@ usr1_rounds() {  # pid, file
 }
 
 # ---------------------------------------------------------------- ceiling
-ECHO_PORT=$(free_port)
+free_port ECHO_PORT
 "$B/giftbench" echo -l "127.0.0.1:$ECHO_PORT" -T 2 >"$WORK/echo.log" 2>&1 &
 ECHO_PID=$!
 stack_add "$ECHO_PID"
@@ -229,7 +262,7 @@ stop_stack
 start_seed() {
     local d=$WORK/seedstack redis_port mqtt_port api_port aof
     mkdir -p "$d/data"
-    redis_port=$(free_port) mqtt_port=$(free_port) api_port=$(free_port)
+    free_port redis_port; free_port mqtt_port; free_port api_port
     aof=(--appendonly no)
     [[ $REDIS_AOF == 1 ]] && aof=(--appendonly yes --appendfsync everysec)
     # Debian's redis-server, its defaults but for the port, the directory,
@@ -240,16 +273,7 @@ start_seed() {
     REDIS_PID=$!
     stack_add "$REDIS_PID"
     wait_port "$redis_port" redis-server "$REDIS_PID" "$d/redis.log"
-    cat >"$d/mosquitto.conf" <<MQ
-listener $mqtt_port 127.0.0.1
-allow_anonymous true
-set_tcp_nodelay true
-max_queued_messages 0
-persistence false
-log_dest stderr
-log_type error
-log_type warning
-MQ
+    mosquitto_conf "$d/mosquitto.conf" "$mqtt_port"
     "$MOSQ" -c "$d/mosquitto.conf" >"$d/mosquitto.log" 2>&1 &
     SMOSQ_PID=$!
     stack_add "$SMOSQ_PID"
@@ -290,7 +314,7 @@ child_of() {  # parent, pattern of args: the first such child's PID
 if [[ " $STACKS " == *" run "* ]]; then
     d=$WORK/run
     mkdir -p "$d"
-    H=$(free_port) N=$(free_port) NH=$(free_port) M=$(free_port) MT=$(free_port)
+    free_port H; free_port N; free_port NH; free_port M; free_port MT
     GIFT_RUN_DIR=$d GIFT_HTTP_PORT=$H GIFT_NATS_PORT=$N GIFT_NATS_HTTP_PORT=$NH \
         GIFT_MQTT_PORT=$M GIFT_METRICS_PORT=$MT bash scripts/run.sh \
         >"$d/run.out" 2>&1 &
@@ -319,7 +343,7 @@ if [[ " $STACKS " == *" run "* ]]; then
     URL=http://127.0.0.1:$H
     say "run: scripts/run.sh (nginx.conf.example, ${#W[@]} workers; the ThingsBoard stand-in) $URL"
     run_rounds() { usr1_rounds "$MOT_PID" "$d/motors.json"; }
-    drive run "$pids" run_rounds
+    drive run "$pids" run_rounds "nats://127.0.0.1:$N"
     stop_stack
 fi
 
@@ -328,23 +352,14 @@ fi
 if [[ " $STACKS " == *" tuned "* ]]; then
     d=$WORK/tuned
     mkdir -p "$d"/{nats,nginx/tmp}
-    N=$(free_port) M=$(free_port) H=$(free_port)
+    free_port N; free_port M; free_port H
     "$NATS" -js -a 127.0.0.1 -p "$N" -sd "$d/nats" >"$d/nats.log" 2>&1 &
     NATS_PID=$!
     stack_add "$NATS_PID"
     wait_port "$N" nats-server "$NATS_PID" "$d/nats.log"
     "$B/giftctl" -s "nats://127.0.0.1:$N" setup >"$d/setup.log" 2>&1 ||
         { cat "$d/setup.log" >&2; exit 1; }
-    cat >"$d/mosquitto.conf" <<MQ
-listener $M 127.0.0.1
-allow_anonymous true
-set_tcp_nodelay true
-max_queued_messages 0
-persistence false
-log_dest stderr
-log_type error
-log_type warning
-MQ
+    mosquitto_conf "$d/mosquitto.conf" "$M"
     "$MOSQ" -c "$d/mosquitto.conf" >"$d/mosquitto.log" 2>&1 &
     TMOSQ_PID=$!
     stack_add "$TMOSQ_PID"
@@ -358,7 +373,13 @@ MQ
 log_level = "info";
 nats = { url = "nats://127.0.0.1:$N"; };
 mqtt = { host = "127.0.0.1"; port = $M; };
+# simulated motors, as in bench/e2e.sh and make run: without these, the
+# defaults for real motors (6,000 rounds a minute, 1,000 a command) pace
+# the realistic mix's 29,999-round gifts for minutes, and their GiftAcks
+# with them
+devices = { coalesce_max_rounds = 100000; rounds_per_minute = "unlimited"; };
 rules = {
+    max_rounds = 100000;
     default_device = "motor_01";
     rule = (
         { gift = "Rose";  device = "motor_02"; },
@@ -407,11 +428,11 @@ NG
     URL=http://127.0.0.1:$H
     say "tuned: bench/e2e.sh's setup, $URL"
     tuned_rounds() { usr1_rounds "$TBSIM_PID" "$d/tbsim.json"; }
-    drive tuned "$pids" tuned_rounds
+    drive tuned "$pids" tuned_rounds "nats://127.0.0.1:$N"
     stop_stack
 fi
 
 # ---------------------------------------------------------------- report
 perl "$ROOT/bench/seed-report.pl" "$WORK/runs" "$OUT/seed.json" "$OUT/seed.md" \
     "$STACKS" "$REF_RATE" "$(( $(date +%s) - T_START ))" "$MIX" "$CONNS" "$SSE" \
-    "$CONCURRENCY" "$REDIS_AOF" "$NODELAY"
+    "$CONCURRENCY" "$REDIS_AOF" "$NODELAY" "$WINDOW" "$STEP_SECS" "$RAMP_STACKS"

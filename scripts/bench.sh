@@ -5,7 +5,8 @@
 # The contract for a bench/NAME.sh: it starts and stops its own servers on
 # free loopback ports, exits non-zero when a check fails (not for being
 # slow), and writes its figures as JSON into $GIFT_BENCH_OUT (build/bench),
-# as NAME.json and/or NAME-<part>.json.
+# as NAME.json and/or NAME-<part>.json.  bench/lib.sh is not a benchmark:
+# the others source it.
 # This script then writes build/bench/summary.json: each run's exit status
 # and duration, and the JSON files it wrote, by file name.
 #
@@ -19,7 +20,8 @@ mkdir -p "$GIFT_BENCH_OUT"
 benches=()
 [[ -f bench/ingest.sh ]] && benches+=(bench/ingest.sh)
 for b in bench/*.sh; do
-    [[ -f $b && $b != bench/ingest.sh && $b != bench/report.sh ]] \
+    [[ -f $b && $b != bench/ingest.sh && $b != bench/report.sh &&
+       $b != bench/lib.sh ]] \
         && benches+=("$b")
 done
 # the report reads every other bench's JSON: always last

@@ -19,6 +19,10 @@
  *       gifts (accepted, never acknowledged), duplicate acknowledgements,
  *       and CPU seconds and peak RSS of each process given by --pids (and
  *       of giftbench itself).  A table on stderr, one JSON line on stdout.
+ *       --max-unacked N bounds the gifts sent and not yet acknowledged (or
+ *       refused): a closed loop on the acknowledgements rather than on the
+ *       202s, so that it measures what the pipeline keeps up with instead
+ *       of leaving a backlog behind the 202s.
  *
  *   giftbench echo -l 127.0.0.1:PORT [-T THREADS]
  *       The trivial server that gives giftbench's own ceiling: POST answers
@@ -205,6 +209,7 @@ static struct {
     int                 nkinds;
     const char         *json_path;
     int                 reset_hwm, quiet, users;
+    uint64_t            max_unacked;
     double              ready_timeout;
 } cfg = {
     .post_path = "/gift", .sse_path = "/gift/events", .sse_clients = 10,
@@ -223,6 +228,17 @@ static _Atomic uint64_t  n_accepted;        /* 202, not duplicate */
 static _Atomic uint64_t  n_answered;        /* any answer or error */
 static _Atomic uint64_t  n_first_acks;      /* gifts of this run acked once */
 static _Atomic uint64_t  n_deliveries;
+/* --max-unacked: gifts sent and not yet settled (acknowledged at an SSE
+ * client, or answered with anything but a new 202) are
+ * n_sent - n_first_acks - n_refused; senders stop at the bound and an SSE
+ * thread wakes them (window_blocked, each sender's eventfd) once the
+ * acknowledgements have brought it down by a sixteenth */
+static _Atomic uint64_t  n_sent;
+static _Atomic uint64_t  n_refused;
+static _Atomic uint64_t  unacked_peak;
+static _Atomic int       window_blocked;
+static uint64_t          window_low;
+static char              wake_tag;          /* epoll data of the eventfds */
 static _Atomic int       sse_stop;
 static _Atomic int       sse_ready;
 static volatile sig_atomic_t interrupted;
@@ -251,7 +267,7 @@ typedef struct {
 
 struct sender {
     int        id;
-    int        ep, tfd;
+    int        ep, tfd, wfd;
     hconn_t   *conns;
     int        nconns;
     int       *idle;                  /* stack of idle connection indexes */
@@ -263,7 +279,9 @@ struct sender {
     int        exhausted;
     int64_t    timer_at;
     uint64_t   status[600];
-    uint64_t   conn_errors, reconnects, dup202;
+    uint64_t   conn_errors, reconnects, dup202, window_waits;
+    int64_t    blocked_since;         /* --max-unacked: the window full */
+    int        stalled;
     int64_t    last_resp_ns;
     int64_t    max_lag_ns;
     pthread_t  th;
@@ -314,6 +332,7 @@ hconn_close(hconn_t *c, int64_t now)
         gifts[c->gift].status = ST_CONN_ERROR;
         gifts[c->gift].resp_ns = now;
         s->conn_errors++;
+        atomic_fetch_add(&n_refused, 1);
         s->busy--;
         atomic_fetch_add_explicit(&n_answered, 1, memory_order_relaxed);
     } else if (c->state == C_IDLE) {
@@ -416,6 +435,7 @@ hconn_send(hconn_t *c, uint64_t n, int64_t sched, int64_t now)
     s->busy++;
     now = now_ns();
     g->sent_ns = now;
+    atomic_fetch_add(&n_sent, 1);
     if (now - sched > s->max_lag_ns) {
         s->max_lag_ns = now - sched;
     }
@@ -528,13 +548,12 @@ hconn_read(hconn_t *c, int64_t now)
             g->dup202 = (uint8_t) dup;
             g->resp_ns = now;
             s->status[g->status]++;
-            if (status == 202) {
-                if (dup) {
-                    s->dup202++;
-                } else {
-                    atomic_fetch_add_explicit(&n_accepted, 1,
-                                              memory_order_relaxed);
-                }
+            if (status == 202 && !dup) {
+                atomic_fetch_add_explicit(&n_accepted, 1,
+                                          memory_order_relaxed);
+            } else {
+                s->dup202 += status == 202;
+                atomic_fetch_add(&n_refused, 1);
             }
             atomic_fetch_add_explicit(&n_answered, 1, memory_order_relaxed);
             s->last_resp_ns = now;
@@ -568,13 +587,82 @@ arm_timer(sender_t *s, int64_t at)
     s->timer_at = at;
 }
 
+static uint64_t
+unacked(void)
+{
+    uint64_t sent = atomic_load(&n_sent);
+    uint64_t settled = atomic_load(&n_first_acks) + atomic_load(&n_refused);
+
+    return sent > settled ? sent - settled : 0;
+}
+
+/* --max-unacked: may one more gift go?  If not, ask to be woken (the flag
+ * first, then the count again: an acknowledgement counted in between
+ * either shows here or finds the flag set). */
+static int
+window_open(sender_t *s)
+{
+    uint64_t u;
+
+    if (cfg.max_unacked == 0) {
+        return 1;
+    }
+    u = unacked();
+    if (u < cfg.max_unacked) {
+        s->blocked_since = 0;
+        /* this gift's send makes u + 1 */
+        if (u + 1 > atomic_load_explicit(&unacked_peak,
+                                         memory_order_relaxed))
+        {
+            atomic_store_explicit(&unacked_peak, u + 1, memory_order_relaxed);
+        }
+        return 1;
+    }
+    atomic_store(&window_blocked, 1);
+    if (unacked() < cfg.max_unacked) {
+        s->blocked_since = 0;
+        return 1;
+    }
+    s->window_waits++;
+    if (s->blocked_since == 0) {
+        s->blocked_since = now_ns();
+    } else if (now_ns() - s->blocked_since > (int64_t) (cfg.grace * 1e9)) {
+        /* nothing acknowledged for the whole grace period: the gifts in
+         * the window are lost (counted so), and no more are sent */
+        s->stalled = 1;
+        s->exhausted = 1;
+    }
+    return 0;
+}
+
+/* an SSE thread, after a first acknowledgement: wake blocked senders */
+static void
+window_wake(void)
+{
+    uint64_t one = 1;
+    int      i;
+
+    if (atomic_load(&window_blocked) && unacked() <= window_low
+        && atomic_exchange(&window_blocked, 0))
+    {
+        for (i = 0; i < cfg.threads; i++) {
+            ssize_t r = write(senders[i].wfd, &one, sizeof(one));
+
+            (void) r;
+        }
+    }
+}
+
 /* Hand every gift that is due to an idle connection. */
 static void
 dispatch_due(sender_t *s)
 {
     int64_t now = now_ns();
 
-    while (s->nidle > 0 && !s->exhausted && !interrupted) {
+    if (t_stop && now >= t_stop) {
+        s->exhausted = 1;           /* even while the window is full */
+    }
+    while (s->nidle > 0 && !s->exhausted && !interrupted && window_open(s)) {
         int64_t sched;
 
         if (!s->has_claim) {
@@ -613,6 +701,8 @@ sender_main(void *arg)
         struct epoll_event ev = { .events = EPOLLIN, .data.ptr = NULL };
 
         epoll_ctl(s->ep, EPOLL_CTL_ADD, s->tfd, &ev);
+        ev.data.ptr = &wake_tag;
+        epoll_ctl(s->ep, EPOLL_CTL_ADD, s->wfd, &ev);
     }
     /* wait for t0 */
     while (now_ns() < t0) {
@@ -643,6 +733,13 @@ sender_main(void *arg)
 
                 (void) r;
                 s->timer_at = 0;
+                continue;
+            }
+            if ((void *) c == (void *) &wake_tag) {
+                uint64_t x;
+                ssize_t  r = read(s->wfd, &x, sizeof(x));
+
+                (void) r;
                 continue;
             }
             if (c->fd < 0) {
@@ -779,8 +876,11 @@ sse_ack(sse_thread_t *t, sse_t *c, const char *d, size_t n, int64_t now)
             : (size_t) (end - st) >= 12 && memcmp(st + 10, "ok", 2) == 0 ? 1
             : (size_t) (end - st) >= 21
               && memcmp(st + 10, "dead_letter", 11) == 0 ? 2 : 3;
-        atomic_fetch_add_explicit(&n_first_acks, 1, memory_order_relaxed);
+        atomic_fetch_add(&n_first_acks, 1);
         t->last_first_ns = now;
+        if (cfg.max_unacked) {
+            window_wake();
+        }
     }
 }
 
@@ -1409,6 +1509,10 @@ usage(FILE *f)
 "      --label L          a name for this run in the JSON\n"
 "      --json FILE        also write the JSON line to FILE\n"
 "      --max-gifts N      bound of K when only -d is given (4000000)\n"
+"      --max-unacked N    send no gift while N sent gifts are neither\n"
+"                         acknowledged at an SSE client nor refused: a\n"
+"                         closed loop on acknowledgements, so acked/s is\n"
+"                         what the pipeline keeps up with (0: no bound)\n"
 "  -q, --quiet            no table on stderr\n"
 "Output: a table on stderr, one JSON line on stdout.  Exit 0 when every\n"
 "accepted gift was acknowledged exactly once at every client, else 3.\n");
@@ -1441,6 +1545,7 @@ main(int argc, char **argv)
         { "json", required_argument, NULL, 11 },
         { "max-gifts", required_argument, NULL, 12 },
         { "users", required_argument, NULL, 13 },
+        { "max-unacked", required_argument, NULL, 14 },
         { "quiet", no_argument, NULL, 'q' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 }
@@ -1495,6 +1600,7 @@ main(int argc, char **argv)
         case 11: cfg.json_path = optarg; break;
         case 12: cfg.max_gifts = strtoull(optarg, NULL, 10); break;
         case 13: cfg.users = atoi(optarg) > 0 ? atoi(optarg) : 1; break;
+        case 14: cfg.max_unacked = strtoull(optarg, NULL, 10); break;
         case 'q': cfg.quiet = 1; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
@@ -1529,6 +1635,15 @@ main(int argc, char **argv)
     }
     ngifts = cfg.gifts;
     prefix_len = strlen(cfg.prefix);
+    if (cfg.max_unacked > 0 && cfg.sse_clients == 0) {
+        die("--max-unacked needs an SSE client (-S) to see acknowledgements");
+    }
+    if (cfg.max_unacked > 0) {
+        /* wake blocked senders once a sixteenth of the window is free: a
+         * wake-up for a batch of gifts rather than for each */
+        window_low = cfg.max_unacked - (cfg.max_unacked / 16 > 0
+                                        ? cfg.max_unacked / 16 : 1);
+    }
     period_ns = cfg.rate > 0 ? (int64_t) (1e9 / cfg.rate) : 0;
 
     memset(&sa, 0, sizeof(sa));
@@ -1604,6 +1719,10 @@ main(int argc, char **argv)
         s->id = i;
         s->ep = epoll_create1(EPOLL_CLOEXEC);
         s->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        s->wfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (s->tfd < 0 || s->wfd < 0) {
+            die("timerfd/eventfd: %s", strerror(errno));
+        }
         s->conns = xcalloc((size_t) n, sizeof(hconn_t));
         s->idle = xcalloc((size_t) n, sizeof(int));
         s->nconns = n;
@@ -1734,7 +1853,8 @@ main(int argc, char **argv)
         uint64_t   acked = 0, lost = 0, acked_not_accepted = 0, dead = 0;
         uint64_t   incomplete = 0, deliveries = 0, dups = 0, foreign = 0;
         uint64_t   gaps = 0, ooo = 0, closed = 0, events = 0, reads = 0;
-        uint64_t   sse_reconnects = 0;
+        uint64_t   sse_reconnects = 0, window_waits = 0;
+        int        stalled = 0;
         uint64_t   rounds_exp = 0, rounds_ack = 0, sent = 0, reconnects = 0;
         uint64_t   ne = 0, nr = 0, nl = 0, first_lost = UINT64_MAX;
         int64_t    last_ack = t0, last_deliv = t0, max_lag = 0;
@@ -1754,6 +1874,8 @@ main(int argc, char **argv)
             conn_errors += senders[i].conn_errors;
             dup202 += senders[i].dup202;
             reconnects += senders[i].reconnects;
+            window_waits += senders[i].window_waits;
+            stalled |= senders[i].stalled;
             if (senders[i].max_lag_ns > max_lag) {
                 max_lag = senders[i].max_lag_ns;
             }
@@ -1845,6 +1967,14 @@ main(int argc, char **argv)
                     cfg.sse_clients, cfg.secret ? "signed" : "unsigned");
             if (period_ns) {
                 fprintf(e, "  offered      %10.0f gifts/s\n", cfg.rate);
+            }
+            if (cfg.max_unacked) {
+                fprintf(e, "  unacked      at most %" PRIu64 " (peak %" PRIu64
+                        ", the senders waited %" PRIu64 " times)%s\n",
+                        cfg.max_unacked, atomic_load(&unacked_peak),
+                        window_waits, stalled ? "; STALLED: nothing "
+                        "acknowledged for the grace period, sending stopped"
+                        : "");
             }
             fprintf(e, "  accepted/s   %10.0f   (%" PRIu64 " accepted in "
                     "%.2f s)\n", send_s > 0 ? (double) accepted / send_s : 0,
@@ -1967,6 +2097,10 @@ main(int argc, char **argv)
                     ? (double) accepted / send_s : 0, last_ack > t0
                     ? (double) acked / ((double) (last_ack - t0) / 1e9) : 0,
                     acked, lost, dups, acked_not_accepted, dead, foreign);
+            fprintf(f, "\"max_unacked\":%" PRIu64 ",\"unacked_peak\":%" PRIu64
+                    ",\"window_waits\":%" PRIu64 ",\"window_stalled\":%s,",
+                    cfg.max_unacked, atomic_load(&unacked_peak), window_waits,
+                    stalled ? "true" : "false");
             json_dist(f, "latency_ms", &d_e2e);
             fputc(',', f);
             json_dist(f, "accept_latency_ms", &d_resp);
