@@ -227,7 +227,7 @@ gift_ack_and_free(dsp_t *d, dgift_t *g)
                  event_id(g));
         _exit(9);
     }
-    s = natsMsg_Ack(g->msg, NULL);                /* asynchronous (NULL) */
+    s = nats_in_ack(d, g->msg, DACK_ACK, 0);       /* asynchronous */
 
     if (s != NATS_OK) {
         /* redelivered after the ack wait; the device and GIFT_ACKS
@@ -244,8 +244,7 @@ gift_release(dsp_t *d, dgift_t *g, int64_t delay_ms)
     natsStatus s;
 
     /* on failure (NATS down) it comes back after the ack wait anyway */
-    s = delay_ms > 0 ? natsMsg_NakWithDelay(g->msg, delay_ms, NULL)
-                     : natsMsg_Nak(g->msg, NULL);
+    s = nats_in_ack(d, g->msg, DACK_NAK, delay_ms);
     STAT_ADD(d, naks, 1);
     if (s != NATS_OK) {
         gift_log(GIFT_LOG_DEBUG, "nak of %s: %s", event_id(g),
@@ -919,7 +918,7 @@ dispatch_msg(dsp_t *d, natsMsg *m)
     if (d->stopping || !lease_active(d)) {
         /* stopping, or no longer the owner: at once to the next one, no
          * attempt spent */
-        natsMsg_Nak(m, NULL);
+        nats_in_ack(d, m, DACK_NAK, 0);
         natsMsg_Destroy(m);
         STAT_ADD(d, released, 1);
         d->credit_back++;
@@ -1139,7 +1138,7 @@ dispatch_timers(dsp_t *d, int64_t now)
             continue;
         }
         if (g->msg != NULL) {
-            natsMsg_InProgress(g->msg, NULL);
+            nats_in_ack(d, g->msg, DACK_WPI, 0);
         }
         STAT_ADD(d, in_progress, 1);
         held_touch(d, g, now);
@@ -1219,7 +1218,7 @@ dispatch_abandon(dsp_t *d)
     for (g = d->held; g != NULL; g = next) {
         next = g->hnext;
         if (g->msg != NULL) {
-            natsMsg_Nak(g->msg, NULL);
+            nats_in_ack(d, g->msg, DACK_NAK, 0);
             natsMsg_Destroy(g->msg);
             g->msg = NULL;
             n++;
@@ -1297,7 +1296,7 @@ dispatch_destroy(dsp_t *d)
     d->retries_tail = NULL;
     while ((g = d->held) != NULL) {
         if (g->msg != NULL) {
-            natsMsg_Nak(g->msg, NULL);
+            nats_in_ack(d, g->msg, DACK_NAK, 0);
         }
         gift_free(d, g);
     }

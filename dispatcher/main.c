@@ -253,7 +253,9 @@ drain_queues(dsp_t *d)
     }
     dchan_take(&d->nats.inbox, &items, &n);
     for (i = 0; i < n; i++) {
-        dispatch_msg(d, items[i]);
+        if (nats_in_arrived(d, items[i])) {
+            dispatch_msg(d, items[i]);
+        }
     }
     dchan_done(&d->nats.inbox, items);
 }
@@ -317,9 +319,12 @@ run(dsp_t *d, const sigset_t *unblocked)
         if (d->lease.seen_active && t < next) {
             next = t;                      /* fencing: act on time */
         }
-        if (d->credit_back > 0) {
-            nats_in_release(d, d->credit_back);
-            d->credit_back = 0;
+        /* top the pull window up with the slots freed (and arrivals
+         * counted) so far: one request per half window, not per gift */
+        d->credit_back = 0;
+        t = nats_in_pull(d, gift_mono_us());
+        if (t < next) {
+            next = t;
         }
 
         nfd = 0;
