@@ -766,7 +766,7 @@ struct dquar {
  * lease.c: one active dispatcher (the owner of every device) among those
  * sharing the consumer.  The lease is key GIFT_LEASE_KEY in KV
  * GIFT_DEVICES, taken by compare-and-set, renewed by its own thread.
- * Fields marked "shared" are atomics read by the main and fetch threads.
+ * Fields marked "shared" are atomics read by the main and lease threads.
  */
 #define GIFT_LEASE_KEY   "_owner"
 
@@ -853,7 +853,7 @@ int  dispatch_init(dsp_t *d);
 /* Free every gift still held (naking it), every RPC and device. */
 void dispatch_destroy(dsp_t *d);
 
-/* A delivery from the fetch thread: decode, route, queue (or finish at
+/* A delivery from the pull inbox: decode, route, queue (or finish at
  * once: dead letter, zero rounds, release while stopping).  Takes `m`. */
 void dispatch_msg(dsp_t *d, natsMsg *m);
 
