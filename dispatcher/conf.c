@@ -345,7 +345,7 @@ defaults(dconf_t *c)
     gift_provision_defaults(&c->prov);
     c->prov.quiet = 0;
     c->fetch_batch = 256;
-    c->fetch_wait_ms = 1000;
+    c->fetch_wait_ms = 30000;
     c->max_inflight = 1000;
     c->publish_timeout_ms = 5000;
     c->publish_retry_ms = 1000;

@@ -219,7 +219,7 @@ gift_ack_and_free(dsp_t *d, dgift_t *g)
                  event_id(g));
         _exit(9);
     }
-    s = natsMsg_Ack(g->msg, NULL);                /* asynchronous (NULL) */
+    s = nats_in_ack(d, g->msg, DACK_ACK, 0);       /* asynchronous */
 
     if (s != NATS_OK) {
         /* redelivered after the ack wait; the device and GIFT_ACKS
@@ -236,8 +236,7 @@ gift_release(dsp_t *d, dgift_t *g, int64_t delay_ms)
     natsStatus s;
 
     /* on failure (NATS down) it comes back after the ack wait anyway */
-    s = delay_ms > 0 ? natsMsg_NakWithDelay(g->msg, delay_ms, NULL)
-                     : natsMsg_Nak(g->msg, NULL);
+    s = nats_in_ack(d, g->msg, DACK_NAK, delay_ms);
     STAT_ADD(d, naks, 1);
     if (s != NATS_OK) {
         gift_log(GIFT_LOG_DEBUG, "nak of %s: %s", event_id(g),
@@ -841,7 +840,7 @@ dispatch_msg(dsp_t *d, natsMsg *m)
     if (d->stopping || !lease_active(d)) {
         /* stopping, or no longer the owner: at once to the next one, no
          * attempt spent */
-        natsMsg_Nak(m, NULL);
+        nats_in_ack(d, m, DACK_NAK, 0);
         natsMsg_Destroy(m);
         STAT_ADD(d, released, 1);
         d->credit_back++;
@@ -962,7 +961,7 @@ dispatch_destroy(dsp_t *d)
     publish_destroy(d);
     while ((g = d->held) != NULL) {
         if (g->msg != NULL) {
-            natsMsg_Nak(g->msg, NULL);
+            nats_in_ack(d, g->msg, DACK_NAK, 0);
         }
         gift_free(d, g);
     }

@@ -8,7 +8,7 @@
  *   rules.c     gift -> device and rounds (pure; unit-tested)
  *   rpc.c       MQTT topic templates, RPC payloads, reply parsing (pure)
  *   util.c      dmap (u64 -> pointer hash), dchan (thread -> main queue)
- *   nats_in.c   the NATS connection, provisioning, the fetch thread,
+ *   nats_in.c   the NATS connection, provisioning, the continuous pull,
  *               GiftAck / DLQ publishes and their PubAcks
  *   mqtt_out.c  the libmosquitto client driven by the main loop
  *   dispatch.c  the state of every gift held: device queues, RPCs in
@@ -586,30 +586,46 @@ typedef struct {
     char         text[96];
 } dpuback_t;
 
-/* The NATS side: the connection and the fetch thread. */
+/* The NATS side: the connection and the continuous pull (nats_in.c).
+ * Everything but `reconnected` and the queues is the main thread's. */
+#define DSP_PULL_RETIRED  8
+
 typedef struct {
-    int                inited;     /* queues and locks exist */
+    int                inited;     /* queues exist */
     natsOptions       *opts;
     natsConnection    *nc;
     jsCtx             *js;
-    natsSubscription  *sub;
-    pthread_t          fetch_tid;
-    int                fetch_started;
 
-    /* shared with the fetch thread, under mu */
-    pthread_mutex_t    mu;
-    pthread_cond_t     cond;
-    int                credit;     /* gifts the fetch thread may still pull */
-    int                low;        /* it waits until credit reaches this */
-    int                stop;       /* the fetch thread must exit */
-    int                done;       /* ... and it has */
+    /* the pull: requests to $JS.API.CONSUMER.MSG.NEXT answered on psub's
+     * inbox; a reset drains psub (the server drops requests whose inbox
+     * has no interest) and takes a new inbox */
+    natsSubscription  *psub;
+    char               reply[64];  /* psub's subject */
+    natsSubscription  *retired[DSP_PULL_RETIRED];  /* draining */
+    int                nretired;
+    char               next_subj[128];  /* $JS.API.CONSUMER.MSG.NEXT... */
+    int                window;     /* messages asked for at most */
+    int                low;        /* top up by at least this many */
+    int                outstanding;/* asked for, not yet come or expired */
+    int64_t            expires_ns; /* of each request */
+    int64_t            hb_ns;      /* idle heartbeat asked for */
+    int64_t            live_us;    /* silence longer than this: lost */
+    int64_t            seen_us;    /* last arrival on the inbox, or ask */
+    int64_t            retry_us;   /* after a refusal: not before then */
+    int                backoff_ms;
+    int                on;         /* nats_in_fetch_start() was called */
+    int                stop;       /* pull nothing more */
+    int                reconnected;/* set by the reconnect callback */
+    uint64_t           pulls;      /* requests sent (debug log) */
 
-    dchan_t            inbox;      /* natsMsg* from the fetch thread */
+    dchan_t            inbox;      /* natsMsg* from the inbox callback */
     dchan_t            acks;       /* dpuback_t* from the PubAck handler */
 
     volatile int       closing;         /* draining at exit (log level) */
     int64_t            ack_wait_us;     /* from the consumer's info */
     int                max_deliver;     /* from the consumer's info */
+    int64_t            max_req_batch;   /* from the consumer's info; 0 */
+    int64_t            max_req_expires_ns; /* likewise */
 } dnats_t;
 
 typedef struct {
@@ -751,7 +767,7 @@ struct dquar {
  * lease.c: one active dispatcher (the owner of every device) among those
  * sharing the consumer.  The lease is key GIFT_LEASE_KEY in KV
  * GIFT_DEVICES, taken by compare-and-set, renewed by its own thread.
- * Fields marked "shared" are atomics read by the main and fetch threads.
+ * Fields marked "shared" are atomics read by the main and lease threads.
  */
 #define GIFT_LEASE_KEY   "_owner"
 
@@ -847,7 +863,7 @@ int  dispatch_init(dsp_t *d);
 /* Free every gift still held (naking it), every RPC and device. */
 void dispatch_destroy(dsp_t *d);
 
-/* A delivery from the fetch thread: decode, route, queue (or finish at
+/* A delivery from the pull inbox: decode, route, queue (or finish at
  * once: dead letter, zero rounds, release while stopping).  Takes `m`. */
 void dispatch_msg(dsp_t *d, natsMsg *m);
 
@@ -919,22 +935,41 @@ int  nats_in_start(dsp_t *d);
  * (no callbacks).  The caller destroys *out. */
 natsStatus nats_options_base(const dconf_t *c, natsOptions **out);
 
-/* Start the fetch thread (credit = max_inflight). */
+/* Start pulling (the first request goes out from nats_in_pull()). */
 int  nats_in_fetch_start(dsp_t *d);
 
-/* Give `n` slots back to the fetch thread (gifts finished). */
-void nats_in_release(dsp_t *d, int n);
+/* Main loop, every pass: tops the pull window up within the credit
+ * (nats.max_inflight minus gifts held), acts on a reconnect, a lost
+ * request or the lease; returns when it wants to run again. */
+int64_t nats_in_pull(dsp_t *d, int64_t now);
 
-/* Ask the fetch thread to stop; it sets done when it has. */
+/* An arrival on the inbox (main thread): 1 for a gift (the caller owns
+ * it), 0 for a status message (consumed: heartbeat, expiry, refusal). */
+int  nats_in_arrived(dsp_t *d, natsMsg *m);
+
+/* Pull nothing more; what already came is still delivered (drain). */
 void nats_in_fetch_stop(dsp_t *d);
 
-/* 1 when the fetch thread has exited (or never ran). */
+/* 1 once stopped and what was on its way has come (or never started). */
 int  nats_in_fetch_done(dsp_t *d);
 
 /* A message for `subject` with `data` and the extra headers (NULL-
  * terminated key/value pairs), or NULL (logged). */
 natsMsg *nats_in_msg_new(const char *subject, const void *data, size_t len,
     const char **hdrs);
+
+/* Acknowledge a delivery: publishes the JetStream ack body to its reply
+ * subject (cnats' natsMsg_Ack() refuses messages of a plain subscription).
+ * DACK_NAK with delay_ms > 0 is a nak with delay. */
+typedef enum {
+    DACK_ACK = 0,              /* +ACK */
+    DACK_NAK,                  /* -NAK */
+    DACK_WPI,                  /* +WPI: in progress, restart the ack wait */
+    DACK_TERM                  /* +TERM */
+} dack_kind;
+
+natsStatus nats_in_ack(dsp_t *d, natsMsg *m, dack_kind kind,
+    int64_t delay_ms);
 
 /*
  * Publish m through JetStream asynchronously with Nats-Msg-Id `msg_id`
@@ -953,13 +988,11 @@ void nats_in_publish_core(dsp_t *d, const char *subject, const void *data,
  * Nats-Msg-Id it carries.  As nats_in_publish. */
 int  nats_in_republish(dsp_t *d, natsMsg *m);
 
-/* Stop and join the fetch thread (before gifts are freed: acking needs
- * the subscription alive). */
+/* Stop pulling and unsubscribe the inbox at once (teardown). */
 void nats_in_fetch_join(dsp_t *d);
 
-/* Join the fetch thread, unsubscribe, flush acks, drain and close;
- * destroy all.  Every gift must have been freed before (acks use the
- * subscription). */
+/* Unsubscribe, flush acks, drain and close; destroy all.  Every gift
+ * must have been freed before (acks use the connection). */
 void nats_in_stop(dsp_t *d);
 
 /* identity.c ------------------------------------------------------------ */

@@ -33,7 +33,7 @@
  *     released, taken by a standby within one poll.
  *
  * The thread is ours and only talks to KV (synchronous cnats calls); the
- * main and fetch threads read `active` and `until_us` (atomics).
+ * the main thread and others read `active` and `until_us` (atomics).
  */
 #include <inttypes.h>
 #include <stdio.h>

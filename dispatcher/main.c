@@ -14,10 +14,9 @@
  *             retries, InProgress, MQTT keepalive and reconnect, the stop
  *             deadline).  Signals are blocked in every thread and unblocked
  *             only inside this ppoll(): handlers set flags, the loop acts.
- *   fetch     ours; blocks in natsSubscription_FetchRequest() (cnats 3.4.1
- *             has no asynchronous pull) within a credit of free slots
- *             (nats.max_inflight minus gifts held), and posts the messages
- *             to the inbox queue.  It takes no other lock than the credit's.
+ *             It also keeps the pull window topped up (nats_in_pull():
+ *             pull requests of its own within a credit of free slots,
+ *             nats.max_inflight minus gifts held).
  *   kv        ours (kv.c): the synchronous KV calls -- GIFT_DONE lookups
  *             for redeliveries, GIFT_STREAKS compare-and-set for streak
  *             frames -- taken from a queue, answered through another.
@@ -25,15 +24,17 @@
  *   metrics   libmicrohttpd's: serves /metrics from atomic counters and a
  *             snapshot main refreshes with a trylock (metrics.c).
  *   cnats     the library's own: socket reader, flusher, timers, and the
- *             delivery thread of the JetStream publish-reply subscription,
+ *             delivery threads of the pull inbox (posts messages to the
+ *             inbox queue) and of the JetStream publish-reply subscription,
  *             which runs our PubAck handler; that handler only posts to the
- *             acks queue.  Acks, naks and InProgress are publishes on the
- *             connection (thread-safe), called from main.
+ *             acks queue.  Acks, naks and InProgress are publishes to the
+ *             messages' reply subjects (thread-safe), called from main.
  *
- *   fetch --inbox(natsMsg*)--> main --MQTT publish--> broker
+ *   cnats --inbox(natsMsg*)--> main --MQTT publish--> broker
  *   main <--MQTT reply (same thread, via mosquitto_loop_read)
  *   main --js_PublishMsgAsync(GiftAck)--> cnats --PubAck--> acks --> main
- *   main --natsMsg_Ack(msg, NULL)  (asynchronous: never a round trip)
+ *   main --"+ACK" to the reply subject  (asynchronous: never a round trip)
+ *   main --pull request (half a window at a time)--> NATS
  *
  * What main owns, file by file: the gift in dispatch.c (its life, the one
  * owner of gift state), publish.c (its publishes in flight and their
@@ -47,7 +48,7 @@
  * before the connections, because connecting waits for NATS (it may start
  * after us) and SIGTERM must still end that wait with exit status 0.
  *
- * Stop (SIGTERM/SIGINT): stop fetching, nak what waits in device queues,
+ * Stop (SIGTERM/SIGINT): stop pulling, nak what waits in device queues,
  * let RPCs in flight finish and their GiftAcks be stored, then drain the
  * NATS connection; after nats.shutdown_timeout_ms whatever is left is
  * naked (redelivered to the next dispatcher).  SIGHUP reloads the rules;
@@ -260,7 +261,9 @@ drain_queues(dsp_t *d)
     }
     dchan_take(&d->nats.inbox, &items, &n);
     for (i = 0; i < n; i++) {
-        dispatch_msg(d, items[i]);
+        if (nats_in_arrived(d, items[i])) {
+            dispatch_msg(d, items[i]);
+        }
     }
     dchan_done(&d->nats.inbox, items);
 }
@@ -324,9 +327,12 @@ run(dsp_t *d, const sigset_t *unblocked)
         if (d->lease.seen_active && t < next) {
             next = t;                      /* fencing: act on time */
         }
-        if (d->credit_back > 0) {
-            nats_in_release(d, d->credit_back);
-            d->credit_back = 0;
+        /* top the pull window up with the slots freed (and arrivals
+         * counted) so far: one request per half window, not per gift */
+        d->credit_back = 0;
+        t = nats_in_pull(d, gift_mono_us());
+        if (t < next) {
+            next = t;
         }
 
         nfd = 0;

@@ -3,21 +3,17 @@
  *
  * - the connection (reconnecting forever with capped exponential back-off),
  * - provisioning at start (gift_provision(): the code `giftctl setup` runs),
- * - the fetch thread: cnats 3.4.1 has no asynchronous pull, so one thread
- *   of ours blocks in natsSubscription_FetchRequest() and hands messages to
- *   the main thread through d->nats.inbox, within a credit that the main
- *   thread gives back as gifts finish (the in-flight bound),
- * - JetStream publishes (GiftAck, DLQ) with js_PublishMsgAsync(): sent or
- *   not, said by the return value; the PubAck handler runs on a cnats
- *   thread and only posts to d->nats.acks.  Which gift a publish belongs
- *   to, and its retries, are publish.c's: this file writes no gift state.
- *
- * Fetch strategy.  A fetch for a batch of N waits until N messages came or
- * the request expired, so a lone gift would wait the whole expiry.  Hence:
- * while messages flow, ask for up to the credit with no_wait (the server
- * answers at once with what it has); when that finds nothing, wait for one
- * message with a long poll (expires = fetch_wait_ms), then go back to
- * no_wait batches.  Low latency when idle, batches of 256 under load.
+ * - the continuous pull (below): a window of messages asked for from the
+ *   durable pull consumer by requests we publish ourselves (cnats 3.4.1
+ *   has no asynchronous pull), topped up by the main loop as gifts
+ *   arrive and finish, within the credit (the in-flight bound); the
+ *   inbox's callback (a cnats thread) posts messages to d->nats.inbox,
+ * - acks, naks, in-progress and term of those messages: published to
+ *   their reply subjects (nats_in_ack()),
+ * - JetStream publishes (GiftAck, DLQ) with js_PublishMsgAsync(); the
+ *   PubAck handler runs on a cnats thread and only posts to d->nats.acks.
+ *   Which gift a publish belongs to, and its retries, are publish.c's:
+ *   this file writes no gift state.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -67,13 +63,19 @@ on_disconnected(natsConnection *nc, void *closure)
 static void
 on_reconnected(natsConnection *nc, void *closure)
 {
-    char url[256];
+    dsp_t    *d = closure;
+    char      url[256];
+    uint64_t  one = 1;
+    ssize_t   w;
 
-    (void) closure;
     if (natsConnection_GetConnectedUrl(nc, url, sizeof(url)) != NATS_OK) {
         url[0] = '\0';
     }
     gift_log(GIFT_LOG_INFO, "NATS: reconnected to %s", url);
+    /* the main loop asks for its window again (nats_in_pull) */
+    __atomic_store_n(&d->nats.reconnected, 1, __ATOMIC_RELEASE);
+    w = write(d->wake_fd, &one, sizeof(one));
+    (void) w;
 }
 
 static void
@@ -274,6 +276,16 @@ consumer_info(dsp_t *d)
                  (int) jerr);
         return -1;
     }
+    if (ci->Config->DeliverSubject != NULL
+        && ci->Config->DeliverSubject[0] != '\0')
+    {
+        gift_log(GIFT_LOG_ERR, "NATS: consumer %s on %s is a push consumer; "
+                 "the dispatcher pulls", GIFT_CONSUMER, GIFT_STREAM_EVENTS);
+        jsConsumerInfo_Destroy(ci);
+        return -1;
+    }
+    d->nats.max_req_batch = ci->Config->MaxRequestBatch;
+    d->nats.max_req_expires_ns = ci->Config->MaxRequestExpires;
     d->nats.ack_wait_us = ci->Config->AckWait / 1000;
     d->nats.max_deliver = (int) ci->Config->MaxDeliver;    /* -1: checked */
     if (d->nats.ack_wait_us <= 0) {
@@ -308,22 +320,17 @@ nats_in_start(dsp_t *d)
 {
     dnats_t     *n = &d->nats;
     jsOptions    jo;
-    jsSubOptions so;
-    jsErrCode    jerr = 0;
     natsStatus   s;
     int          backoff = d->conf->nats_reconnect_min_ms;
     int          logged = 0;
 
-    if (pthread_mutex_init(&n->mu, NULL) != 0
-        || pthread_cond_init(&n->cond, NULL) != 0
-        || dchan_init(&n->inbox, d->wake_fd) != 0
+    if (dchan_init(&n->inbox, d->wake_fd) != 0
         || dchan_init(&n->acks, d->wake_fd) != 0)
     {
         gift_log(GIFT_LOG_ERR, "cannot create the NATS queues");
         return -1;
     }
     n->inited = 1;
-    n->done = 1;                              /* no fetch thread yet */
     if (build_options(d) != 0) {
         return -1;
     }
@@ -402,17 +409,8 @@ nats_in_start(dsp_t *d)
                 return -1;
             }
         }
-        jsSubOptions_Init(&so);
-        so.Stream = GIFT_STREAM_EVENTS;
-        so.Consumer = GIFT_CONSUMER;            /* bind; never create */
-        s = js_PullSubscribe(&n->sub, n->js, NULL, NULL, NULL, &so, &jerr);
-        if (s != NATS_OK) {
-            n->sub = NULL;
-            gift_log(GIFT_LOG_ERR, "NATS: pull subscription to %s/%s: %s "
-                     "(js error %d)", GIFT_STREAM_EVENTS, GIFT_CONSUMER,
-                     nats_GetLastError(NULL), (int) jerr);
-            goto retry;
-        }
+        /* the consumer exists and pulls (consumer_info): the pull
+         * itself starts with nats_in_fetch_start() */
         return 0;
 
     retry:
@@ -423,177 +421,298 @@ nats_in_start(dsp_t *d)
     return -1;
 }
 
-/* ------------------------------------------------------------ fetching */
+/* ------------------------------------------------------------ pulling */
+
+/*
+ * The continuous pull.  Requests go to $JS.API.CONSUMER.MSG.NEXT.<stream>.
+ * <consumer> with a reply inbox of ours ({"batch","expires",
+ * "idle_heartbeat"}); the server sends the messages, and the status
+ * messages of each request (100 idle heartbeat, 408 expired with
+ * Nats-Pending-Messages, 409 refused or cut short), to that inbox.  The
+ * subscription's callback (a cnats thread) only posts to d->nats.inbox;
+ * the accounting is the main thread's.
+ *
+ * outstanding = asked for - come - reported undelivered.  The main loop
+ * tops it up to the window when at least `low` (half the window) is
+ * missing and the credit allows: nats.max_inflight - held - outstanding.
+ * Idle: one request per expiry, a heartbeat per hb_ns; a trickle: one
+ * delivery per gift.
+ *
+ * A reset (reconnect, a refusal, silence past live_us) drains the inbox's
+ * subscription -- the server drops requests whose reply subject lost its
+ * interest, and what was already sent still arrives -- and takes a new
+ * inbox, so that no old request can deliver past the credit.
+ */
 
 static void
-handover(dsp_t *d, natsMsgList *list)
+on_pull_msg(natsConnection *nc, natsSubscription *sub, natsMsg *m,
+    void *closure)
 {
-    if (list->Count > 0
-        && dchan_push_many(&d->nats.inbox, (void **) list->Msgs,
-                           (size_t) list->Count) == 0)
-    {
-        memset(list->Msgs, 0, sizeof(natsMsg *) * (size_t) list->Count);
+    dsp_t *d = closure;
+
+    (void) nc;
+    (void) sub;
+    if (dchan_push(&d->nats.inbox, m) != 0) {
+        natsMsg_Destroy(m);         /* memory: redelivered after ack wait */
     }
-    /* on failure (memory) the messages are destroyed unacknowledged and
-     * redelivered after the ack wait */
-    natsMsgList_Destroy(list);
 }
 
-static void *
-fetch_main(void *arg)
+/* Destroy retired subscriptions whose drain is over; how many remain. */
+static int
+reap_retired(dnats_t *n)
 {
-    dsp_t          *d = arg;
-    dnats_t        *n = &d->nats;
-    const dconf_t  *c = d->conf;
-    natsMsgList     list;
-    jsFetchRequest  req;
-    natsStatus      s;
-    int             want, got, idle = 0, errors = 0, low;
-    int64_t         last_log = 0;
-    struct timespec until;
+    int i, k = 0;
 
-    /* A fetch for 1 message costs about a millisecond; wait until a
-     * quarter of a batch is free before asking again, unless nothing at
-     * all is held (then any gift is worth fetching at once). */
-    low = c->fetch_batch / 4;
-    if (low > c->max_inflight) {
-        low = c->max_inflight;
-    }
-    if (low < 1) {
-        low = 1;
-    }
-    pthread_mutex_lock(&n->mu);
-    n->low = low;
-    pthread_mutex_unlock(&n->mu);
-
-    for (;;) {
-        pthread_mutex_lock(&n->mu);
-        while (!n->stop && n->credit < low && n->credit < c->max_inflight) {
-            pthread_cond_wait(&n->cond, &n->mu);
-        }
-        if (n->stop) {
-            pthread_mutex_unlock(&n->mu);
-            break;
-        }
-        if (!lease_active(d)) {
-            /* a standby pulls nothing (lease.c): look again shortly */
-            clock_gettime(CLOCK_REALTIME, &until);
-            until.tv_nsec += 50000000L;
-            if (until.tv_nsec >= 1000000000L) {
-                until.tv_sec++;
-                until.tv_nsec -= 1000000000L;
-            }
-            pthread_cond_timedwait(&n->cond, &n->mu, &until);
-            pthread_mutex_unlock(&n->mu);
-            idle = 0;
-            continue;
-        }
-        want = n->credit < c->fetch_batch ? n->credit : c->fetch_batch;
-        n->credit -= want;
-        pthread_mutex_unlock(&n->mu);
-
-        memset(&list, 0, sizeof(list));
-        jsFetchRequest_Init(&req);
-        if (idle) {
-            req.Batch = 1;
-            req.NoWait = false;
+    for (i = 0; i < n->nretired; i++) {
+        if (natsSubscription_IsValid(n->retired[i])) {
+            n->retired[k++] = n->retired[i];
         } else {
-            req.Batch = want;
-            req.NoWait = true;
+            natsSubscription_Destroy(n->retired[i]);
         }
-        req.Expires = (int64_t) c->fetch_wait_ms * 1000000LL;
-        s = natsSubscription_FetchRequest(&list, n->sub, &req);
-        got = s == NATS_OK ? list.Count : 0;
-
-        if (s == NATS_OK) {
-            idle = got == 0;
-            errors = 0;
-            handover(d, &list);
-        } else if (s == NATS_NOT_FOUND || s == NATS_TIMEOUT) {
-            idle = 1;              /* nothing there now: long-poll next */
-            errors = 0;
-        } else {
-            int64_t now = gift_mono_us();
-
-            if (errors++ == 0 || now - last_log > 10000000) {
-                gift_log(GIFT_LOG_WARN, "NATS: fetch: %s (%s)",
-                         natsStatus_GetText(s), nats_GetLastError(NULL));
-                last_log = now;
-            }
-        }
-
-        pthread_mutex_lock(&n->mu);
-        n->credit += want - got;
-        if (errors > 0 && !n->stop) {
-            /* connection down or consumer gone: back off (woken by stop) */
-            int ms = errors > 6 ? 2000 : 30 << errors;
-
-            clock_gettime(CLOCK_REALTIME, &until);
-            until.tv_sec += ms / 1000;
-            until.tv_nsec += (long) (ms % 1000) * 1000000L;
-            if (until.tv_nsec >= 1000000000L) {
-                until.tv_sec++;
-                until.tv_nsec -= 1000000000L;
-            }
-            pthread_cond_timedwait(&n->cond, &n->mu, &until);
-        }
-        pthread_mutex_unlock(&n->mu);
     }
+    n->nretired = k;
+    return k;
+}
 
-    pthread_mutex_lock(&n->mu);
-    n->done = 1;
-    pthread_mutex_unlock(&n->mu);
-    /* wake the main loop so that it notices */
+/* Let the current inbox go: its requests lapse on the server, what is on
+ * its way still arrives (drain). */
+static void
+retire_inbox(dnats_t *n)
+{
+    natsSubscription *sub = n->psub;
+
+    n->psub = NULL;
+    n->outstanding = 0;
+    n->reply[0] = '\0';
+    if (sub == NULL) {
+        return;
+    }
+    reap_retired(n);
+    if (n->nretired < DSP_PULL_RETIRED
+        && natsSubscription_DrainTimeout(sub, 5000) == NATS_OK)
     {
-        uint64_t one = 1;
-        ssize_t  w = write(d->wake_fd, &one, sizeof(one));
-
-        (void) w;
+        n->retired[n->nretired++] = sub;
+        return;
     }
-    return NULL;
+    /* no room or no connection: drop what is queued (redelivered after
+     * the ack wait) */
+    natsSubscription_Unsubscribe(sub);
+    natsSubscription_Destroy(sub);
+}
+
+static void
+pull_reset(dsp_t *d, int backoff, const char *why)
+{
+    dnats_t *n = &d->nats;
+
+    retire_inbox(n);
+    if (!backoff) {
+        n->backoff_ms = 0;
+        gift_log(GIFT_LOG_INFO, "NATS: %s; asking for gifts again", why);
+        return;
+    }
+    n->backoff_ms = n->backoff_ms == 0 ? 250
+                    : n->backoff_ms * 2 > 5000 ? 5000 : n->backoff_ms * 2;
+    n->retry_us = gift_mono_us() + (int64_t) n->backoff_ms * 1000;
+    gift_log(GIFT_LOG_WARN, "NATS: pull request refused: %s; asking again in"
+             " %d ms", why, n->backoff_ms);
+}
+
+static int
+pull_subscribe(dsp_t *d)
+{
+    dnats_t    *n = &d->nats;
+    natsInbox  *inbox = NULL;
+    natsStatus  s;
+
+    s = natsInbox_Create(&inbox);
+    if (s == NATS_OK) {
+        snprintf(n->reply, sizeof(n->reply), "%s", inbox);
+        natsInbox_Destroy(inbox);
+        s = natsConnection_Subscribe(&n->psub, n->nc, n->reply, on_pull_msg,
+                                     d);
+    }
+    if (s != NATS_OK) {
+        n->psub = NULL;
+        n->reply[0] = '\0';
+        gift_log(GIFT_LOG_WARN, "NATS: subscribing the pull inbox: %s",
+                 nats_GetLastError(NULL));
+        return -1;
+    }
+    /* the window bounds what can queue; never let cnats drop a gift */
+    natsSubscription_SetPendingLimits(n->psub, -1, -1);
+    return 0;
+}
+
+int
+nats_in_arrived(dsp_t *d, natsMsg *m)
+{
+    dnats_t     *n = &d->nats;
+    const char  *st = NULL, *desc = NULL, *pend = NULL;
+    char         why[160];
+    long long    k;
+
+    if (natsMsg_GetDataLength(m) > 0
+        || natsMsgHeader_Get(m, "Status", &st) != NATS_OK || st == NULL)
+    {
+        /* a gift (possibly of a retired inbox: counted all the same, the
+         * window only errs on the small side) */
+        if (n->outstanding > 0) {
+            n->outstanding--;
+        }
+        n->seen_us = gift_mono_us();
+        n->backoff_ms = 0;
+        return 1;
+    }
+    if (n->psub == NULL || strcmp(natsMsg_GetSubject(m), n->reply) != 0) {
+        natsMsg_Destroy(m);          /* about a request of a retired inbox */
+        return 0;
+    }
+    n->seen_us = gift_mono_us();
+    if (strncmp(st, "100", 3) == 0) {
+        n->backoff_ms = 0;
+        natsMsg_Destroy(m);          /* idle heartbeat: the request lives */
+        return 0;
+    }
+    natsMsgHeader_Get(m, "Description", &desc);
+    if ((strncmp(st, "404", 3) == 0 || strncmp(st, "408", 3) == 0)
+        && natsMsgHeader_Get(m, "Nats-Pending-Messages", &pend) == NATS_OK
+        && pend != NULL)
+    {
+        /* a request ended (expired): what it did not deliver */
+        k = strtoll(pend, NULL, 10);
+        n->outstanding -= k > n->outstanding ? n->outstanding : (int) k;
+        natsMsg_Destroy(m);
+        return 0;
+    }
+    /* 409 (consumer deleted, leadership change, a limit of the consumer
+     * exceeded), 503 (no JetStream), 400, or an end without its count */
+    snprintf(why, sizeof(why), "%.3s %s", st, desc != NULL ? desc : "");
+    natsMsg_Destroy(m);
+    pull_reset(d, 1, why);
+    return 0;
+}
+
+static int
+pull_request(dsp_t *d, int want)
+{
+    dnats_t    *n = &d->nats;
+    char        body[128];
+    natsStatus  s;
+
+    if (n->hb_ns > 0) {
+        snprintf(body, sizeof(body), "{\"batch\":%d,\"expires\":%" PRId64
+                 ",\"idle_heartbeat\":%" PRId64 "}", want, n->expires_ns,
+                 n->hb_ns);
+    } else {
+        snprintf(body, sizeof(body), "{\"batch\":%d,\"expires\":%" PRId64
+                 "}", want, n->expires_ns);
+    }
+    s = natsConnection_PublishRequestString(n->nc, n->next_subj, n->reply,
+                                            body);
+    if (s != NATS_OK) {
+        gift_log(GIFT_LOG_DEBUG, "NATS: pull request: %s",
+                 natsStatus_GetText(s));
+        return -1;
+    }
+    n->pulls++;
+    return 0;
+}
+
+int64_t
+nats_in_pull(dsp_t *d, int64_t now)
+{
+    dnats_t  *n = &d->nats;
+    int       want, avail;
+
+    if (!n->on) {
+        return INT64_MAX;
+    }
+    if (__atomic_exchange_n(&n->reconnected, 0, __ATOMIC_ACQ_REL)
+        && n->psub != NULL)
+    {
+        /* the server may have lost the requests (a restart): start over */
+        pull_reset(d, 0, "reconnected");
+    }
+    if (n->nretired > 0 && reap_retired(n) > 0 && n->stop) {
+        return now + 20000;          /* until the drain is over */
+    }
+    if (n->stop || !lease_active(d)) {
+        /* stopping, or a standby: nothing more comes */
+        if (n->psub != NULL) {
+            retire_inbox(n);
+            return now + 20000;
+        }
+        return INT64_MAX;
+    }
+    if (now < n->retry_us) {
+        return n->retry_us;
+    }
+    if (natsConnection_Status(n->nc) != NATS_CONN_STATUS_CONNECTED) {
+        return now + 1000000;        /* the reconnect callback wakes us */
+    }
+    if (n->outstanding > 0 && now - n->seen_us > n->live_us) {
+        pull_reset(d, 0, "no heartbeat from the pull request");
+    }
+    if (n->psub == NULL && pull_subscribe(d) != 0) {
+        n->retry_us = now + 1000000;
+        return n->retry_us;
+    }
+
+    avail = d->conf->max_inflight - (int) d->nheld - n->outstanding;
+    want = n->window - n->outstanding;
+    if (avail < want) {
+        want = avail;
+    }
+    if (want >= n->low) {
+        if (pull_request(d, want) == 0) {
+            n->outstanding += want;
+            n->seen_us = now;
+        } else {
+            n->retry_us = now + 100000;
+            return n->retry_us;
+        }
+    }
+    return n->outstanding > 0 ? n->seen_us + n->live_us + 1000 : INT64_MAX;
 }
 
 int
 nats_in_fetch_start(dsp_t *d)
 {
-    dnats_t  *n = &d->nats;
-    sigset_t  all, old;
-    int       rc;
+    dnats_t        *n = &d->nats;
+    const dconf_t  *c = d->conf;
+    int64_t         exp_ms = c->fetch_wait_ms, hb_ms;
 
-    n->credit = d->conf->max_inflight;
+    n->window = c->fetch_batch < c->max_inflight ? c->fetch_batch
+                                                 : c->max_inflight;
+    if (n->max_req_batch > 0 && n->window > n->max_req_batch) {
+        n->window = (int) n->max_req_batch;
+    }
+    n->low = (n->window + 1) / 2;
+    if (n->max_req_expires_ns > 0 && exp_ms * 1000000 > n->max_req_expires_ns)
+    {
+        exp_ms = n->max_req_expires_ns / 1000000;
+    }
+    /* a heartbeat at most every 10 s and at least twice per request (the
+     * server refuses more than half the expiry) */
+    hb_ms = exp_ms / 2 < 10000 ? exp_ms / 2 : 10000;
+    n->expires_ns = exp_ms * 1000000;
+    n->hb_ns = hb_ms >= 10 ? hb_ms * 1000000 : 0;
+    /* two heartbeats missed, or (none asked) the expiry's 408 */
+    n->live_us = n->hb_ns > 0 ? 2 * hb_ms * 1000 : 2 * exp_ms * 1000;
+    if (n->live_us < 1000000) {
+        n->live_us = 1000000;
+    }
+    snprintf(n->next_subj, sizeof(n->next_subj),
+             "$JS.API.CONSUMER.MSG.NEXT.%s.%s", GIFT_STREAM_EVENTS,
+             GIFT_CONSUMER);
+    n->outstanding = 0;
     n->stop = 0;
-    n->done = 0;
-    /* the thread must never take a signal: only the main loop's ppoll() */
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    rc = pthread_create(&n->fetch_tid, NULL, fetch_main, d);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc != 0) {
-        n->done = 1;
-        gift_log(GIFT_LOG_ERR, "cannot start the fetch thread: %s",
-                 strerror(rc));
-        return -1;
-    }
-    n->fetch_started = 1;
+    n->on = 1;
+    gift_log(GIFT_LOG_DEBUG, "pulling: window %d, top-up at %d, requests of "
+             "%" PRId64 " ms, heartbeat %" PRId64 " ms", n->window, n->low,
+             exp_ms, hb_ms);
     return 0;
-}
-
-void
-nats_in_release(dsp_t *d, int k)
-{
-    dnats_t *n = &d->nats;
-
-    int      before;
-
-    pthread_mutex_lock(&n->mu);
-    before = n->credit;
-    n->credit += k;
-    /* wake it only when it waits for this: every wake-up is a context
-     * switch, and gifts finish by the thousand per second */
-    if (before < n->low && n->credit >= n->low) {
-        pthread_cond_signal(&n->cond);
-    }
-    pthread_mutex_unlock(&n->mu);
 }
 
 void
@@ -601,22 +720,53 @@ nats_in_fetch_stop(dsp_t *d)
 {
     dnats_t *n = &d->nats;
 
-    pthread_mutex_lock(&n->mu);
     n->stop = 1;
-    pthread_cond_broadcast(&n->cond);
-    pthread_mutex_unlock(&n->mu);
+    if (n->psub != NULL) {
+        retire_inbox(n);
+    }
 }
 
 int
 nats_in_fetch_done(dsp_t *d)
 {
     dnats_t *n = &d->nats;
-    int      done;
 
-    pthread_mutex_lock(&n->mu);
-    done = n->done;
-    pthread_mutex_unlock(&n->mu);
-    return done;
+    return !n->on || (n->stop && n->psub == NULL && reap_retired(n) == 0);
+}
+
+/* ------------------------------------------------------------ acking */
+
+natsStatus
+nats_in_ack(dsp_t *d, natsMsg *m, dack_kind kind, int64_t delay_ms)
+{
+    const char  *reply = natsMsg_GetReply(m);
+    const char  *body;
+    char         buf[64];
+
+    if (reply == NULL || reply[0] == '\0') {
+        return NATS_ILLEGAL_STATE;
+    }
+    switch (kind) {
+    case DACK_ACK:
+        body = "+ACK";
+        break;
+    case DACK_NAK:
+        if (delay_ms > 0) {
+            snprintf(buf, sizeof(buf), "-NAK {\"delay\":%" PRId64 "}",
+                     delay_ms * 1000000);
+            body = buf;
+        } else {
+            body = "-NAK";
+        }
+        break;
+    case DACK_WPI:
+        body = "+WPI";
+        break;
+    default:
+        body = "+TERM";
+        break;
+    }
+    return natsConnection_PublishString(d->nats.nc, reply, body);
 }
 
 /* ------------------------------------------------------------ publishing */
@@ -699,12 +849,21 @@ void
 nats_in_fetch_join(dsp_t *d)
 {
     dnats_t *n = &d->nats;
+    int      i;
 
-    if (n->fetch_started) {
-        nats_in_fetch_stop(d);
-        pthread_join(n->fetch_tid, NULL);
-        n->fetch_started = 0;
+    n->stop = 1;
+    /* what the server sent and the loop did not take is dropped here,
+     * unacknowledged: redelivered after the ack wait */
+    if (n->psub != NULL) {
+        natsSubscription_Unsubscribe(n->psub);
+        natsSubscription_Destroy(n->psub);
+        n->psub = NULL;
     }
+    for (i = 0; i < n->nretired; i++) {
+        natsSubscription_Unsubscribe(n->retired[i]);
+        natsSubscription_Destroy(n->retired[i]);
+    }
+    n->nretired = 0;
 }
 
 void
@@ -716,13 +875,6 @@ nats_in_stop(dsp_t *d)
     int        waited;
 
     nats_in_fetch_join(d);
-    if (n->sub != NULL) {
-        /* what the server sent after the last fetch returned is dropped
-         * here, unacknowledged: redelivered after the ack wait */
-        natsSubscription_Unsubscribe(n->sub);
-        natsSubscription_Destroy(n->sub);
-        n->sub = NULL;
-    }
     if (n->nc != NULL) {
         n->closing = 1;
         /* acks and naks are buffered publishes: push them out */
@@ -769,7 +921,5 @@ nats_in_stop(dsp_t *d)
     free(items);
     dchan_destroy(&n->inbox);
     dchan_destroy(&n->acks);
-    pthread_cond_destroy(&n->cond);
-    pthread_mutex_destroy(&n->mu);
     n->inited = 0;
 }

@@ -67,7 +67,7 @@ dispatch_timers(dsp_t *d, int64_t now)
             continue;
         }
         if (g->msg != NULL) {
-            natsMsg_InProgress(g->msg, NULL);
+            nats_in_ack(d, g->msg, DACK_WPI, 0);
         }
         STAT_ADD(d, in_progress, 1);
         held_touch(d, g, now);
@@ -147,7 +147,7 @@ dispatch_abandon(dsp_t *d)
     for (g = d->held; g != NULL; g = next) {
         next = g->hnext;
         if (g->msg != NULL) {
-            natsMsg_Nak(g->msg, NULL);
+            nats_in_ack(d, g->msg, DACK_NAK, 0);
             natsMsg_Destroy(g->msg);
             g->msg = NULL;
             n++;
