@@ -268,7 +268,7 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
         next = ngx_queue_next(q);
         c = ngx_queue_data(q, ngx_http_gift_client_t, queue);
 
-        if (c->closing) {
+        if (c->closing || c->parked) {
             continue;
         }
 
@@ -435,6 +435,9 @@ ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
                            ? NGX_HTTP_GIFT_STAT_SSE_CLIENTS
                            : NGX_HTTP_GIFT_STAT_WS_CLIENTS, 1);
 
+    /* a worker that stopped following GIFT_ACKS starts again */
+    ngx_http_gift_follow_clients(fo->nclients);
+
     /*
      * Events are small writes: without TCP_NODELAY, one written while the
      * previous is unacknowledged waits for the client's (delayed) ACK,
@@ -445,6 +448,20 @@ ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
     if (clcf->tcp_nodelay && ngx_tcp_nodelay(c->request->connection) != NGX_OK)
     {
         return NGX_ERROR;
+    }
+
+    if (!resume && ngx_http_gift_follow_parking()) {
+        /*
+         * "From now" is not known here: the ring stopped where the worker
+         * stopped following.  The client waits, its response unsent, until
+         * the stream says where it is (ngx_http_gift_fanout_unpark()), so
+         * that whatever is stored after the client sees its response
+         * reaches it.
+         */
+        c->parked = 1;
+        c->preamble = preamble;
+        c->plen = plen;
+        return NGX_OK;
     }
 
     out = NULL;
@@ -475,6 +492,129 @@ ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
     c->last_seq = fo->last_seq;
 
     return out ? ngx_http_gift_client_write(c, out) : NGX_OK;
+}
+
+
+void
+ngx_http_gift_fanout_reset(uint64_t last)
+{
+    ngx_int_t                rc;
+    ngx_chain_t             *out, **lastp;
+    ngx_queue_t             *q, *next;
+    ngx_connection_t        *conn;
+    ngx_http_gift_client_t  *c;
+    ngx_http_gift_fanout_t  *fo;
+
+    fo = ngx_http_gift_fanout;
+
+    if (fo == NULL || last <= fo->last_seq) {
+        return;
+    }
+
+    while (fo->n) {
+        ngx_http_gift_frame_release(fo->ring[fo->head]);
+        fo->head = (fo->head + 1) % fo->size;
+        fo->n--;
+    }
+
+    fo->head = 0;
+    fo->last_seq = last;
+
+    for (q = ngx_queue_head(&fo->clients);
+         q != ngx_queue_sentinel(&fo->clients);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        c = ngx_queue_data(q, ngx_http_gift_client_t, queue);
+
+        if (c->closing || c->parked || c->last_seq >= last) {
+            continue;
+        }
+
+        if (c->from_now) {
+            c->last_seq = last;         /* wants no history */
+            continue;
+        }
+
+        /* the empty ring: just the `event: gap` up to `last` */
+        out = NULL;
+        lastp = &out;
+
+        rc = ngx_http_gift_fanout_replay(c, c->last_seq, last, &out, &lastp);
+        c->last_seq = last;
+
+        if (rc == NGX_OK && out != NULL) {
+            rc = ngx_http_gift_client_write(c, out);
+        }
+
+        if (rc != NGX_OK) {
+            conn = c->request->connection;
+            ngx_http_gift_client_end(c, rc, "write error");
+            ngx_http_run_posted_requests(conn);
+        }
+    }
+}
+
+
+void
+ngx_http_gift_fanout_unpark(uint64_t now)
+{
+    ngx_int_t                rc;
+    ngx_chain_t             *out, **last;
+    ngx_queue_t             *q, *next;
+    ngx_connection_t        *conn;
+    ngx_http_gift_client_t  *c;
+    ngx_http_gift_fanout_t  *fo;
+
+    fo = ngx_http_gift_fanout;
+
+    if (fo == NULL) {
+        return;
+    }
+
+    for (q = ngx_queue_head(&fo->clients);
+         q != ngx_queue_sentinel(&fo->clients);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        c = ngx_queue_data(q, ngx_http_gift_client_t, queue);
+
+        if (!c->parked) {
+            continue;
+        }
+
+        c->parked = 0;
+        c->last_seq = now;
+        c->connect_seq = now;
+
+        conn = c->request->connection;
+
+        if (c->closing) {
+            continue;
+        }
+
+        out = NULL;
+        last = &out;
+
+        if (c->plen) {
+            rc = ngx_http_gift_client_push_raw(c, c->preamble, c->plen,
+                                               &last);
+            if (rc == NGX_OK) {
+                rc = ngx_http_gift_client_write(c, out);
+            }
+
+        } else {
+            /* a WebSocket's 101, held by nginx's write filter until now */
+            rc = ngx_http_send_special(c->request, NGX_HTTP_FLUSH)
+                 == NGX_ERROR ? NGX_ERROR : NGX_OK;
+        }
+
+        if (rc != NGX_OK) {
+            ngx_http_gift_client_end(c, rc, "write error");
+        }
+
+        ngx_http_run_posted_requests(conn);
+    }
 }
 
 
@@ -613,6 +753,7 @@ ngx_http_gift_fanout_detach(ngx_http_gift_client_t *c)
 
     if (ngx_http_gift_fanout) {
         ngx_http_gift_fanout->nclients--;
+        ngx_http_gift_follow_clients(ngx_http_gift_fanout->nclients);
     }
 
     /*
@@ -947,7 +1088,7 @@ ngx_http_gift_heartbeat_handler(ngx_event_t *ev)
         next = ngx_queue_next(q);
         c = ngx_queue_data(q, ngx_http_gift_client_t, queue);
 
-        if (c->out_head != NULL || c->closing) {
+        if (c->out_head != NULL || c->closing || c->parked) {
             continue;       /* output is pending: the stream is not idle */
         }
 

@@ -255,6 +255,13 @@ static ngx_command_t  ngx_http_gift_commands[] = {
       offsetof(ngx_http_gift_main_conf_t, heartbeat),
       NULL },
 
+    { ngx_string("gift_sse_idle_follow"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_gift_main_conf_t, idle_follow),
+      NULL },
+
     { ngx_string("gift_sse_replay_max"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
@@ -411,6 +418,7 @@ ngx_http_gift_create_main_conf(ngx_conf_t *cf)
     gmcf->reconnect_wait = NGX_CONF_UNSET_MSEC;
     gmcf->replay_max = NGX_CONF_UNSET_UINT;
     gmcf->heartbeat = NGX_CONF_UNSET_MSEC;
+    gmcf->idle_follow = NGX_CONF_UNSET_MSEC;
     gmcf->max_clients = NGX_CONF_UNSET_UINT;
     gmcf->max_backlog = NGX_CONF_UNSET_UINT;
     gmcf->nats.ssl_verify = NGX_CONF_UNSET;
@@ -428,6 +436,7 @@ ngx_http_gift_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_msec_value(gmcf->reconnect_wait, 250);
     ngx_conf_init_uint_value(gmcf->replay_max, 1000);
     ngx_conf_init_msec_value(gmcf->heartbeat, 15000);
+    ngx_conf_init_msec_value(gmcf->idle_follow, 10000);
     ngx_conf_init_uint_value(gmcf->max_clients, 10000);
     ngx_conf_init_uint_value(gmcf->max_backlog, 1024);
 

@@ -78,6 +78,7 @@ typedef struct {
     ngx_flag_t                 follow_acks;     /* a location streams acks */
     ngx_uint_t                 replay_max;
     ngx_msec_t                 heartbeat;
+    ngx_msec_t                 idle_follow;     /* 0: always follow */
     ngx_uint_t                 max_clients;
     ngx_uint_t                 max_backlog;
     time_t                     signature_span;  /* largest window + skew of
@@ -229,6 +230,14 @@ ngx_int_t ngx_http_gift_js_init_process(ngx_cycle_t *cycle,
 ngx_int_t ngx_http_gift_follow_init_process(ngx_cycle_t *cycle,
     ngx_http_gift_main_conf_t *gmcf);
 void ngx_http_gift_follow_exit_process(ngx_cycle_t *cycle);
+/*
+ * The worker's streaming clients are now n (the fan-out says so on each
+ * attach and detach): with none for gift_sse_idle_follow, GIFT_ACKS is no
+ * longer followed; the first client starts it again.
+ */
+void ngx_http_gift_follow_clients(ngx_uint_t n);
+/* Whether a new live-only client must wait for the live position. */
+ngx_uint_t ngx_http_gift_follow_parking(void);
 
 /* ngx_http_gift_frame.c: one GiftAck framed for every protocol (refs 1,
  * malloc'ed), or NULL when it is not a GiftAck */
@@ -291,6 +300,9 @@ typedef struct {
     unsigned                   closing:1;       /* close once written */
     unsigned                   chunked:1;       /* we frame HTTP chunks */
     unsigned                   ending:1;        /* shutdown: end cleanly */
+    unsigned                   parked:1;        /* waits for "now" */
+    u_char                    *preamble;        /* written once unparked */
+    size_t                     plen;
     ngx_uint_t                 pings_out;       /* WebSocket: unanswered */
     u_char                     gap[128];        /* an `event: gap` */
 } ngx_http_gift_client_t;
@@ -304,6 +316,19 @@ void ngx_http_gift_fanout_exit_process(ngx_cycle_t *cycle);
 void ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n);
 /* The GIFT_ACKS sequence the follower started after: up to it, history. */
 void ngx_http_gift_fanout_origin(uint64_t seq);
+/*
+ * The follower starts again after acknowledgement `last` (it was not
+ * followed while the worker had no client, and more than the ring holds
+ * went by): the ring is emptied, and each attached client that is behind
+ * gets an `event: gap` up to `last`.
+ */
+void ngx_http_gift_fanout_reset(uint64_t last);
+/*
+ * The live position is known again (`now`, the stream's last sequence):
+ * parked clients (no Last-Event-ID, attached while the worker was not
+ * following) start after it; their response goes out only now.
+ */
+void ngx_http_gift_fanout_unpark(uint64_t now);
 void ngx_http_gift_frame_release(ngx_http_gift_frame_t *f);
 
 /*

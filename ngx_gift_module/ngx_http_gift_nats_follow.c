@@ -14,6 +14,16 @@
  * gift_sse_replay_max messages back, so that the replay ring is full from
  * the start.  What one read brings is framed and handed to the fan-out in
  * one batch.
+ *
+ * A worker without streaming clients for gift_sse_idle_follow stops
+ * following (its consumer is deleted): each worker that follows costs
+ * nats-server a delivery, and the worker a wake-up, per acknowledgement.
+ * The next client starts it again: STREAM.INFO says where the stream is;
+ * the consumer starts after the last sequence the ring has, or, when more
+ * than gift_sse_replay_max went by, that far back from the end (the ring
+ * is emptied and clients behind get an `event: gap`).  A client without
+ * Last-Event-ID that comes meanwhile is parked until STREAM.INFO answers:
+ * it gets what is stored after that, and its response only then.
  */
 
 #include "ngx_http_gift_nats.h"
@@ -50,6 +60,10 @@ typedef struct {
     ngx_uint_t                     fwarned;
     ngx_msec_t                     fseen;       /* last message, heartbeat */
     ngx_event_t                    follow_ev;
+    ngx_msec_t                     idle_follow;
+    ngx_event_t                    idle_ev;     /* no client since */
+    ngx_uint_t                     paused;      /* not followed: no client */
+    ngx_uint_t                     resuming;    /* STREAM.INFO, then on */
     ngx_http_gift_frame_t        **frames;      /* read, not yet delivered */
     size_t                         nframes;
     size_t                         frames_cap;
@@ -74,6 +88,12 @@ static void ngx_http_gift_follow_message(void *data,
 static void ngx_http_gift_follow_flush_frames(void *data);
 
 
+static void ngx_http_gift_follow_idle_handler(ngx_event_t *ev);
+static ngx_int_t ngx_http_gift_follow_pub(ngx_http_gift_follow_t *p,
+    const char *subject, size_t slen, ngx_uint_t reply, u_char *data,
+    size_t len);
+
+
 static ngx_http_gift_follow_t  *ngx_http_gift_follow;
 
 
@@ -94,6 +114,11 @@ ngx_http_gift_follow_init_process(ngx_cycle_t *cycle,
     p->follow_ev.data = p;
     p->follow_ev.log = cycle->log;
     p->follow_ev.cancelable = 1;
+    p->idle_follow = gmcf->idle_follow;
+    p->idle_ev.handler = ngx_http_gift_follow_idle_handler;
+    p->idle_ev.data = p;
+    p->idle_ev.log = cycle->log;
+    p->idle_ev.cancelable = 1;
 
     p->user.sid = 'f';
     p->user.handshake = ngx_http_gift_follow_handshake;
@@ -104,6 +129,9 @@ ngx_http_gift_follow_init_process(ngx_cycle_t *cycle,
     p->user.data = p;
 
     ngx_http_gift_follow = p;
+
+    /* no client yet: the ring is filled, and then, without one, let go */
+    ngx_http_gift_follow_clients(0);
 
     return ngx_http_gift_nats_add_user(&p->user);
 }
@@ -123,6 +151,10 @@ ngx_http_gift_follow_exit_process(ngx_cycle_t *cycle)
 
     if (p->follow_ev.timer_set) {
         ngx_del_timer(&p->follow_ev);
+    }
+
+    if (p->idle_ev.timer_set) {
+        ngx_del_timer(&p->idle_ev);
     }
 
     while (p->nframes) {
@@ -157,7 +189,118 @@ ngx_http_gift_follow_handshake(void *data)
 static void
 ngx_http_gift_follow_connected(void *data)
 {
-    ngx_http_gift_follow_start(data, "connected");
+    ngx_http_gift_follow_t *p = data;
+
+    if (p->paused) {
+        return;                     /* the next client starts it */
+    }
+
+    ngx_http_gift_follow_start(p, "connected");
+}
+
+
+void
+ngx_http_gift_follow_clients(ngx_uint_t n)
+{
+    ngx_http_gift_follow_t  *p;
+
+    p = ngx_http_gift_follow;
+    if (p == NULL || p->idle_follow == 0) {
+        return;
+    }
+
+    if (n == 0) {
+        if (!p->idle_ev.timer_set && !p->paused) {
+            ngx_add_timer(&p->idle_ev, p->idle_follow);
+        }
+        return;
+    }
+
+    if (p->idle_ev.timer_set) {
+        ngx_del_timer(&p->idle_ev);
+    }
+
+    if (!p->paused) {
+        return;
+    }
+
+    p->paused = 0;
+    p->resuming = 1;
+
+    ngx_log_error(NGX_LOG_NOTICE, p->log, 0,
+                  "gift: GIFT_ACKS followed again for a streaming client");
+
+    if (!ngx_http_gift_nats_up()) {
+        /* no "now" to wait for: from what the ring has, as in an outage */
+        ngx_http_gift_fanout_unpark(p->last_sseq);
+        return;                     /* started once connected */
+    }
+
+    ngx_http_gift_follow_start(p, "a streaming client");
+}
+
+
+ngx_uint_t
+ngx_http_gift_follow_parking(void)
+{
+    ngx_http_gift_follow_t  *p;
+
+    p = ngx_http_gift_follow;
+
+    return p != NULL && p->resuming && ngx_http_gift_nats_up();
+}
+
+
+/* No streaming client for gift_sse_idle_follow: stop following. */
+static void
+ngx_http_gift_follow_idle_handler(ngx_event_t *ev)
+{
+    u_char                  subj[192], *e;
+    ngx_http_gift_follow_t *p = ev->data;
+
+    if (ngx_http_gift_fanout_clients() > 0 || p->paused) {
+        return;                     /* a client came */
+    }
+
+    if (p->resuming || !p->started) {
+        /* the stream has not said where it is yet: later */
+        ngx_add_timer(&p->idle_ev, p->idle_follow);
+        return;
+    }
+
+    if (ngx_http_gift_nats_up()) {
+        if (p->consumer_len) {
+            e = ngx_snprintf(subj, sizeof(subj),
+                             "$JS.API.CONSUMER.DELETE.GIFT_ACKS.%*s",
+                             p->consumer_len, p->consumer);
+            (void) ngx_http_gift_follow_pub(p, (char *) subj, e - subj, 0,
+                                            NULL, 0);
+        }
+
+        if (p->fsub) {
+            e = ngx_http_gift_nats_out(sizeof("UNSUB fd18446744073709551615"
+                                              "\r\n"));
+            if (e != NULL) {
+                (void) ngx_http_gift_nats_queue(ngx_sprintf(e,
+                                                        "UNSUB fd%uL\r\n",
+                                                        p->fsub));
+            }
+        }
+    }
+
+    p->consumer_len = 0;
+    p->fsub = 0;
+    p->fgen++;                      /* what is still on its way: dropped */
+    p->fstate = NGX_HTTP_GIFT_FOLLOW_IDLE;
+    p->paused = 1;
+
+    if (p->follow_ev.timer_set) {
+        ngx_del_timer(&p->follow_ev);
+    }
+
+    ngx_log_error(NGX_LOG_NOTICE, p->log, 0,
+                  "gift: GIFT_ACKS no longer followed after #%uL: no "
+                  "streaming client for %M ms", p->last_sseq, p->idle_follow);
 }
 
 
@@ -280,7 +423,7 @@ ngx_http_gift_follow_start(ngx_http_gift_follow_t *p, const char *why)
     p->fgen++;
     p->fctl++;
 
-    if (!p->started) {
+    if (!p->started || p->resuming) {
         /* where the stream is: the start of the replay */
         p->fstate = NGX_HTTP_GIFT_FOLLOW_INFO;
         if (ngx_http_gift_follow_pub(p,
@@ -360,7 +503,7 @@ ngx_http_gift_follow_handler(ngx_event_t *ev)
 {
     ngx_http_gift_follow_t *p = ev->data;
 
-    if (!ngx_http_gift_nats_up()) {
+    if (!ngx_http_gift_nats_up() || p->paused) {
         return;                     /* started again once connected */
     }
 
@@ -387,6 +530,10 @@ ngx_http_gift_follow_handler(ngx_event_t *ev)
         /* fall through */
 
     default:
+        if (p->resuming) {
+            /* parked clients wait no longer: from what the ring has */
+            ngx_http_gift_fanout_unpark(p->last_sseq);
+        }
         if (!p->fwarned) {
             ngx_log_error(NGX_LOG_WARN, p->log, 0,
                           "gift: no answer from JetStream in 5 s while "
@@ -412,6 +559,10 @@ ngx_http_gift_follow_retry(ngx_http_gift_follow_t *p, const char *what,
     }
 
     p->fstate = NGX_HTTP_GIFT_FOLLOW_IDLE;
+
+    if (p->resuming) {
+        ngx_http_gift_fanout_unpark(p->last_sseq);
+    }
 
     if (p->follow_ev.timer_set) {
         ngx_del_timer(&p->follow_ev);
@@ -474,6 +625,20 @@ ngx_http_gift_follow_control(ngx_http_gift_follow_t *p, const u_char *subj,
         start = last >= p->replay_max ? last - p->replay_max + 1 : 1;
         if (start < first) {
             start = first;
+        }
+
+        if (p->resuming) {
+            /* on after the ring, or, if too much went by, afresh */
+            p->resuming = 0;
+            if (start > p->last_sseq + 1) {
+                p->last_sseq = start - 1;
+                ngx_http_gift_fanout_reset(start - 1);
+            }
+            ngx_http_gift_fanout_unpark(last);
+            p->fwarned = 0;
+
+            ngx_http_gift_follow_start(p, "stream info");
+            return;
         }
 
         p->started = 1;

@@ -248,7 +248,9 @@ ngx_http_gift_websocket_handler(ngx_http_request_t *r)
      * the first acknowledgement or ping, up to gift_sse_heartbeat later;
      * the browser's "open" waits as long.  Send it now.
      */
-    if (ngx_http_send_special(r, NGX_HTTP_FLUSH) == NGX_ERROR) {
+    if (!ws->client.parked
+        && ngx_http_send_special(r, NGX_HTTP_FLUSH) == NGX_ERROR)
+    {
         return NGX_ERROR;
     }
 
