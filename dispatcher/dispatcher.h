@@ -509,6 +509,9 @@ struct dgift {
     uint64_t               rounds_done;  /* ... their rounds */
     dgift_state            state;
     int                    replay;       /* a DLQ replay (giftctl dlq) */
+    int                    marker;       /* its GiftAck has a completion
+                                            marker, sent again before each
+                                            retry of it (publish.c) */
     drpc_t                *rpc;
     dkvjob_t              *job;          /* GIFT_KV: the job out */
     int                    pubs;         /* publishes awaiting PubAck */

@@ -107,6 +107,22 @@ gift_publish(dsp_t *d, dgift_t *g, const char *subject, const void *data,
 
 /* ------------------------------------------------------------ GiftAcks */
 
+/* The completion marker of g: `data` (its GiftAck) as the value of key
+ * <event id> in GIFT_DONE, by a core publish (see publish_ack). */
+static void
+marker_send(dsp_t *d, dgift_t *g, const void *data, size_t len)
+{
+    char  ksubj[sizeof("$KV." GIFT_KV_DONE ".") + GIFT_KVKEY_SIZE(GIFT_ID_MAX)];
+    int   n;
+
+    n = snprintf(ksubj, sizeof(ksubj), "$KV." GIFT_KV_DONE ".");
+    if (gift_kvkey_encode(event_id(g), ksubj + n, sizeof(ksubj) - (size_t) n)
+        > 0)
+    {
+        nats_in_publish_core(d, ksubj, data, len);
+    }
+}
+
 /*
  * Publish the GiftAck `a` of g (Nats-Msg-Id "<event id>:ack"; it counts
  * in g->pubs: the delivery is acked on its PubAck); with `marker`, first
@@ -116,8 +132,15 @@ gift_publish(dsp_t *d, dgift_t *g, const char *subject, const void *data,
  * GiftAck on the same connection, so the server has it whenever the
  * GiftAck's PubAck comes back, and it costs a third of a tracked publish
  * (no reply inbox, no pending table, no callback) on the way of every
- * gift.  A marker lost with a failing server only means that a redelivery
- * sends the RPC again, which the device's event-id window absorbs.
+ * gift.  Nothing says whether a core publish arrived: a marker published
+ * while the server stops (JetStream already down: "no responders") or
+ * into a connection that breaks is lost without a word, and its GiftAck,
+ * sent just after it, fails too.  So every retry of a GiftAck sends its
+ * marker again first (publish_timers): the PubAck that leads to the ack
+ * always comes after a marker sent on the same connection, and a
+ * redelivery of the gift -- the server's ack wait may run out during the
+ * outage, or cross our late ack -- finds it done instead of turning the
+ * motor again.
  */
 void
 publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a, int marker)
@@ -125,9 +148,7 @@ publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a, int marker)
     uint8_t  buf[ACK_BUF];
     char     subject[sizeof(GIFT_SUBJ_ACKS_PREFIX) + DSP_DEVICE_MAX + 8];
     char     msg_id[2 * GIFT_ID_MAX + 64];
-    char     ksubj[sizeof("$KV." GIFT_KV_DONE ".") + GIFT_KVKEY_SIZE(GIFT_ID_MAX)];
     size_t   len;
-    int      n;
 
     len = gift__v1__gift_ack__get_packed_size(a);
     if (len > sizeof(buf)) {
@@ -149,12 +170,8 @@ publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a, int marker)
                                    : (int64_t) 0);
 
     if (marker && event_id(g)[0] != '\0') {
-        n = snprintf(ksubj, sizeof(ksubj), "$KV." GIFT_KV_DONE ".");
-        if (gift_kvkey_encode(event_id(g), ksubj + n, sizeof(ksubj)
-                              - (size_t) n) > 0)
-        {
-            nats_in_publish_core(d, ksubj, buf, len);
-        }
+        g->marker = 1;
+        marker_send(d, g, buf, len);
     }
 
     snprintf(subject, sizeof(subject), GIFT_SUBJ_ACKS_PREFIX "%s",
@@ -242,8 +259,16 @@ publish_timers(dsp_t *d, int64_t now, int64_t next)
             if (--t->g->pubs == 0) {
                 gift_free(d, t->g);
             }
-        } else if (send_tracked(d, t->g, t->m, NULL, 1) != 0) {
-            (void) retry_later(d, t->g, t->m);
+        } else {
+            if (t->g->marker) {
+                /* its GiftAck (a gift with a marker publishes nothing
+                 * else): the marker may have been lost with it */
+                marker_send(d, t->g, natsMsg_GetData(t->m),
+                            (size_t) natsMsg_GetDataLength(t->m));
+            }
+            if (send_tracked(d, t->g, t->m, NULL, 1) != 0) {
+                (void) retry_later(d, t->g, t->m);
+            }
         }
         free(t);
     }
