@@ -234,19 +234,22 @@ lease_check(dsp_t *d)
     }
 }
 
+/* What came in: PubAcks, KV results, gifts.  Every loop pass (the hot
+ * connection's subscriptions are drained here, they have no fd). */
 static void
 drain_queues(dsp_t *d)
 {
-    void   **items;
-    size_t   n, i;
+    void     **items;
+    void      *item;
+    natsMsg   *m;
+    size_t     n, i;
+    int64_t    now = gift_mono_us();
 
     lease_check(d);         /* before any gift of a new owner is sent */
     /* PubAcks first: they free slots and devices */
-    dchan_take(&d->nats.acks, &items, &n);
-    for (i = 0; i < n; i++) {
-        dispatch_puback(d, items[i]);
+    while ((item = nats_in_puback(d, now)) != NULL) {
+        dispatch_puback(d, item);
     }
-    dchan_done(&d->nats.acks, items);
     if (d->kv.inited) {
         dchan_take(&d->kv.ctl, &items, &n);
         for (i = 0; i < n; i++) {
@@ -259,23 +262,22 @@ drain_queues(dsp_t *d)
         }
         dchan_done(&d->kv.out, items);
     }
-    dchan_take(&d->nats.inbox, &items, &n);
-    for (i = 0; i < n; i++) {
-        if (nats_in_arrived(d, items[i])) {
-            dispatch_msg(d, items[i]);
+    while ((m = nats_in_next(d)) != NULL) {
+        if (nats_in_arrived(d, m)) {
+            dispatch_msg(d, m);
         }
     }
-    dchan_done(&d->nats.inbox, items);
 }
 
 static int
 run(dsp_t *d, const sigset_t *unblocked)
 {
-    struct pollfd    pfd[2];
+    struct pollfd    pfd[3];
     struct timespec  ts;
     int64_t          now, next, t, hard_deadline = 0;
     uint64_t         cnt;
-    int              nfd, fd, rc;
+    int              nfd, fd, rc, mq, hot;
+    short            ev;
     ssize_t          r;
 
     for (;;) {
@@ -335,15 +337,28 @@ run(dsp_t *d, const sigset_t *unblocked)
             next = t;
         }
 
+        /* everything this pass buffered for NATS (acks, publishes, the
+         * pull request) in one write */
+        nats_in_write(d);
+
         nfd = 0;
+        mq = hot = -1;
         pfd[nfd].fd = d->wake_fd;
         pfd[nfd].events = POLLIN;
         nfd++;
         fd = mqtt_out_fd(d);
         if (fd >= 0) {
+            mq = nfd;
             pfd[nfd].fd = fd;
             pfd[nfd].events = POLLIN
                               | (mqtt_out_want_write(d) ? POLLOUT : 0);
+            nfd++;
+        }
+        fd = nats_in_fd(d, &ev);
+        if (fd >= 0) {
+            hot = nfd;
+            pfd[nfd].fd = fd;
+            pfd[nfd].events = ev;
             nfd++;
         }
         now = gift_mono_us();
@@ -368,13 +383,16 @@ run(dsp_t *d, const sigset_t *unblocked)
         if (pfd[0].revents & POLLIN) {
             r = read(d->wake_fd, &cnt, sizeof(cnt));
             (void) r;
-            drain_queues(d);
         }
-        if (nfd > 1 && pfd[1].revents) {
-            if (pfd[1].revents & (POLLIN | POLLERR | POLLHUP)) {
+        if (hot >= 0 && pfd[hot].revents) {
+            nats_in_io(d, pfd[hot].revents);
+        }
+        drain_queues(d);
+        if (mq >= 0 && pfd[mq].revents) {
+            if (pfd[mq].revents & (POLLIN | POLLERR | POLLHUP)) {
                 mqtt_out_read(d);
             }
-            if ((pfd[1].revents & POLLOUT) && mqtt_out_fd(d) >= 0) {
+            if ((pfd[mq].revents & POLLOUT) && mqtt_out_fd(d) >= 0) {
                 mqtt_out_write(d);
             }
         }
@@ -516,10 +534,10 @@ main(int argc, char **argv)
 out:
     /* 6. teardown, in reverse */
     nats_in_fetch_join(&d);
-    if (d.nats.inited && d.nats.nc != NULL) {
-        /* the naks of the released gifts go out before the lease is
-         * released (same connection, in order) */
-        natsConnection_FlushTimeout(d.nats.nc, 2000);
+    if (d.nats.inited) {
+        /* the naks of the released gifts reach the server before the
+         * lease is released (on the other connection) */
+        nats_in_flush(&d, 2000);
     }
     d.lease.rates_us = 0;
     lease_rates_tick(&d, gift_mono_us());   /* the minutes, handed over */
