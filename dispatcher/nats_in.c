@@ -67,12 +67,13 @@ reconnect_delay(natsConnection *nc, int attempts, void *closure)
     return ms - ms / 5 + (int64_t) (rand() % (int) (ms / 2.5 + 1));
 }
 
-/* Which connection a callback is about (log lines say). */
+/* Which connection a callback is about (log lines say, after the text
+ * they always had: "NATS: reconnected to URL (hot connection)"). */
 static const char *
 conn_name(dsp_t *d, natsConnection *nc)
 {
     return nc == __atomic_load_n(&d->nats.hnc, __ATOMIC_ACQUIRE)
-           ? "NATS (hot)" : "NATS (control)";
+           ? "hot" : "control";
 }
 
 static void
@@ -93,7 +94,7 @@ on_disconnected(natsConnection *nc, void *closure)
     /* `closing` is set by the main thread at exit; a stale read only
      * picks the log level */
     gift_log(d->nats.closing ? GIFT_LOG_DEBUG : GIFT_LOG_WARN,
-             "%s: disconnected%s", conn_name(d, nc),
+             "NATS: disconnected (%s connection)%s", conn_name(d, nc),
              d->nats.closing ? "" : "; reconnecting");
 }
 
@@ -106,7 +107,8 @@ on_reconnected(natsConnection *nc, void *closure)
     if (natsConnection_GetConnectedUrl(nc, url, sizeof(url)) != NATS_OK) {
         url[0] = '\0';
     }
-    gift_log(GIFT_LOG_INFO, "%s: reconnected to %s", conn_name(d, nc), url);
+    gift_log(GIFT_LOG_INFO, "NATS: reconnected to %s (%s connection)", url,
+             conn_name(d, nc));
     if (nc != __atomic_load_n(&d->nats.hnc, __ATOMIC_ACQUIRE)) {
         return;
     }
@@ -119,7 +121,8 @@ on_reconnected(natsConnection *nc, void *closure)
 static void
 on_closed(natsConnection *nc, void *closure)
 {
-    gift_log(GIFT_LOG_DEBUG, "%s: connection closed", conn_name(closure, nc));
+    gift_log(GIFT_LOG_DEBUG, "NATS: %s connection closed",
+             conn_name(closure, nc));
 }
 
 static void
@@ -127,7 +130,7 @@ on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus err,
     void *closure)
 {
     (void) sub;
-    gift_log(GIFT_LOG_WARN, "%s: asynchronous error: %s",
+    gift_log(GIFT_LOG_WARN, "NATS: asynchronous error (%s connection): %s",
              conn_name(closure, nc), natsStatus_GetText(err));
 }
 
@@ -387,12 +390,13 @@ hot_connect(dsp_t *d)
     if (n->hnc == NULL) {
         s = natsConnection_Connect(&nc, n->hopts);
         if (s != NATS_OK) {
-            gift_log(GIFT_LOG_WARN, "NATS (hot): cannot connect to %s: %s; "
-                     "retrying", d->conf->nats_urls[0], natsStatus_GetText(s));
+            gift_log(GIFT_LOG_WARN, "NATS: cannot connect to %s (hot "
+                     "connection): %s; retrying", d->conf->nats_urls[0],
+                     natsStatus_GetText(s));
             return -1;
         }
         __atomic_store_n(&n->hnc, nc, __ATOMIC_RELEASE);
-        gift_log(GIFT_LOG_INFO, "NATS (hot): connected to %s",
+        gift_log(GIFT_LOG_INFO, "NATS: connected to %s (hot connection)",
                  d->conf->nats_urls[0]);
     }
     if (n->asub != NULL) {
@@ -408,7 +412,7 @@ hot_connect(dsp_t *d)
     }
     if (s != NATS_OK) {
         n->asub = NULL;
-        gift_log(GIFT_LOG_WARN, "NATS (hot): subscribing the PubAck inbox: %s",
+        gift_log(GIFT_LOG_WARN, "NATS: subscribing the PubAck inbox: %s",
                  nats_GetLastError(NULL));
         return -1;
     }
@@ -454,8 +458,8 @@ nats_in_start(dsp_t *d)
                 }
                 goto retry;
             }
-            gift_log(GIFT_LOG_INFO, "NATS (control): connected to %s",
-                     d->conf->nats_urls[0]);
+            gift_log(GIFT_LOG_INFO, "NATS: connected to %s (control "
+                     "connection)", d->conf->nats_urls[0]);
         }
         if (n->js == NULL) {
             s = natsConnection_JetStream(&n->js, n->nc, NULL);
@@ -1309,8 +1313,8 @@ nats_in_stop(dsp_t *d)
         /* acks and naks are buffered publishes: the main loop is over,
          * so drive the socket here until the server has them */
         if (nats_in_flush(d, 2000) != 0) {
-            gift_log(GIFT_LOG_WARN, "NATS (hot): flush at exit: not "
-                     "confirmed");
+            gift_log(GIFT_LOG_WARN, "NATS: flush at exit (hot connection): "
+                     "not confirmed");
         }
         if (n->asub != NULL) {
             natsSubscription_Unsubscribe(n->asub);
@@ -1322,7 +1326,8 @@ nats_in_stop(dsp_t *d)
     }
     if (n->nc != NULL) {
         if (natsConnection_FlushTimeout(n->nc, 2000) != NATS_OK) {
-            gift_log(GIFT_LOG_WARN, "NATS (control): flush at exit: %s",
+            gift_log(GIFT_LOG_WARN, "NATS: flush at exit (control "
+                     "connection): %s",
                      nats_GetLastError(NULL));
         }
         if (natsConnection_DrainTimeout(n->nc, 3000) == NATS_OK) {

@@ -114,8 +114,10 @@ GiftDispatch::js_publish_gifts($nats->url, $batch->(2000, 'nats'));
 $turning->();
 $nats->restart;
 ok(GiftTest::wait_until(15, sub {
-    $d->log_text =~ /NATS: reconnected/
-}), 'NATS restarted: the dispatcher reconnected');
+    my $l = $d->log_text;
+    $l =~ /NATS: reconnected.*\(hot connection\)/
+        && $l =~ /NATS: reconnected.*\(control connection\)/
+}), 'NATS restarted: the dispatcher reconnected (both connections)');
 $settled->('NATS restart', 0);
 ok(GiftTest::alive($d->pid), 'the same dispatcher kept running');
 
