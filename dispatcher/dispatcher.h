@@ -658,6 +658,11 @@ typedef struct {
     dmap_t             pending;    /* seq -> dpend_t */
     dpend_t           *pend_head, *pend_tail;   /* by due_us */
 
+    /* messages done with, destroyed in batches (nats_in_msg_free) */
+    natsMsg          **grave;
+    int                ngrave;
+    int64_t            grave_us;   /* when the oldest was added */
+
     volatile int       closing;         /* draining at exit (log level) */
     int64_t            ack_wait_us;     /* from the consumer's info */
     int                max_deliver;     /* from the consumer's info */
@@ -1049,6 +1054,11 @@ int  nats_in_republish(dsp_t *d, natsMsg *m);
  * driving its socket here) until the server has read it: a message to
  * ourselves comes back.  0, or -1 (not connected, timed out). */
 int  nats_in_flush(dsp_t *d, int timeout_ms);
+
+/* Destroy m a little later, with others (main thread).  cnats hands
+ * every destroyed message to its garbage-collector thread, waking it when
+ * idle: one wake per batch instead of three per gift. */
+void nats_in_msg_free(dsp_t *d, natsMsg *m);
 
 /* Stop pulling and unsubscribe the inbox at once (teardown). */
 void nats_in_fetch_join(dsp_t *d);

@@ -526,6 +526,46 @@ nats_in_start(dsp_t *d)
     return -1;
 }
 
+/* ------------------------------------------------------------ freeing */
+
+#define DSP_GRAVE_MAX      256
+#define DSP_GRAVE_AGE_US   100000
+
+static void
+grave_flush(dnats_t *n)
+{
+    int i;
+
+    for (i = 0; i < n->ngrave; i++) {
+        natsMsg_Destroy(n->grave[i]);
+    }
+    n->ngrave = 0;
+}
+
+void
+nats_in_msg_free(dsp_t *d, natsMsg *m)
+{
+    dnats_t *n = &d->nats;
+
+    if (m == NULL) {
+        return;
+    }
+    if (n->grave == NULL) {
+        n->grave = malloc(DSP_GRAVE_MAX * sizeof(*n->grave));
+        if (n->grave == NULL) {
+            natsMsg_Destroy(m);
+            return;
+        }
+    }
+    if (n->ngrave == 0) {
+        n->grave_us = gift_mono_us();
+    }
+    n->grave[n->ngrave++] = m;
+    if (n->ngrave == DSP_GRAVE_MAX) {
+        grave_flush(n);
+    }
+}
+
 /* ------------------------------------------------------------ pulling */
 
 /*
@@ -668,7 +708,7 @@ nats_in_arrived(dsp_t *d, natsMsg *m)
     n->seen_us = gift_mono_us();
     if (strncmp(st, "100", 3) == 0) {
         n->backoff_ms = 0;
-        natsMsg_Destroy(m);          /* idle heartbeat: the request lives */
+        nats_in_msg_free(d, m);      /* idle heartbeat: the request lives */
         return 0;
     }
     natsMsgHeader_Get(m, "Description", &desc);
@@ -785,13 +825,15 @@ nats_in_pull(dsp_t *d, int64_t now)
             pull_reset(d, 0, "reconnected");
         }
     }
-    t = n->pend_head != NULL ? n->pend_head->due_us : INT64_MAX;
-    if (!n->on) {
-        return t;
+    if (n->ngrave > 0 && now - n->grave_us >= DSP_GRAVE_AGE_US) {
+        grave_flush(n);
     }
-    t = pull_next(d, now);
+    t = n->on ? pull_next(d, now) : INT64_MAX;
     if (n->pend_head != NULL && n->pend_head->due_us < t) {
         t = n->pend_head->due_us;
+    }
+    if (n->ngrave > 0 && n->grave_us + DSP_GRAVE_AGE_US < t) {
+        t = n->grave_us + DSP_GRAVE_AGE_US;
     }
     return t;
 }
@@ -1152,7 +1194,7 @@ nats_in_puback(dsp_t *d, int64_t now)
     while (n->asub != NULL && (ack = sub_next(n->asub, &st)) != NULL) {
         p = dmap_del(&n->pending, reply_seq(n, natsMsg_GetSubject(ack)));
         if (p == NULL) {
-            natsMsg_Destroy(ack);   /* late: timed out and handed back */
+            nats_in_msg_free(d, ack);   /* late: timed out, handed back */
             continue;
         }
         pend_unlink(n, p);
@@ -1161,7 +1203,7 @@ nats_in_puback(dsp_t *d, int64_t now)
         {
             void *r = puback_parse(ack, m);
 
-            natsMsg_Destroy(ack);
+            nats_in_msg_free(d, ack);
             return r;
         }
     }
@@ -1359,6 +1401,9 @@ nats_in_stop(dsp_t *d)
         free(p);
     }
     dmap_free(&n->pending);
+    grave_flush(n);
+    free(n->grave);
+    n->grave = NULL;
     pthread_mutex_destroy(&n->ev_mu);
     n->inited = 0;
 }

@@ -210,7 +210,7 @@ dispatch_puback(dsp_t *d, void *item)
         }
         return;
     }
-    natsMsg_Destroy(p->m);
+    nats_in_msg_free(d, p->m);
     if (p != &ok) {
         free(p);
     }
