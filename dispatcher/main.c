@@ -8,33 +8,41 @@
  * Threads (decided, not inherited):
  *
  *   main      owns every gift, device, RPC and counter.  One ppoll() loop
- *             over: the wake eventfd (both queues below), the MQTT socket
- *             (libmosquitto driven with mosquitto_loop_read/write/misc, so
- *             its callbacks run here), and timers (RPC timeouts, publish
- *             retries, InProgress, MQTT keepalive and reconnect, the stop
- *             deadline).  Signals are blocked in every thread and unblocked
- *             only inside this ppoll(): handlers set flags, the loop acts.
- *             It also keeps the pull window topped up (nats_in_pull():
- *             pull requests of its own within a credit of free slots,
- *             nats.max_inflight minus gifts held).
+ *             over: the wake eventfd (the KV queues, and wake-ups from
+ *             cnats's threads), the MQTT socket (libmosquitto driven with
+ *             mosquitto_loop_read/write/misc, so its callbacks run here),
+ *             the hot NATS connection's socket (cnats's external event loop
+ *             API: natsConnection_ProcessReadEvent/WriteEvent here, its
+ *             synchronous subscriptions -- the pull inbox, the PubAck inbox
+ *             -- drained here every pass), and timers (RPC timeouts, publish
+ *             retries and PubAck timeouts, InProgress, MQTT keepalive and
+ *             reconnect, the stop deadline).  Signals are blocked in every
+ *             thread and unblocked only inside this ppoll(): handlers set
+ *             flags, the loop acts.  It also keeps the pull window topped
+ *             up (nats_in_pull(): pull requests of its own within a credit
+ *             of free slots, nats.max_inflight minus gifts held).
  *   kv        ours (kv.c): the synchronous KV calls -- GIFT_DONE lookups
  *             for redeliveries, GIFT_STREAKS compare-and-set for streak
  *             frames -- taken from a queue, answered through another.
  *   watch     ours (kv.c): follows KV GIFT_DEVICES (pause, rate limits).
  *   metrics   libmicrohttpd's: serves /metrics from atomic counters and a
  *             snapshot main refreshes with a trylock (metrics.c).
- *   cnats     the library's own: socket reader, flusher, timers, and the
- *             delivery threads of the pull inbox (posts messages to the
- *             inbox queue) and of the JetStream publish-reply subscription,
- *             which runs our PubAck handler; that handler only posts to the
- *             acks queue.  Acks, naks and InProgress are publishes to the
- *             messages' reply subjects (thread-safe), called from main.
+ *   cnats     the library's own: the control connection's reader (start-
+ *             up, provisioning, KV, the lease: calls that block on a reply
+ *             use it), timers (PINGs of both connections: a write on the
+ *             hot one wakes main), connection callbacks (the hot one's
+ *             reconnect sets a flag and wakes main), the garbage collector
+ *             (messages are destroyed in batches so that it rarely wakes),
+ *             and a reconnect thread while one runs (it hands the hot
+ *             connection's new socket to main under a mutex).  No gift and
+ *             no PubAck crosses a thread.
  *
- *   cnats --inbox(natsMsg*)--> main --MQTT publish--> broker
+ *   hot socket --gift--> main --MQTT publish--> broker
  *   main <--MQTT reply (same thread, via mosquitto_loop_read)
- *   main --js_PublishMsgAsync(GiftAck)--> cnats --PubAck--> acks --> main
+ *   main --GiftAck (reply <inbox>.a.<n>)--> hot socket --PubAck--> main
  *   main --"+ACK" to the reply subject  (asynchronous: never a round trip)
  *   main --pull request (half a window at a time)--> NATS
+ *   (what one loop pass buffers leaves in one write at its end)
  *
  * What main owns, file by file: the gift in dispatch.c (its life, the one
  * owner of gift state), publish.c (its publishes in flight and their
@@ -49,8 +57,8 @@
  * after us) and SIGTERM must still end that wait with exit status 0.
  *
  * Stop (SIGTERM/SIGINT): stop pulling, nak what waits in device queues,
- * let RPCs in flight finish and their GiftAcks be stored, then drain the
- * NATS connection; after nats.shutdown_timeout_ms whatever is left is
+ * let RPCs in flight finish and their GiftAcks be stored, then flush the
+ * hot NATS connection (driven by the stopping thread) and drain the other; after nats.shutdown_timeout_ms whatever is left is
  * naked (redelivered to the next dispatcher).  SIGHUP reloads the rules;
  * a bad file keeps the old rules.  SIGUSR1 logs counters.
  */
