@@ -58,8 +58,10 @@
  *
  * Stop (SIGTERM/SIGINT): stop pulling, nak what waits in device queues,
  * let RPCs in flight finish and their GiftAcks be stored, then flush the
- * hot NATS connection (driven by the stopping thread) and drain the other; after nats.shutdown_timeout_ms whatever is left is
- * naked (redelivered to the next dispatcher).  SIGHUP reloads the rules;
+ * hot NATS connection (driven by the stopping thread until a message to
+ * itself comes back) and drain the control one; after
+ * nats.shutdown_timeout_ms whatever is left is naked (redelivered to the
+ * next dispatcher).  SIGHUP reloads the rules;
  * a bad file keeps the old rules.  SIGUSR1 logs counters.
  */
 #include <errno.h>
