@@ -771,10 +771,12 @@ nats_in_next(dsp_t *d)
         }
     }
     for (i = 0; i < n->nretired; i++) {
-        m = sub_next(n->retired[i], &st);
-        if (m != NULL) {
-            return m;
-        }
+        do {
+            m = sub_next(n->retired[i], &st);
+            if (m != NULL) {
+                return m;
+            }
+        } while (st == NATS_NO_RESPONDERS || st == NATS_SLOW_CONSUMER);
     }
     return NULL;
 }
@@ -1151,7 +1153,6 @@ puback_parse(natsMsg *ack, natsMsg *m)
 {
     json_t       *j, *e, *v;
     json_error_t  jerr;
-    void         *r;
     const char   *desc;
     char          text[96];
     int           code = 0;
@@ -1178,8 +1179,7 @@ puback_parse(natsMsg *ack, natsMsg *m)
                                                 : "(empty)");
     }
     json_decref(j);
-    r = puback_failed(m, NATS_ERR, code, text);
-    return r;
+    return puback_failed(m, NATS_ERR, code, text);
 }
 
 void *
@@ -1188,10 +1188,20 @@ nats_in_puback(dsp_t *d, int64_t now)
     dnats_t     *n = &d->nats;
     natsMsg     *ack, *m;
     dpend_t     *p;
+    void        *r;
     natsStatus   st;
     int          lost;
 
-    while (n->asub != NULL && (ack = sub_next(n->asub, &st)) != NULL) {
+    while (n->asub != NULL) {
+        ack = sub_next(n->asub, &st);
+        if (ack == NULL) {
+            if (st == NATS_NO_RESPONDERS || st == NATS_SLOW_CONSUMER) {
+                /* a 503 (no stream for the subject): cnats consumed it,
+                 * the publish times out and is retried */
+                continue;
+            }
+            break;
+        }
         p = dmap_del(&n->pending, reply_seq(n, natsMsg_GetSubject(ack)));
         if (p == NULL) {
             nats_in_msg_free(d, ack);   /* late: timed out, handed back */
@@ -1200,12 +1210,9 @@ nats_in_puback(dsp_t *d, int64_t now)
         pend_unlink(n, p);
         m = p->m;
         free(p);
-        {
-            void *r = puback_parse(ack, m);
-
-            nats_in_msg_free(d, ack);
-            return r;
-        }
+        r = puback_parse(ack, m);
+        nats_in_msg_free(d, ack);
+        return r;
     }
     p = n->pend_head;
     if (p == NULL || p->due_us > now) {
