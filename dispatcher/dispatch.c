@@ -149,7 +149,7 @@ gift_free(dsp_t *d, dgift_t *g)
     if (g->ev && g->spilled) {
         gift__v1__gift_event__free_unpacked(g->ev, &g->pa);
     }
-    natsMsg_Destroy(g->msg);
+    nats_in_msg_free(d, g->msg);     /* batched: see nats_in.c */
     free(g);
     d->credit_back++;
 }

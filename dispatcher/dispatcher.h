@@ -577,9 +577,9 @@ typedef struct dretry {
     struct dretry  *next;
 } dretry_t;
 
-/* What the PubAck handler (a cnats thread) posts to the main thread: on
- * success the published message's pointer with its low bit set
- * (PUBACK_OK), else a dpuback_t. */
+/* A PubAck (or its failure, or its timeout) as nats_in_puback() hands it
+ * to dispatch_puback(): on success the published message's pointer with
+ * its low bit set (PUBACK_OK), else a dpuback_t. */
 #define PUBACK_OK(m)  ((void *) ((uintptr_t) (m) | 1))
 
 typedef struct {
@@ -589,15 +589,47 @@ typedef struct {
     char         text[96];
 } dpuback_t;
 
-/* The NATS side: the connection and the continuous pull (nats_in.c).
- * Everything but `reconnected` and the queues is the main thread's. */
+/* A JetStream publish waiting for its PubAck (nats_in.c): found by the
+ * number in its reply subject, timed out in send order. */
+typedef struct dpend {
+    natsMsg       *m;
+    uint64_t       seq;        /* reply subject <pub_prefix>.<seq> */
+    int64_t        due_us;     /* no PubAck by then: failed */
+    int            lost;       /* failed by a reconnect */
+    struct dpend  *prev, *next;
+} dpend_t;
+
+/*
+ * The NATS side (nats_in.c): two connections.
+ *
+ *   nc/js   control: cnats's own threads; start-up, provisioning, consumer
+ *           info, KV (kv.c's thread), the lease, /metrics' info requests:
+ *           calls that block on a reply.
+ *   hnc     hot: driven by the main loop through cnats's external event
+ *           loop API (no reader, no flusher, no delivery thread): pull
+ *           requests and their deliveries, acks, GiftAck/DLQ publishes
+ *           and their PubAcks, the core markers.  Its subscriptions are
+ *           synchronous and drained by the main thread.
+ *
+ * Everything but `ev` (under ev_mu: cnats calls the event loop callbacks
+ * from its reconnect and timer threads too) and the atomic flags is the
+ * main thread's.
+ */
 #define DSP_PULL_RETIRED  8
 
 typedef struct {
-    int                inited;     /* queues exist */
+    int                inited;     /* nats_in_start() ran its set-up */
     natsOptions       *opts;
     natsConnection    *nc;
     jsCtx             *js;
+
+    natsOptions       *hopts;
+    natsConnection    *hnc;
+    pthread_t          loop_tid;   /* the main thread */
+    pthread_mutex_t    ev_mu;
+    int                ev_fd;      /* hnc's socket; -1: detached */
+    int                ev_rd;      /* poll it for reading */
+    int                ev_wr;      /* it has something to write */
 
     /* the pull: requests to $JS.API.CONSUMER.MSG.NEXT answered on psub's
      * inbox; a reset drains psub (the server drops requests whose inbox
@@ -618,11 +650,21 @@ typedef struct {
     int                backoff_ms;
     int                on;         /* nats_in_fetch_start() was called */
     int                stop;       /* pull nothing more */
-    int                reconnected;/* set by the reconnect callback */
+    int                reconnected;/* hnc reconnected (atomic: callback) */
     uint64_t           pulls;      /* requests sent (debug log) */
 
-    dchan_t            inbox;      /* natsMsg* from the inbox callback */
-    dchan_t            acks;       /* dpuback_t* from the PubAck handler */
+    /* JetStream publishes: reply <pub_prefix>.<seq>, PubAcks on asub */
+    natsSubscription  *asub;       /* <pub_prefix>.* */
+    char               inbox[64];  /* ours on hnc: _INBOX.<nuid> */
+    char               pub_prefix[72];   /* <inbox>.a */
+    uint64_t           pub_seq;
+    dmap_t             pending;    /* seq -> dpend_t */
+    dpend_t           *pend_head, *pend_tail;   /* by due_us */
+
+    /* messages done with, destroyed in batches (nats_in_msg_free) */
+    natsMsg          **grave;
+    int                ngrave;
+    int64_t            grave_us;   /* when the oldest was added */
 
     volatile int       closing;         /* draining at exit (log level) */
     int64_t            ack_wait_us;     /* from the consumer's info */
@@ -900,7 +942,7 @@ size_t dispatch_device_metrics(const dsp_t *d, char *buf, size_t cap);
 
 /* publish.c ------------------------------------------------------------- */
 
-/* A PubAck (or its failure) from the handler thread: PUBACK_OK(msg) or
+/* A PubAck result from nats_in_puback(): PUBACK_OK(msg) or
  * a dpuback_t.  Takes it. */
 void dispatch_puback(dsp_t *d, void *item);
 
@@ -929,9 +971,9 @@ void dispatch_log_stats(const dsp_t *d);
 
 /* nats_in.c ------------------------------------------------------------- */
 
-/* Options, connection (retrying until connected or dsp_sig_term),
- * provisioning, the JetStream context with its PubAck handler, the pull
- * subscription bound to the durable consumer.  0, or -1 (logged). */
+/* Options, both connections (retrying until connected or dsp_sig_term),
+ * provisioning, the control connection's JetStream context, the consumer's
+ * settings, the hot connection's PubAck inbox.  0, or -1 (logged). */
 int  nats_in_start(dsp_t *d);
 
 /* Options for a connection to c's servers with c's credentials and TLS
@@ -941,10 +983,28 @@ natsStatus nats_options_base(const dconf_t *c, natsOptions **out);
 /* Start pulling (the first request goes out from nats_in_pull()). */
 int  nats_in_fetch_start(dsp_t *d);
 
-/* Main loop, every pass: tops the pull window up within the credit
- * (nats.max_inflight minus gifts held), acts on a reconnect, a lost
- * request or the lease; returns when it wants to run again. */
+/* Main loop, every pass: acts on a reconnect of the hot connection (the
+ * pull starts over, PubAcks outstanding fail), tops the pull window up
+ * within the credit (nats.max_inflight minus gifts held), a lost request
+ * or the lease; returns when it wants to run again (PubAck timeouts
+ * included). */
 int64_t nats_in_pull(dsp_t *d, int64_t now);
+
+/* The hot connection's socket for the main loop's ppoll(): the fd and
+ * the events to wait for (0 when there is none: detached, reconnecting).
+ * nats_in_io() with what ppoll() returned; nats_in_write() sends what is
+ * buffered at once (the end of each loop pass). */
+int  nats_in_fd(dsp_t *d, short *events);
+void nats_in_io(dsp_t *d, short revents);
+void nats_in_write(dsp_t *d);
+
+/* The next message of the pull inbox (current, then retired ones) that
+ * the main thread has not taken yet, or NULL; for nats_in_arrived(). */
+natsMsg *nats_in_next(dsp_t *d);
+
+/* The next PubAck result for dispatch_puback() (an arrival, a failure, a
+ * timeout past nats.publish_timeout_ms), or NULL. */
+void *nats_in_puback(dsp_t *d, int64_t now);
 
 /* An arrival on the inbox (main thread): 1 for a gift (the caller owns
  * it), 0 for a status message (consumed: heartbeat, expiry, refusal). */
@@ -957,9 +1017,10 @@ void nats_in_fetch_stop(dsp_t *d);
 int  nats_in_fetch_done(dsp_t *d);
 
 /* A message for `subject` with `data` and the extra headers (NULL-
- * terminated key/value pairs), or NULL (logged). */
-natsMsg *nats_in_msg_new(const char *subject, const void *data, size_t len,
-    const char **hdrs);
+ * terminated key/value pairs), its reply subject the PubAck inbox's, or
+ * NULL (logged). */
+natsMsg *nats_in_msg_new(dsp_t *d, const char *subject, const void *data,
+    size_t len, const char **hdrs);
 
 /* Acknowledge a delivery: publishes the JetStream ack body to its reply
  * subject (cnats' natsMsg_Ack() refuses messages of a plain subscription).
@@ -975,11 +1036,12 @@ natsStatus nats_in_ack(dsp_t *d, natsMsg *m, dack_kind kind,
     int64_t delay_ms);
 
 /*
- * Publish m through JetStream asynchronously with Nats-Msg-Id `msg_id`
- * (none when NULL).  0: sent; the library holds m until its PubAck, which
- * the handler posts to d->nats.acks with this same pointer (publish.c's
- * dispatch_puback takes it).  -1: not sent; m is still the caller's, its
- * Nats-Msg-Id header set for nats_in_republish.  Writes no gift state.
+ * Publish m (from nats_in_msg_new) to its JetStream stream with
+ * Nats-Msg-Id `msg_id` (none when NULL).  0: sent; m is held until its
+ * PubAck, a failure or nats.publish_timeout_ms, which nats_in_puback()
+ * hands back with this same pointer (publish.c's dispatch_puback takes
+ * it).  -1: not sent; m is still the caller's, its Nats-Msg-Id header
+ * set for nats_in_republish.  Writes no gift state.
  */
 int  nats_in_publish(dsp_t *d, natsMsg *m, const char *msg_id);
 
@@ -990,6 +1052,16 @@ void nats_in_publish_core(dsp_t *d, const char *subject, const void *data,
 /* Publish a message again (its publish or PubAck failed), with the
  * Nats-Msg-Id it carries.  As nats_in_publish. */
 int  nats_in_republish(dsp_t *d, natsMsg *m);
+
+/* Push out what the hot connection holds and wait (up to timeout_ms,
+ * driving its socket here) until the server has read it: a message to
+ * ourselves comes back.  0, or -1 (not connected, timed out). */
+int  nats_in_flush(dsp_t *d, int timeout_ms);
+
+/* Destroy m a little later, with others (main thread).  cnats hands
+ * every destroyed message to its garbage-collector thread, waking it when
+ * idle: one wake per batch instead of three per gift. */
+void nats_in_msg_free(dsp_t *d, natsMsg *m);
 
 /* Stop pulling and unsubscribe the inbox at once (teardown). */
 void nats_in_fetch_join(dsp_t *d);

@@ -8,33 +8,41 @@
  * Threads (decided, not inherited):
  *
  *   main      owns every gift, device, RPC and counter.  One ppoll() loop
- *             over: the wake eventfd (both queues below), the MQTT socket
- *             (libmosquitto driven with mosquitto_loop_read/write/misc, so
- *             its callbacks run here), and timers (RPC timeouts, publish
- *             retries, InProgress, MQTT keepalive and reconnect, the stop
- *             deadline).  Signals are blocked in every thread and unblocked
- *             only inside this ppoll(): handlers set flags, the loop acts.
- *             It also keeps the pull window topped up (nats_in_pull():
- *             pull requests of its own within a credit of free slots,
- *             nats.max_inflight minus gifts held).
+ *             over: the wake eventfd (the KV queues, and wake-ups from
+ *             cnats's threads), the MQTT socket (libmosquitto driven with
+ *             mosquitto_loop_read/write/misc, so its callbacks run here),
+ *             the hot NATS connection's socket (cnats's external event loop
+ *             API: natsConnection_ProcessReadEvent/WriteEvent here, its
+ *             synchronous subscriptions -- the pull inbox, the PubAck inbox
+ *             -- drained here every pass), and timers (RPC timeouts, publish
+ *             retries and PubAck timeouts, InProgress, MQTT keepalive and
+ *             reconnect, the stop deadline).  Signals are blocked in every
+ *             thread and unblocked only inside this ppoll(): handlers set
+ *             flags, the loop acts.  It also keeps the pull window topped
+ *             up (nats_in_pull(): pull requests of its own within a credit
+ *             of free slots, nats.max_inflight minus gifts held).
  *   kv        ours (kv.c): the synchronous KV calls -- GIFT_DONE lookups
  *             for redeliveries, GIFT_STREAKS compare-and-set for streak
  *             frames -- taken from a queue, answered through another.
  *   watch     ours (kv.c): follows KV GIFT_DEVICES (pause, rate limits).
  *   metrics   libmicrohttpd's: serves /metrics from atomic counters and a
  *             snapshot main refreshes with a trylock (metrics.c).
- *   cnats     the library's own: socket reader, flusher, timers, and the
- *             delivery threads of the pull inbox (posts messages to the
- *             inbox queue) and of the JetStream publish-reply subscription,
- *             which runs our PubAck handler; that handler only posts to the
- *             acks queue.  Acks, naks and InProgress are publishes to the
- *             messages' reply subjects (thread-safe), called from main.
+ *   cnats     the library's own: the control connection's reader (start-
+ *             up, provisioning, KV, the lease: calls that block on a reply
+ *             use it), timers (PINGs of both connections: a write on the
+ *             hot one wakes main), connection callbacks (the hot one's
+ *             reconnect sets a flag and wakes main), the garbage collector
+ *             (messages are destroyed in batches so that it rarely wakes),
+ *             and a reconnect thread while one runs (it hands the hot
+ *             connection's new socket to main under a mutex).  No gift and
+ *             no PubAck crosses a thread.
  *
- *   cnats --inbox(natsMsg*)--> main --MQTT publish--> broker
+ *   hot socket --gift--> main --MQTT publish--> broker
  *   main <--MQTT reply (same thread, via mosquitto_loop_read)
- *   main --js_PublishMsgAsync(GiftAck)--> cnats --PubAck--> acks --> main
+ *   main --GiftAck (reply <inbox>.a.<n>)--> hot socket --PubAck--> main
  *   main --"+ACK" to the reply subject  (asynchronous: never a round trip)
  *   main --pull request (half a window at a time)--> NATS
+ *   (what one loop pass buffers leaves in one write at its end)
  *
  * What main owns, file by file: the gift in dispatch.c (its life, the one
  * owner of gift state), publish.c (its publishes in flight and their
@@ -49,9 +57,11 @@
  * after us) and SIGTERM must still end that wait with exit status 0.
  *
  * Stop (SIGTERM/SIGINT): stop pulling, nak what waits in device queues,
- * let RPCs in flight finish and their GiftAcks be stored, then drain the
- * NATS connection; after nats.shutdown_timeout_ms whatever is left is
- * naked (redelivered to the next dispatcher).  SIGHUP reloads the rules;
+ * let RPCs in flight finish and their GiftAcks be stored, then flush the
+ * hot NATS connection (driven by the stopping thread until a message to
+ * itself comes back) and drain the control one; after
+ * nats.shutdown_timeout_ms whatever is left is naked (redelivered to the
+ * next dispatcher).  SIGHUP reloads the rules;
  * a bad file keeps the old rules.  SIGUSR1 logs counters.
  */
 #include <errno.h>
@@ -234,19 +244,22 @@ lease_check(dsp_t *d)
     }
 }
 
+/* What came in: PubAcks, KV results, gifts.  Every loop pass (the hot
+ * connection's subscriptions are drained here, they have no fd). */
 static void
 drain_queues(dsp_t *d)
 {
-    void   **items;
-    size_t   n, i;
+    void     **items;
+    void      *item;
+    natsMsg   *m;
+    size_t     n, i;
+    int64_t    now = gift_mono_us();
 
     lease_check(d);         /* before any gift of a new owner is sent */
     /* PubAcks first: they free slots and devices */
-    dchan_take(&d->nats.acks, &items, &n);
-    for (i = 0; i < n; i++) {
-        dispatch_puback(d, items[i]);
+    while ((item = nats_in_puback(d, now)) != NULL) {
+        dispatch_puback(d, item);
     }
-    dchan_done(&d->nats.acks, items);
     if (d->kv.inited) {
         dchan_take(&d->kv.ctl, &items, &n);
         for (i = 0; i < n; i++) {
@@ -259,23 +272,22 @@ drain_queues(dsp_t *d)
         }
         dchan_done(&d->kv.out, items);
     }
-    dchan_take(&d->nats.inbox, &items, &n);
-    for (i = 0; i < n; i++) {
-        if (nats_in_arrived(d, items[i])) {
-            dispatch_msg(d, items[i]);
+    while ((m = nats_in_next(d)) != NULL) {
+        if (nats_in_arrived(d, m)) {
+            dispatch_msg(d, m);
         }
     }
-    dchan_done(&d->nats.inbox, items);
 }
 
 static int
 run(dsp_t *d, const sigset_t *unblocked)
 {
-    struct pollfd    pfd[2];
+    struct pollfd    pfd[3];
     struct timespec  ts;
     int64_t          now, next, t, hard_deadline = 0;
     uint64_t         cnt;
-    int              nfd, fd, rc;
+    int              nfd, fd, rc, mq, hot;
+    short            ev;
     ssize_t          r;
 
     for (;;) {
@@ -335,15 +347,28 @@ run(dsp_t *d, const sigset_t *unblocked)
             next = t;
         }
 
+        /* everything this pass buffered for NATS (acks, publishes, the
+         * pull request) in one write */
+        nats_in_write(d);
+
         nfd = 0;
+        mq = hot = -1;
         pfd[nfd].fd = d->wake_fd;
         pfd[nfd].events = POLLIN;
         nfd++;
         fd = mqtt_out_fd(d);
         if (fd >= 0) {
+            mq = nfd;
             pfd[nfd].fd = fd;
             pfd[nfd].events = POLLIN
                               | (mqtt_out_want_write(d) ? POLLOUT : 0);
+            nfd++;
+        }
+        fd = nats_in_fd(d, &ev);
+        if (fd >= 0) {
+            hot = nfd;
+            pfd[nfd].fd = fd;
+            pfd[nfd].events = ev;
             nfd++;
         }
         now = gift_mono_us();
@@ -368,13 +393,16 @@ run(dsp_t *d, const sigset_t *unblocked)
         if (pfd[0].revents & POLLIN) {
             r = read(d->wake_fd, &cnt, sizeof(cnt));
             (void) r;
-            drain_queues(d);
         }
-        if (nfd > 1 && pfd[1].revents) {
-            if (pfd[1].revents & (POLLIN | POLLERR | POLLHUP)) {
+        if (hot >= 0 && pfd[hot].revents) {
+            nats_in_io(d, pfd[hot].revents);
+        }
+        drain_queues(d);
+        if (mq >= 0 && pfd[mq].revents) {
+            if (pfd[mq].revents & (POLLIN | POLLERR | POLLHUP)) {
                 mqtt_out_read(d);
             }
-            if ((pfd[1].revents & POLLOUT) && mqtt_out_fd(d) >= 0) {
+            if ((pfd[mq].revents & POLLOUT) && mqtt_out_fd(d) >= 0) {
                 mqtt_out_write(d);
             }
         }
@@ -516,10 +544,10 @@ main(int argc, char **argv)
 out:
     /* 6. teardown, in reverse */
     nats_in_fetch_join(&d);
-    if (d.nats.inited && d.nats.nc != NULL) {
-        /* the naks of the released gifts go out before the lease is
-         * released (same connection, in order) */
-        natsConnection_FlushTimeout(d.nats.nc, 2000);
+    if (d.nats.inited) {
+        /* the naks of the released gifts reach the server before the
+         * lease is released (on the other connection) */
+        nats_in_flush(&d, 2000);
     }
     d.lease.rates_us = 0;
     lease_rates_tick(&d, gift_mono_us());   /* the minutes, handed over */

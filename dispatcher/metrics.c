@@ -151,6 +151,7 @@ render(dmetrics_t *m, size_t *len)
     dsp_t   *d = m->d;
     sbuf_t   b;
     int      i, nats_up;
+    natsConnection  *hnc;
 
     b.cap = 16384;
     b.len = 0;
@@ -274,10 +275,12 @@ render(dmetrics_t *m, size_t *len)
     gauge(&b, "gift_dispatcher_jetstream_info_ok",
           "1 when the last consumer and DLQ info requests answered.",
           (uint64_t) m->info_ok);
-    nats_up = d->nats.nc != NULL
-              && natsConnection_Status(d->nats.nc) == NATS_CONN_STATUS_CONNECTED;
+    hnc = __atomic_load_n(&d->nats.hnc, __ATOMIC_ACQUIRE);
+    nats_up = d->nats.nc != NULL && hnc != NULL
+              && natsConnection_Status(d->nats.nc) == NATS_CONN_STATUS_CONNECTED
+              && natsConnection_Status(hnc) == NATS_CONN_STATUS_CONNECTED;
     gauge(&b, "gift_dispatcher_nats_connected",
-          "1 when connected to NATS.", (uint64_t) nats_up);
+          "1 when connected to NATS (both connections: control and hot).", (uint64_t) nats_up);
     gauge(&b, "gift_dispatcher_mqtt_connected",
           "1 when connected to the broker and subscribed to replies.",
           STAT_GET(d, mqtt_up));

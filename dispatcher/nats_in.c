@@ -1,22 +1,41 @@
 /*
- * nats_in.c: everything that talks to NATS.
+ * nats_in.c: everything that talks to NATS, on two connections.
  *
- * - the connection (reconnecting forever with capped exponential back-off),
- * - provisioning at start (gift_provision(): the code `giftctl setup` runs),
- * - the continuous pull (below): a window of messages asked for from the
- *   durable pull consumer by requests we publish ourselves (cnats 3.4.1
- *   has no asynchronous pull), topped up by the main loop as gifts
- *   arrive and finish, within the credit (the in-flight bound); the
- *   inbox's callback (a cnats thread) posts messages to d->nats.inbox,
- * - acks, naks, in-progress and term of those messages: published to
- *   their reply subjects (nats_in_ack()),
- * - JetStream publishes (GiftAck, DLQ) with js_PublishMsgAsync(); the
- *   PubAck handler runs on a cnats thread and only posts to d->nats.acks.
- *   Which gift a publish belongs to, and its retries, are publish.c's:
- *   this file writes no gift state.
+ * control (d->nats.nc, d->nats.js): cnats's own threads; reconnects
+ *   forever with capped exponential back-off.  Start-up, provisioning
+ *   (gift_provision(): the code `giftctl setup` runs), consumer info, and
+ *   what other threads use: KV (kv.c), the lease (lease.c), /metrics.
+ *   Those calls block on a reply, which a connection read by the main
+ *   loop could not deliver while the main thread waits.
+ *
+ * hot (d->nats.hnc): the gifts' path, driven by the main loop through
+ *   cnats's external event loop API (natsOptions_SetEventLoop): cnats
+ *   starts no reader and (SendAsap) no flusher for it; the loop polls its
+ *   socket, calls natsConnection_ProcessReadEvent/WriteEvent, and drains
+ *   its synchronous subscriptions itself.  No thread hand-off per gift:
+ *   - the continuous pull (below): a window of messages asked for from
+ *     the durable pull consumer by requests we publish ourselves (cnats
+ *     3.4.1 has no asynchronous pull), topped up by the main loop as gifts
+ *     arrive and finish, within the credit (the in-flight bound); the
+ *     inbox is a sync subscription (nats_in_next()),
+ *   - acks, naks, in-progress and term of those messages: published to
+ *     their reply subjects (nats_in_ack()),
+ *   - JetStream publishes (GiftAck, DLQ): a plain publish with Nats-Msg-Id
+ *     and a reply subject <inbox>.a.<n>; the PubAcks come to a sync
+ *     subscription of <inbox>.a.* and are parsed here (jansson), with our
+ *     own timeout (nats.publish_timeout_ms) for one that never comes
+ *     (nats_in_puback()),
+ *   - the GIFT_DONE markers (core publishes).
+ *   The socket is handed over by callbacks, which cnats also calls from
+ *   its reconnect and timer threads: they keep it under ev_mu and wake the
+ *   main loop through the wake eventfd.
+ *
+ * Which gift a publish belongs to, and its retries, are publish.c's: this
+ * file writes no gift state.
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <jansson.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -48,16 +67,35 @@ reconnect_delay(natsConnection *nc, int attempts, void *closure)
     return ms - ms / 5 + (int64_t) (rand() % (int) (ms / 2.5 + 1));
 }
 
+/* Which connection a callback is about (log lines say, after the text
+ * they always had: "NATS: reconnected to URL (hot connection)"). */
+static const char *
+conn_name(dsp_t *d, natsConnection *nc)
+{
+    return nc == __atomic_load_n(&d->nats.hnc, __ATOMIC_ACQUIRE)
+           ? "hot" : "control";
+}
+
+static void
+wake_main(dsp_t *d)
+{
+    uint64_t one = 1;
+    ssize_t  w;
+
+    w = write(d->wake_fd, &one, sizeof(one));
+    (void) w;
+}
+
 static void
 on_disconnected(natsConnection *nc, void *closure)
 {
     dsp_t *d = closure;
 
-    (void) nc;
     /* `closing` is set by the main thread at exit; a stale read only
      * picks the log level */
     gift_log(d->nats.closing ? GIFT_LOG_DEBUG : GIFT_LOG_WARN,
-             "NATS: disconnected%s", d->nats.closing ? "" : "; reconnecting");
+             "NATS: disconnected (%s connection)%s", conn_name(d, nc),
+             d->nats.closing ? "" : "; reconnecting");
 }
 
 static void
@@ -65,76 +103,95 @@ on_reconnected(natsConnection *nc, void *closure)
 {
     dsp_t    *d = closure;
     char      url[256];
-    uint64_t  one = 1;
-    ssize_t   w;
 
     if (natsConnection_GetConnectedUrl(nc, url, sizeof(url)) != NATS_OK) {
         url[0] = '\0';
     }
-    gift_log(GIFT_LOG_INFO, "NATS: reconnected to %s", url);
-    /* the main loop asks for its window again (nats_in_pull) */
+    gift_log(GIFT_LOG_INFO, "NATS: reconnected to %s (%s connection)", url,
+             conn_name(d, nc));
+    if (nc != __atomic_load_n(&d->nats.hnc, __ATOMIC_ACQUIRE)) {
+        return;
+    }
+    /* the main loop asks for its window again and fails the PubAcks
+     * outstanding (nats_in_pull) */
     __atomic_store_n(&d->nats.reconnected, 1, __ATOMIC_RELEASE);
-    w = write(d->wake_fd, &one, sizeof(one));
-    (void) w;
+    wake_main(d);
 }
 
 static void
 on_closed(natsConnection *nc, void *closure)
 {
-    (void) nc;
-    (void) closure;
-    gift_log(GIFT_LOG_DEBUG, "NATS: connection closed");
+    gift_log(GIFT_LOG_DEBUG, "NATS: %s connection closed",
+             conn_name(closure, nc));
 }
 
 static void
 on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus err,
     void *closure)
 {
-    (void) nc;
     (void) sub;
-    (void) closure;
-    gift_log(GIFT_LOG_WARN, "NATS: asynchronous error: %s",
-             natsStatus_GetText(err));
+    gift_log(GIFT_LOG_WARN, "NATS: asynchronous error (%s connection): %s",
+             conn_name(closure, nc), natsStatus_GetText(err));
 }
 
 /*
- * The PubAck handler (a cnats thread).  It touches nothing of the main
- * thread's state: it posts the message and the result to d->nats.acks,
- * and the main thread finds the gift from the message pointer.  The main
- * thread frees the message (so its address cannot be reused while the
- * post is in the queue).
+ * The hot connection's event loop callbacks.  cnats calls them with its
+ * connection lock held: from the main thread (a publish asks for a write,
+ * ProcessWriteEvent says all is written, a read error stops the polling),
+ * and from its reconnect thread (attach: the new socket) and timer thread
+ * (a PING to write).  They only record what to poll under ev_mu, and wake
+ * the main loop when another thread called.  The main thread never calls
+ * cnats with ev_mu held.
  */
 static void
-on_puback(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae,
-    void *closure)
+ev_set(dnats_t *n, int fd, int rd, int wr)
 {
-    dsp_t      *d = closure;
-    dpuback_t  *p;
+    dsp_t *d = (dsp_t *) ((char *) n - offsetof(dsp_t, nats));
 
-    (void) js;
-    if (pa != NULL) {
-        /* the common case: the message pointer alone, tagged (messages
-         * are aligned), spares an allocation per publish */
-        if (dchan_push(&d->nats.acks, PUBACK_OK(msg)) != 0) {
-            gift_log(GIFT_LOG_ERR, "out of memory in the PubAck handler");
-            abort();
-        }
-        return;
+    pthread_mutex_lock(&n->ev_mu);
+    if (fd != -2) {
+        n->ev_fd = fd;
     }
-    p = calloc(1, sizeof(*p));
-    if (p == NULL) {
-        gift_log(GIFT_LOG_ERR, "out of memory in the PubAck handler");
-        abort();      /* nothing was acked: every gift will be redelivered */
+    if (rd >= 0) {
+        n->ev_rd = rd;
     }
-    p->m = msg;
-    p->err = pae ? pae->Err : NATS_ERR;
-    p->jerr = pae ? (int) pae->ErrCode : 0;
-    snprintf(p->text, sizeof(p->text), "%s",
-             pae && pae->ErrText ? pae->ErrText : natsStatus_GetText(p->err));
-    if (dchan_push(&d->nats.acks, p) != 0) {
-        gift_log(GIFT_LOG_ERR, "out of memory in the PubAck handler");
-        abort();
+    if (wr >= 0) {
+        n->ev_wr = wr;
     }
+    pthread_mutex_unlock(&n->ev_mu);
+    if (!pthread_equal(pthread_self(), n->loop_tid)) {
+        wake_main(d);
+    }
+}
+
+static natsStatus
+ev_attach(void **user, void *loop, natsConnection *nc, natsSock sock)
+{
+    (void) nc;
+    *user = loop;
+    ev_set(loop, (int) sock, 1, -1);
+    return NATS_OK;
+}
+
+static natsStatus
+ev_read(void *user, bool add)
+{
+    ev_set(user, -2, add ? 1 : 0, -1);
+    return NATS_OK;
+}
+
+static natsStatus
+ev_write(void *user, bool add)
+{
+    ev_set(user, -2, -1, add ? 1 : 0);
+    return NATS_OK;
+}
+
+static natsStatus
+ev_detach(void *user)
+{
+    ev_set(user, -1, 0, 0);
+    return NATS_OK;
 }
 
 /* ------------------------------------------------------------ start-up */
@@ -211,17 +268,19 @@ nats_options_base(const dconf_t *c, natsOptions **out)
     return NATS_OK;
 }
 
-static int
-build_options(dsp_t *d)
+static natsOptions *
+build_options(dsp_t *d, int hot)
 {
     natsOptions *o = NULL;
     natsStatus   s;
 
     s = nats_options_base(d->conf, &o);
     /*
-     * Write each publish (GiftAck, marker, ack, pull request) at once:
-     * cnats's flusher thread would sleep a millisecond before writing,
-     * which a gift would pay two or three times on its way.
+     * Write each publish at once.  On the control connection: cnats's
+     * flusher thread would sleep a millisecond before writing.  On the hot
+     * one: without SendAsap cnats starts a flusher thread even with an
+     * event loop, and wakes it per publish; with it a publish only asks
+     * the loop for a write, and the loop writes once per pass.
      */
     if (s == NATS_OK) {
         s = natsOptions_SetSendAsap(o, true);
@@ -250,13 +309,16 @@ build_options(dsp_t *d)
     if (s == NATS_OK) {
         s = natsOptions_SetErrorHandler(o, on_async_error, d);
     }
+    if (s == NATS_OK && hot) {
+        s = natsOptions_SetEventLoop(o, &d->nats, ev_attach, ev_read,
+                                     ev_write, ev_detach);
+    }
     if (s != NATS_OK) {
         gift_log(GIFT_LOG_ERR, "NATS options: %s", nats_GetLastError(NULL));
         natsOptions_Destroy(o);
-        return -1;
+        return NULL;
     }
-    d->nats.opts = o;
-    return 0;
+    return o;
 }
 
 /* Read ack wait and max deliver from the consumer (they may differ from
@@ -315,23 +377,70 @@ consumer_info(dsp_t *d)
     return 0;
 }
 
+/* The hot connection and its PubAck inbox.  0, or -1 (retry). */
+static int
+hot_connect(dsp_t *d)
+{
+    dnats_t         *n = &d->nats;
+    natsConnection  *nc = NULL;
+    natsInbox       *inbox = NULL;
+    natsStatus       s;
+    char             subj[96];
+
+    if (n->hnc == NULL) {
+        s = natsConnection_Connect(&nc, n->hopts);
+        if (s != NATS_OK) {
+            gift_log(GIFT_LOG_WARN, "NATS: cannot connect to %s (hot "
+                     "connection): %s; retrying", d->conf->nats_urls[0],
+                     natsStatus_GetText(s));
+            return -1;
+        }
+        __atomic_store_n(&n->hnc, nc, __ATOMIC_RELEASE);
+        gift_log(GIFT_LOG_INFO, "NATS: connected to %s (hot connection)",
+                 d->conf->nats_urls[0]);
+    }
+    if (n->asub != NULL) {
+        return 0;
+    }
+    s = natsInbox_Create(&inbox);
+    if (s == NATS_OK) {
+        snprintf(n->inbox, sizeof(n->inbox), "%s", inbox);
+        natsInbox_Destroy(inbox);
+        snprintf(n->pub_prefix, sizeof(n->pub_prefix), "%s.a", n->inbox);
+        snprintf(subj, sizeof(subj), "%s.*", n->pub_prefix);
+        s = natsConnection_SubscribeSync(&n->asub, n->hnc, subj);
+    }
+    if (s != NATS_OK) {
+        n->asub = NULL;
+        gift_log(GIFT_LOG_WARN, "NATS: subscribing the PubAck inbox: %s",
+                 nats_GetLastError(NULL));
+        return -1;
+    }
+    /* in flight is bounded by max_inflight: never let cnats drop one */
+    natsSubscription_SetPendingLimits(n->asub, -1, -1);
+    return 0;
+}
+
 int
 nats_in_start(dsp_t *d)
 {
     dnats_t     *n = &d->nats;
-    jsOptions    jo;
     natsStatus   s;
     int          backoff = d->conf->nats_reconnect_min_ms;
     int          logged = 0;
 
-    if (dchan_init(&n->inbox, d->wake_fd) != 0
-        || dchan_init(&n->acks, d->wake_fd) != 0)
+    n->ev_fd = -1;
+    n->loop_tid = pthread_self();
+    if (pthread_mutex_init(&n->ev_mu, NULL) != 0
+        || dmap_init(&n->pending, (size_t) d->conf->max_inflight) != 0)
     {
-        gift_log(GIFT_LOG_ERR, "cannot create the NATS queues");
+        gift_log(GIFT_LOG_ERR, "cannot create the NATS state");
         return -1;
     }
     n->inited = 1;
-    if (build_options(d) != 0) {
+    n->opts = build_options(d, 0);
+    n->hopts = build_options(d, 1);
+    if (n->opts == NULL || n->hopts == NULL) {
         return -1;
     }
 
@@ -349,18 +458,11 @@ nats_in_start(dsp_t *d)
                 }
                 goto retry;
             }
-            gift_log(GIFT_LOG_INFO, "NATS: connected to %s",
-                     d->conf->nats_urls[0]);
+            gift_log(GIFT_LOG_INFO, "NATS: connected to %s (control "
+                     "connection)", d->conf->nats_urls[0]);
         }
         if (n->js == NULL) {
-            jsOptions_Init(&jo);
-            jo.PublishAsync.AckHandler = on_puback;
-            jo.PublishAsync.AckHandlerClosure = d;
-            /* never stall the main thread: pending publishes are bounded
-             * by max_inflight (two per gift at most) */
-            jo.PublishAsync.MaxPending = 2 * (int64_t) d->conf->max_inflight
-                                         + 1024;
-            s = natsConnection_JetStream(&n->js, n->nc, &jo);
+            s = natsConnection_JetStream(&n->js, n->nc, NULL);
             if (s != NATS_OK) {
                 n->js = NULL;
                 gift_log(GIFT_LOG_ERR, "NATS: JetStream context: %s",
@@ -409,6 +511,9 @@ nats_in_start(dsp_t *d)
                 return -1;
             }
         }
+        if (hot_connect(d) != 0) {
+            goto retry;
+        }
         /* the consumer exists and pulls (consumer_info): the pull
          * itself starts with nats_in_fetch_start() */
         return 0;
@@ -421,6 +526,46 @@ nats_in_start(dsp_t *d)
     return -1;
 }
 
+/* ------------------------------------------------------------ freeing */
+
+#define DSP_GRAVE_MAX      256
+#define DSP_GRAVE_AGE_US   100000
+
+static void
+grave_flush(dnats_t *n)
+{
+    int i;
+
+    for (i = 0; i < n->ngrave; i++) {
+        natsMsg_Destroy(n->grave[i]);
+    }
+    n->ngrave = 0;
+}
+
+void
+nats_in_msg_free(dsp_t *d, natsMsg *m)
+{
+    dnats_t *n = &d->nats;
+
+    if (m == NULL) {
+        return;
+    }
+    if (n->grave == NULL) {
+        n->grave = malloc(DSP_GRAVE_MAX * sizeof(*n->grave));
+        if (n->grave == NULL) {
+            natsMsg_Destroy(m);
+            return;
+        }
+    }
+    if (n->ngrave == 0) {
+        n->grave_us = gift_mono_us();
+    }
+    n->grave[n->ngrave++] = m;
+    if (n->ngrave == DSP_GRAVE_MAX) {
+        grave_flush(n);
+    }
+}
+
 /* ------------------------------------------------------------ pulling */
 
 /*
@@ -428,9 +573,9 @@ nats_in_start(dsp_t *d)
  * <consumer> with a reply inbox of ours ({"batch","expires",
  * "idle_heartbeat"}); the server sends the messages, and the status
  * messages of each request (100 idle heartbeat, 408 expired with
- * Nats-Pending-Messages, 409 refused or cut short), to that inbox.  The
- * subscription's callback (a cnats thread) only posts to d->nats.inbox;
- * the accounting is the main thread's.
+ * Nats-Pending-Messages, 409 refused or cut short), to that inbox: a
+ * synchronous subscription on the hot connection, which the main thread
+ * empties after reading the socket (nats_in_next()).
  *
  * outstanding = asked for - come - reported undelivered.  The main loop
  * tops it up to the window when at least `low` (half the window) is
@@ -444,19 +589,6 @@ nats_in_start(dsp_t *d)
  * inbox, so that no old request can deliver past the credit.
  */
 
-static void
-on_pull_msg(natsConnection *nc, natsSubscription *sub, natsMsg *m,
-    void *closure)
-{
-    dsp_t *d = closure;
-
-    (void) nc;
-    (void) sub;
-    if (dchan_push(&d->nats.inbox, m) != 0) {
-        natsMsg_Destroy(m);         /* memory: redelivered after ack wait */
-    }
-}
-
 /* Destroy retired subscriptions whose drain is over; how many remain. */
 static int
 reap_retired(dnats_t *n)
@@ -464,7 +596,13 @@ reap_retired(dnats_t *n)
     int i, k = 0;
 
     for (i = 0; i < n->nretired; i++) {
-        if (natsSubscription_IsValid(n->retired[i])) {
+        /* a sync subscription whose queue was empty when the drain's
+         * flush came back is complete yet still registered: Destroy
+         * removes it */
+        if (natsSubscription_IsValid(n->retired[i])
+            && natsSubscription_DrainCompletionStatus(n->retired[i])
+               == NATS_ILLEGAL_STATE)
+        {
             n->retired[k++] = n->retired[i];
         } else {
             natsSubscription_Destroy(n->retired[i]);
@@ -529,8 +667,7 @@ pull_subscribe(dsp_t *d)
     if (s == NATS_OK) {
         snprintf(n->reply, sizeof(n->reply), "%s", inbox);
         natsInbox_Destroy(inbox);
-        s = natsConnection_Subscribe(&n->psub, n->nc, n->reply, on_pull_msg,
-                                     d);
+        s = natsConnection_SubscribeSync(&n->psub, n->hnc, n->reply);
     }
     if (s != NATS_OK) {
         n->psub = NULL;
@@ -571,7 +708,7 @@ nats_in_arrived(dsp_t *d, natsMsg *m)
     n->seen_us = gift_mono_us();
     if (strncmp(st, "100", 3) == 0) {
         n->backoff_ms = 0;
-        natsMsg_Destroy(m);          /* idle heartbeat: the request lives */
+        nats_in_msg_free(d, m);      /* idle heartbeat: the request lives */
         return 0;
     }
     natsMsgHeader_Get(m, "Description", &desc);
@@ -593,6 +730,57 @@ nats_in_arrived(dsp_t *d, natsMsg *m)
     return 0;
 }
 
+/* The next message of sub, or NULL.  The pending count first: NextMsg
+ * on an empty subscription sets cnats's per-thread error text. */
+static natsMsg *
+sub_next(natsSubscription *sub, natsStatus *st)
+{
+    natsMsg  *m = NULL;
+    int       msgs = 0;
+
+    *st = NATS_OK;
+    if (natsSubscription_GetPending(sub, &msgs, NULL) != NATS_OK
+        || msgs == 0)
+    {
+        return NULL;
+    }
+    *st = natsSubscription_NextMsg(&m, sub, 0);
+    return *st == NATS_OK ? m : NULL;
+}
+
+natsMsg *
+nats_in_next(dsp_t *d)
+{
+    dnats_t     *n = &d->nats;
+    natsMsg     *m;
+    natsStatus   st;
+    int          i;
+
+    while (n->psub != NULL) {
+        m = sub_next(n->psub, &st);
+        if (m != NULL) {
+            return m;
+        }
+        if (st == NATS_NO_RESPONDERS) {
+            /* a 503 status (no JetStream): cnats consumed the message */
+            pull_reset(d, 1, "503 no responders");
+            continue;
+        }
+        if (st != NATS_SLOW_CONSUMER) {
+            break;
+        }
+    }
+    for (i = 0; i < n->nretired; i++) {
+        do {
+            m = sub_next(n->retired[i], &st);
+            if (m != NULL) {
+                return m;
+            }
+        } while (st == NATS_NO_RESPONDERS || st == NATS_SLOW_CONSUMER);
+    }
+    return NULL;
+}
+
 static int
 pull_request(dsp_t *d, int want)
 {
@@ -608,7 +796,7 @@ pull_request(dsp_t *d, int want)
         snprintf(body, sizeof(body), "{\"batch\":%d,\"expires\":%" PRId64
                  "}", want, n->expires_ns);
     }
-    s = natsConnection_PublishRequestString(n->nc, n->next_subj, n->reply,
+    s = natsConnection_PublishRequestString(n->hnc, n->next_subj, n->reply,
                                             body);
     if (s != NATS_OK) {
         gift_log(GIFT_LOG_DEBUG, "NATS: pull request: %s",
@@ -619,21 +807,46 @@ pull_request(dsp_t *d, int want)
     return 0;
 }
 
+static int64_t pull_next(dsp_t *d, int64_t now);
+static void pend_fail_all(dnats_t *n);
+
 int64_t
 nats_in_pull(dsp_t *d, int64_t now)
 {
     dnats_t  *n = &d->nats;
+    int64_t   t;
+
+    if (__atomic_exchange_n(&n->reconnected, 0, __ATOMIC_ACQ_REL)) {
+        /* what was written before the break may be lost: fail the PubAcks
+         * outstanding (sent again with the same Nats-Msg-Id, which the
+         * stream deduplicates) */
+        pend_fail_all(n);
+        if (n->on && n->psub != NULL) {
+            /* the server may have lost the requests (a restart): start
+             * over */
+            pull_reset(d, 0, "reconnected");
+        }
+    }
+    if (n->ngrave > 0 && now - n->grave_us >= DSP_GRAVE_AGE_US) {
+        grave_flush(n);
+    }
+    t = n->on ? pull_next(d, now) : INT64_MAX;
+    if (n->pend_head != NULL && n->pend_head->due_us < t) {
+        t = n->pend_head->due_us;
+    }
+    if (n->ngrave > 0 && n->grave_us + DSP_GRAVE_AGE_US < t) {
+        t = n->grave_us + DSP_GRAVE_AGE_US;
+    }
+    return t;
+}
+
+/* nats_in_pull() without the PubAcks: the pull window itself. */
+static int64_t
+pull_next(dsp_t *d, int64_t now)
+{
+    dnats_t  *n = &d->nats;
     int       want, avail;
 
-    if (!n->on) {
-        return INT64_MAX;
-    }
-    if (__atomic_exchange_n(&n->reconnected, 0, __ATOMIC_ACQ_REL)
-        && n->psub != NULL)
-    {
-        /* the server may have lost the requests (a restart): start over */
-        pull_reset(d, 0, "reconnected");
-    }
     if (n->nretired > 0 && reap_retired(n) > 0 && n->stop) {
         return now + 20000;          /* until the drain is over */
     }
@@ -648,7 +861,7 @@ nats_in_pull(dsp_t *d, int64_t now)
     if (now < n->retry_us) {
         return n->retry_us;
     }
-    if (natsConnection_Status(n->nc) != NATS_CONN_STATUS_CONNECTED) {
+    if (natsConnection_Status(n->hnc) != NATS_CONN_STATUS_CONNECTED) {
         return now + 1000000;        /* the reconnect callback wakes us */
     }
     if (n->outstanding > 0 && now - n->seen_us > n->live_us) {
@@ -766,24 +979,33 @@ nats_in_ack(dsp_t *d, natsMsg *m, dack_kind kind, int64_t delay_ms)
         body = "+TERM";
         break;
     }
-    return natsConnection_PublishString(d->nats.nc, reply, body);
+    return natsConnection_PublishString(d->nats.hnc, reply, body);
 }
 
 /* ------------------------------------------------------------ publishing */
 
 /*
- * Only the sending: which gift a message is for, how many are in flight
- * and what to do when one fails are publish.c's.
+ * Only the sending and the PubAcks: which gift a message is for, how many
+ * are in flight and what to do when one fails are publish.c's.
+ *
+ * A JetStream publish is a core publish whose reply subject the stream
+ * answers: each message gets <inbox>.a.<n> when built, kept for its
+ * retries (a late PubAck of an earlier try then counts for the message,
+ * which is right: the same Nats-Msg-Id, stored once).
  */
 
 natsMsg *
-nats_in_msg_new(const char *subject, const void *data, size_t len,
+nats_in_msg_new(dsp_t *d, const char *subject, const void *data, size_t len,
     const char **hdrs)
 {
+    dnats_t    *n = &d->nats;
     natsMsg    *m = NULL;
     natsStatus  s;
+    char        reply[sizeof(n->pub_prefix) + 24];
 
-    s = natsMsg_Create(&m, subject, NULL, data, (int) len);
+    snprintf(reply, sizeof(reply), "%s.%" PRIu64, n->pub_prefix,
+             ++n->pub_seq);
+    s = natsMsg_Create(&m, subject, reply, data, (int) len);
     for (; s == NATS_OK && hdrs != NULL && hdrs[0] != NULL; hdrs += 2) {
         s = natsMsgHeader_Set(m, hdrs[0], hdrs[1]);
     }
@@ -796,28 +1018,91 @@ nats_in_msg_new(const char *subject, const void *data, size_t len,
     return m;
 }
 
+/* The <n> of a reply subject <pub_prefix>.<n>; 0 if not one of ours. */
+static uint64_t
+reply_seq(const dnats_t *n, const char *subj)
+{
+    size_t  k = strlen(n->pub_prefix);
+    char   *end;
+    uint64_t v;
+
+    if (subj == NULL || strncmp(subj, n->pub_prefix, k) != 0
+        || subj[k] != '.')
+    {
+        return 0;
+    }
+    v = strtoull(subj + k + 1, &end, 10);
+    return *end == '\0' ? v : 0;
+}
+
+static void
+pend_unlink(dnats_t *n, dpend_t *p)
+{
+    if (p->prev != NULL) {
+        p->prev->next = p->next;
+    } else {
+        n->pend_head = p->next;
+    }
+    if (p->next != NULL) {
+        p->next->prev = p->prev;
+    } else {
+        n->pend_tail = p->prev;
+    }
+    p->prev = p->next = NULL;
+}
+
+/* The hot connection broke: what it had written may be lost.  Every
+ * PubAck outstanding fails now (nats_in_puback hands them back). */
+static void
+pend_fail_all(dnats_t *n)
+{
+    dpend_t *p;
+
+    for (p = n->pend_head; p != NULL; p = p->next) {
+        p->due_us = 0;      /* the order by due_us holds: all at the head */
+        p->lost = 1;
+    }
+}
+
 int
 nats_in_publish(dsp_t *d, natsMsg *m, const char *msg_id)
 {
-    jsPubOptions po;
-    natsStatus   s;
-    natsMsg     *keep = m;
+    dnats_t    *n = &d->nats;
+    dpend_t    *p;
+    natsStatus  s = NATS_OK;
+    uint64_t    seq = reply_seq(n, natsMsg_GetReply(m));
 
-    jsPubOptions_Init(&po);
-    po.MsgId = msg_id;
-    po.MaxWait = d->conf->publish_timeout_ms;
-
-    s = js_PublishMsgAsync(d->nats.js, &m, &po);
-    if (s != NATS_OK) {
-        if (msg_id != NULL) {
-            /* cnats sets it from po.MsgId when it sends; a retry later
-             * reads it back from the message */
-            natsMsgHeader_Set(keep, "Nats-Msg-Id", msg_id);
-        }
-        gift_log(GIFT_LOG_DEBUG, "NATS: publish to %s: %s",
-                 natsMsg_GetSubject(keep), nats_GetLastError(NULL));
+    if (msg_id != NULL) {
+        /* kept in the message: a retry sends it again (republish) */
+        s = natsMsgHeader_Set(m, "Nats-Msg-Id", msg_id);
+    }
+    p = calloc(1, sizeof(*p));
+    if (s != NATS_OK || p == NULL || seq == 0
+        || dmap_put(&n->pending, seq, p) != 0)
+    {
+        free(p);
+        gift_log(GIFT_LOG_DEBUG, "NATS: publish to %s: no memory",
+                 natsMsg_GetSubject(m));
         return -1;
     }
+    s = natsConnection_PublishMsg(n->hnc, m);
+    if (s != NATS_OK) {
+        dmap_del(&n->pending, seq);
+        free(p);
+        gift_log(GIFT_LOG_DEBUG, "NATS: publish to %s: %s",
+                 natsMsg_GetSubject(m), natsStatus_GetText(s));
+        return -1;
+    }
+    p->m = m;
+    p->seq = seq;
+    p->due_us = gift_mono_us() + (int64_t) d->conf->publish_timeout_ms * 1000;
+    p->prev = n->pend_tail;
+    if (n->pend_tail != NULL) {
+        n->pend_tail->next = p;
+    } else {
+        n->pend_head = p;
+    }
+    n->pend_tail = p;
     return 0;
 }
 
@@ -827,7 +1112,7 @@ nats_in_publish_core(dsp_t *d, const char *subject, const void *data,
 {
     natsStatus s;
 
-    s = natsConnection_Publish(d->nats.nc, subject, data, (int) len);
+    s = natsConnection_Publish(d->nats.hnc, subject, data, (int) len);
     if (s != NATS_OK) {
         gift_log(GIFT_LOG_DEBUG, "NATS: publish to %s: %s", subject,
                  natsStatus_GetText(s));
@@ -837,10 +1122,208 @@ nats_in_publish_core(dsp_t *d, const char *subject, const void *data,
 int
 nats_in_republish(dsp_t *d, natsMsg *m)
 {
-    const char *id = NULL;
+    return nats_in_publish(d, m, NULL);     /* its Nats-Msg-Id is set */
+}
 
-    natsMsgHeader_Get(m, "Nats-Msg-Id", &id);
-    return nats_in_publish(d, m, id);
+/* A failure for dispatch_puback, or NULL (memory: logged, aborts, as a
+ * gift waiting for a result that never comes would be held forever). */
+static void *
+puback_failed(natsMsg *m, natsStatus err, int jerr, const char *text)
+{
+    dpuback_t *r = calloc(1, sizeof(*r));
+
+    if (r == NULL) {
+        gift_log(GIFT_LOG_ERR, "out of memory handling a PubAck");
+        abort();            /* nothing was acked: every gift is redelivered */
+    }
+    r->m = m;
+    r->err = err;
+    r->jerr = jerr;
+    snprintf(r->text, sizeof(r->text), "%s", text);
+    return r;
+}
+
+/*
+ * A PubAck's body: {"stream":..,"seq":..[,"duplicate":true]} is stored
+ * (a duplicate too: an earlier try was); {"error":{"code":..,"err_code":
+ * ..,"description":..}} is a failure, as is anything else.
+ */
+static void *
+puback_parse(natsMsg *ack, natsMsg *m)
+{
+    json_t       *j, *e, *v;
+    json_error_t  jerr;
+    const char   *desc;
+    char          text[96];
+    int           code = 0;
+
+    j = json_loadb(natsMsg_GetData(ack), (size_t) natsMsg_GetDataLength(ack),
+                   0, &jerr);
+    if (j != NULL && json_is_object(j)
+        && (e = json_object_get(j, "error")) == NULL
+        && json_is_string(json_object_get(j, "stream")))
+    {
+        json_decref(j);
+        return PUBACK_OK(m);
+    }
+    if (j != NULL && (e = json_object_get(j, "error")) != NULL) {
+        v = json_object_get(e, "err_code");
+        code = json_is_integer(v) ? (int) json_integer_value(v) : 0;
+        desc = json_string_value(json_object_get(e, "description"));
+        v = json_object_get(e, "code");
+        snprintf(text, sizeof(text), "%s (%d)", desc != NULL ? desc : "error",
+                 json_is_integer(v) ? (int) json_integer_value(v) : 0);
+    } else {
+        snprintf(text, sizeof(text), "not a PubAck: %.60s",
+                 natsMsg_GetDataLength(ack) > 0 ? natsMsg_GetData(ack)
+                                                : "(empty)");
+    }
+    json_decref(j);
+    return puback_failed(m, NATS_ERR, code, text);
+}
+
+void *
+nats_in_puback(dsp_t *d, int64_t now)
+{
+    dnats_t     *n = &d->nats;
+    natsMsg     *ack, *m;
+    dpend_t     *p;
+    void        *r;
+    natsStatus   st;
+    int          lost;
+
+    while (n->asub != NULL) {
+        ack = sub_next(n->asub, &st);
+        if (ack == NULL) {
+            if (st == NATS_NO_RESPONDERS || st == NATS_SLOW_CONSUMER) {
+                /* a 503 (no stream for the subject): cnats consumed it,
+                 * the publish times out and is retried */
+                continue;
+            }
+            break;
+        }
+        p = dmap_del(&n->pending, reply_seq(n, natsMsg_GetSubject(ack)));
+        if (p == NULL) {
+            nats_in_msg_free(d, ack);   /* late: timed out, handed back */
+            continue;
+        }
+        pend_unlink(n, p);
+        m = p->m;
+        free(p);
+        r = puback_parse(ack, m);
+        nats_in_msg_free(d, ack);
+        return r;
+    }
+    p = n->pend_head;
+    if (p == NULL || p->due_us > now) {
+        return NULL;
+    }
+    dmap_del(&n->pending, p->seq);
+    pend_unlink(n, p);
+    m = p->m;
+    lost = p->lost;
+    free(p);
+    return puback_failed(m, lost ? NATS_CONNECTION_DISCONNECTED : NATS_TIMEOUT,
+                         0, lost ? "reconnected before the PubAck"
+                                 : "no PubAck in time");
+}
+
+/* ------------------------------------------------------------ the socket */
+
+int
+nats_in_fd(dsp_t *d, short *events)
+{
+    dnats_t *n = &d->nats;
+    int      fd;
+
+    pthread_mutex_lock(&n->ev_mu);
+    fd = n->ev_fd;
+    *events = (short) ((n->ev_rd ? POLLIN : 0) | (n->ev_wr ? POLLOUT : 0));
+    pthread_mutex_unlock(&n->ev_mu);
+    return *events != 0 ? fd : -1;
+}
+
+void
+nats_in_io(dsp_t *d, short revents)
+{
+    natsConnection *nc = d->nats.hnc;
+
+    if (revents & (POLLIN | POLLERR | POLLHUP)) {
+        /* an error too: the read finds it and cnats reconnects */
+        natsConnection_ProcessReadEvent(nc);
+    }
+    if (revents & POLLOUT) {
+        natsConnection_ProcessWriteEvent(nc);
+    }
+}
+
+void
+nats_in_write(dsp_t *d)
+{
+    dnats_t *n = &d->nats;
+    int      wr, fd;
+
+    if (n->hnc == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&n->ev_mu);
+    wr = n->ev_wr;
+    fd = n->ev_fd;
+    pthread_mutex_unlock(&n->ev_mu);
+    if (wr && fd >= 0) {
+        /* what is left (a full socket buffer) waits for POLLOUT */
+        natsConnection_ProcessWriteEvent(n->hnc);
+    }
+}
+
+int
+nats_in_flush(dsp_t *d, int timeout_ms)
+{
+    dnats_t           *n = &d->nats;
+    natsSubscription  *fs = NULL;
+    struct pollfd      pfd;
+    char               subj[sizeof(n->inbox) + 4];
+    int64_t            end = gift_mono_us() + (int64_t) timeout_ms * 1000;
+    int                msgs = 0, rc = -1;
+
+    if (n->hnc == NULL
+        || natsConnection_Status(n->hnc) != NATS_CONN_STATUS_CONNECTED)
+    {
+        return -1;
+    }
+    /* the server handles a connection's messages in order: when ours
+     * comes back, it has read everything written before */
+    snprintf(subj, sizeof(subj), "%s.f", n->inbox);
+    if (natsConnection_SubscribeSync(&fs, n->hnc, subj) != NATS_OK
+        || natsConnection_Publish(n->hnc, subj, NULL, 0) != NATS_OK)
+    {
+        natsSubscription_Destroy(fs);
+        return -1;
+    }
+    while (gift_mono_us() < end) {
+        nats_in_write(d);
+        if (natsSubscription_GetPending(fs, &msgs, NULL) == NATS_OK
+            && msgs > 0)
+        {
+            rc = 0;
+            break;
+        }
+        pfd.fd = nats_in_fd(d, &pfd.events);
+        pfd.revents = 0;
+        if (pfd.fd < 0) {
+            struct timespec ts = { 0, 10000000L };
+
+            nanosleep(&ts, NULL);       /* reconnecting */
+            continue;
+        }
+        if (poll(&pfd, 1, 10) > 0) {
+            nats_in_io(d, pfd.revents);
+        }
+    }
+    natsSubscription_Unsubscribe(fs);
+    natsSubscription_Destroy(fs);
+    nats_in_write(d);
+    return rc;
 }
 
 /* ------------------------------------------------------------ teardown */
@@ -870,16 +1353,30 @@ void
 nats_in_stop(dsp_t *d)
 {
     dnats_t   *n = &d->nats;
-    void     **items;
-    size_t     k, i;
+    dpend_t   *p;
     int        waited;
 
     nats_in_fetch_join(d);
+    n->closing = 1;
+    if (n->hnc != NULL) {
+        /* acks and naks are buffered publishes: the main loop is over,
+         * so drive the socket here until the server has them */
+        if (nats_in_flush(d, 2000) != 0) {
+            gift_log(GIFT_LOG_WARN, "NATS: flush at exit (hot connection): "
+                     "not confirmed");
+        }
+        if (n->asub != NULL) {
+            natsSubscription_Unsubscribe(n->asub);
+            natsSubscription_Destroy(n->asub);
+            n->asub = NULL;
+        }
+        nats_in_write(d);
+        natsConnection_Close(n->hnc);
+    }
     if (n->nc != NULL) {
-        n->closing = 1;
-        /* acks and naks are buffered publishes: push them out */
         if (natsConnection_FlushTimeout(n->nc, 2000) != NATS_OK) {
-            gift_log(GIFT_LOG_WARN, "NATS: flush at exit: %s",
+            gift_log(GIFT_LOG_WARN, "NATS: flush at exit (control "
+                     "connection): %s",
                      nats_GetLastError(NULL));
         }
         if (natsConnection_DrainTimeout(n->nc, 3000) == NATS_OK) {
@@ -897,29 +1394,23 @@ nats_in_stop(dsp_t *d)
     n->js = NULL;
     natsConnection_Destroy(n->nc);
     n->nc = NULL;
+    natsConnection_Destroy(n->hnc);
+    __atomic_store_n(&n->hnc, NULL, __ATOMIC_RELEASE);
     natsOptions_Destroy(n->opts);
     n->opts = NULL;
+    natsOptions_Destroy(n->hopts);
+    n->hopts = NULL;
 
-    /* nothing posts any more: free what is left in the queues */
-    dchan_take(&n->inbox, &items, &k);
-    for (i = 0; i < k; i++) {
-        natsMsg_Destroy(items[i]);
+    /* publishes whose PubAck never came: the messages are ours */
+    while ((p = n->pend_head) != NULL) {
+        pend_unlink(n, p);
+        natsMsg_Destroy(p->m);
+        free(p);
     }
-    free(items);
-    dchan_take(&n->acks, &items, &k);
-    for (i = 0; i < k; i++) {
-        natsMsg *m;
-
-        if ((uintptr_t) items[i] & 1) {
-            m = (natsMsg *) ((uintptr_t) items[i] & ~(uintptr_t) 1);
-        } else {
-            m = ((dpuback_t *) items[i])->m;
-            free(items[i]);
-        }
-        natsMsg_Destroy(m);
-    }
-    free(items);
-    dchan_destroy(&n->inbox);
-    dchan_destroy(&n->acks);
+    dmap_free(&n->pending);
+    grave_flush(n);
+    free(n->grave);
+    n->grave = NULL;
+    pthread_mutex_destroy(&n->ev_mu);
     n->inited = 0;
 }

@@ -13,8 +13,8 @@
  *   pub_errors         the counter of failed publishes
  *
  * nats_in.c only sends (nats_in_publish, nats_in_republish: sent or not)
- * and posts each PubAck to d->nats.acks, which the main loop hands to
- * dispatch_puback() here.  When the last publish of a gift is stored, the
+ * and hands back each PubAck, failure or timeout (nats_in_puback), which
+ * the main loop passes to dispatch_puback() here.  When the last publish of a gift is stored, the
  * gift goes back to dispatch.c to be acked (gift_ack_and_free).
  *
  * A failed publish is retried without end while the gift is held: the
@@ -90,7 +90,7 @@ int
 gift_publish(dsp_t *d, dgift_t *g, const char *subject, const void *data,
     size_t len, const char *msg_id, const char **hdrs)
 {
-    natsMsg *m = nats_in_msg_new(subject, data, len, hdrs);
+    natsMsg *m = nats_in_msg_new(d, subject, data, len, hdrs);
 
     if (m == NULL) {
         return -1;
@@ -227,7 +227,7 @@ dispatch_puback(dsp_t *d, void *item)
         }
         return;
     }
-    natsMsg_Destroy(p->m);
+    nats_in_msg_free(d, p->m);
     if (p != &ok) {
         free(p);
     }

@@ -124,8 +124,10 @@ $nats->stop;
 sleep 4;
 $nats->start;
 ok(GiftTest::wait_until(15, sub {
-    $d->log_text =~ /NATS: reconnected/
-}), 'NATS restarted: the dispatcher reconnected');
+    my $l = $d->log_text;
+    $l =~ /NATS: reconnected.*\(hot connection\)/
+        && $l =~ /NATS: reconnected.*\(control connection\)/
+}), 'NATS restarted: the dispatcher reconnected (both connections)');
 $settled->('NATS restart', 0);
 ok(GiftTest::alive($d->pid), 'the same dispatcher kept running');
 # (how many depends on what InProgress reached the new server first)
