@@ -29,6 +29,7 @@ typedef struct {
     ngx_uint_t                 head;            /* oldest */
     ngx_uint_t                 n;
     uint64_t                   last_seq;        /* newest seen */
+    uint64_t                   live_seq;        /* see fanout_unpark() */
     ngx_queue_t                clients;
     ngx_uint_t                 nclients;
     ngx_uint_t                 max_clients;
@@ -261,6 +262,10 @@ ngx_http_gift_fanout_deliver(ngx_http_gift_frame_t **frames, size_t n)
         fo->last_seq = f->seq;
     }
 
+    if (fo->live_seq <= fo->last_seq) {
+        fo->live_seq = 0;                   /* caught up */
+    }
+
     for (q = ngx_queue_head(&fo->clients);
          q != ngx_queue_sentinel(&fo->clients);
          q = next)
@@ -412,6 +417,7 @@ ngx_int_t
 ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
     uint64_t last_seq, u_char *preamble, size_t plen)
 {
+    uint64_t                   now;
     ngx_chain_t               *out, **last;
     ngx_http_gift_fanout_t    *fo;
     ngx_http_core_loc_conf_t  *clcf;
@@ -473,11 +479,13 @@ ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c, ngx_uint_t resume,
         return NGX_ERROR;
     }
 
-    c->connect_seq = fo->last_seq;
+    /* "now": past a catch-up still on its way (fanout_unpark()) */
+    now = ngx_max(fo->last_seq, fo->live_seq);
+    c->connect_seq = resume ? fo->last_seq : now;
 
     if (!resume || last_seq >= fo->last_seq) {
         c->from_now = !resume;
-        c->last_seq = resume ? last_seq : fo->last_seq;
+        c->last_seq = resume ? last_seq : now;
         return out ? ngx_http_gift_client_write(c, out) : NGX_OK;
     }
 
@@ -570,6 +578,16 @@ ngx_http_gift_fanout_unpark(uint64_t now)
 
     if (fo == NULL) {
         return;
+    }
+
+    /*
+     * `now` is where the stream is when following resumes; the catch-up up
+     * to it is still on its way.  A client without Last-Event-ID that
+     * comes before it arrived starts at `now` too, not at the ring's end
+     * (it would get acks stored before its response).
+     */
+    if (now > fo->last_seq) {
+        fo->live_seq = now;
     }
 
     for (q = ngx_queue_head(&fo->clients);
