@@ -646,6 +646,7 @@ typedef struct {
     int64_t            hb_ns;      /* idle heartbeat asked for */
     int64_t            live_us;    /* silence longer than this: lost */
     int64_t            seen_us;    /* last arrival on the inbox, or ask */
+    int64_t            asked_us;   /* the last pull request sent */
     int64_t            retry_us;   /* after a refusal: not before then */
     int                backoff_ms;
     int                on;         /* nats_in_fetch_start() was called */

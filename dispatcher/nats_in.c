@@ -867,6 +867,16 @@ pull_next(dsp_t *d, int64_t now)
     if (n->outstanding > 0 && now - n->seen_us > n->live_us) {
         pull_reset(d, 0, "no heartbeat from the pull request");
     }
+    if (n->outstanding > 0
+        && now - n->asked_us > n->expires_ns / 1000 + 1000000)
+    {
+        /*
+         * Every request sent has expired on the server by now, so what is
+         * still counted will not come: nats-server drops a request that
+         * expires as a message arrives without sending its 408.
+         */
+        n->outstanding = 0;
+    }
     if (n->psub == NULL && pull_subscribe(d) != 0) {
         n->retry_us = now + 1000000;
         return n->retry_us;
@@ -881,12 +891,19 @@ pull_next(dsp_t *d, int64_t now)
         if (pull_request(d, want) == 0) {
             n->outstanding += want;
             n->seen_us = now;
+            n->asked_us = now;
         } else {
             n->retry_us = now + 100000;
             return n->retry_us;
         }
     }
-    return n->outstanding > 0 ? n->seen_us + n->live_us + 1000 : INT64_MAX;
+    if (n->outstanding == 0) {
+        return INT64_MAX;
+    }
+    return n->seen_us + n->live_us
+           < n->asked_us + n->expires_ns / 1000 + 1000000
+           ? n->seen_us + n->live_us + 1000
+           : n->asked_us + n->expires_ns / 1000 + 1001000;
 }
 
 int

@@ -57,11 +57,13 @@ dispatch_timers(dsp_t *d, int64_t now)
         {
             /* waited past max_gift_age (a paused or offline device): the
              * stream it belonged to is over */
+            uint64_t seq = g->seq;
+
             queue_unlink(g->dev, g);
             STAT_ADD(d, expired, 1);
             gift_dead_letter(d, g, "expired", "waited past max_gift_age");
-            if (dmap_get(&d->by_seq, g->seq) != g) {
-                continue;                   /* freed already */
+            if (dmap_get(&d->by_seq, seq) != g) {
+                continue;                   /* freed already: g is gone */
             }
             held_touch(d, g, now);
             continue;
