@@ -43,7 +43,8 @@ DEB_PKGS    := build-essential pkg-config nginx nginx-dev libnats-dev nats-serve
 
 # COMMON_OBJS: what every program links; INPUT_OBJS: the webhook's input
 # layer (also compiled into the module), linked by the tests and fuzzers.
-COMMON_SRCS := common/gift_provision.c common/gift_json.c common/gift_util.c
+COMMON_SRCS := common/gift_provision.c common/gift_json.c common/gift_util.c \
+               common/gift_natsconn.c
 INPUT_SRCS  := common/gift_normalize.c common/gift_signature.c \
                common/gift_wsframe.c common/gift_ssereq.c
 COMMON_OBJS := $(patsubst common/%.c,$(OBJ)/common/%.o,$(COMMON_SRCS)) \
@@ -53,7 +54,7 @@ INPUT_OBJS  := $(patsubst common/%.c,$(OBJ)/common/%.o,$(INPUT_SRCS))
 BINS        := $(BUILD)/giftctl
 UNIT_TESTS  := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard \
                tests/test_proto.c tests/test_normalize.c tests/test_signature.c \
-               tests/test_nats.c))
+               tests/test_nats.c tests/test_natsconn.c))
 
 MODULE      := $(BUILD)/ngx_http_gift_module.so
 NGX_SRC     := $(BUILD)/nginx
@@ -182,6 +183,12 @@ $(BUILD)/tests/test_nats: tests/test_nats.c \
 	$(CC) $(CFLAGS) -Ingx_gift_module $(LDFLAGS) -o $@ tests/test_nats.c \
 	    ngx_gift_module/ngx_http_gift_nats_parse.c $(OBJ)/common/gift_nkey.o \
 	    -lcrypto $(CHECK_LIBS)
+
+# a stand-in NATS server in a thread, NKeys to choose its nonces
+$(BUILD)/tests/test_natsconn: tests/test_natsconn.c \
+        $(OBJ)/common/gift_natsconn.o $(OBJ)/common/gift_nkey.o
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_NATS) $(CHECK_LIBS)
 
 unit: build
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done

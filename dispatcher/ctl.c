@@ -31,6 +31,7 @@
 #include <string.h>
 
 #include "dispatcher.h"
+#include "gift_natsconn.h"
 #include "gift_util.h"
 
 static int
@@ -118,7 +119,7 @@ ctl_main(const dconf_t *c, int argc, char **argv)
         s = natsOptions_SetTimeout(o, 5000);
     }
     if (s == NATS_OK) {
-        s = natsConnection_Connect(&nc, o);
+        s = gift_nats_connect(&nc, o, nats_signs(c));
     }
     if (s != NATS_OK) {
         rc = fail(c->nats_urls[0], s);

@@ -981,6 +981,10 @@ int  nats_in_start(dsp_t *d);
  * (no callbacks).  The caller destroys *out. */
 natsStatus nats_options_base(const dconf_t *c, natsOptions **out);
 
+/* Whether those credentials sign the server's nonce (creds or nkey): what
+ * gift_nats_connect() wants to know to retry a refusal (cnats < 3.10). */
+int  nats_signs(const dconf_t *c);
+
 /* Start pulling (the first request goes out from nats_in_pull()). */
 int  nats_in_fetch_start(dsp_t *d);
 

@@ -45,6 +45,7 @@
 #include <unistd.h>
 
 #include "dispatcher.h"
+#include "gift_natsconn.h"
 #include "gift_nkey.h"
 #include "gift_util.h"
 
@@ -224,6 +225,12 @@ set_nkey(natsOptions *o, const char *file)
     return natsOptions_SetNKeyFromSeed(o, k.public_key, file);
 }
 
+int
+nats_signs(const dconf_t *c)
+{
+    return c->nats_creds != NULL || c->nats_nkey != NULL;
+}
+
 natsStatus
 nats_options_base(const dconf_t *c, natsOptions **out)
 {
@@ -388,7 +395,7 @@ hot_connect(dsp_t *d)
     char             subj[96];
 
     if (n->hnc == NULL) {
-        s = natsConnection_Connect(&nc, n->hopts);
+        s = gift_nats_connect(&nc, n->hopts, nats_signs(d->conf));
         if (s != NATS_OK) {
             gift_log(GIFT_LOG_WARN, "NATS: cannot connect to %s (hot "
                      "connection): %s; retrying", d->conf->nats_urls[0],
@@ -448,7 +455,7 @@ nats_in_start(dsp_t *d)
      * at start NATS may not be up yet (a system boot, `make run`). */
     while (!dsp_sig_term) {
         if (n->nc == NULL) {
-            s = natsConnection_Connect(&n->nc, n->opts);
+            s = gift_nats_connect(&n->nc, n->opts, nats_signs(d->conf));
             if (s != NATS_OK) {
                 n->nc = NULL;
                 if (logged++ % 10 == 0) {

@@ -24,6 +24,7 @@
 
 #include "gift.pb-c.h"
 #include "gift_json.h"
+#include "gift_natsconn.h"
 #include "gift_nkey.h"
 #include "gift_provision.h"
 #include "gift_util.h"
@@ -170,7 +171,8 @@ connect_nats(const char *url, natsConnection **nc, jsCtx **js)
         s = set_auth(opts);
     }
     if (s == NATS_OK) {
-        s = natsConnection_Connect(nc, opts);
+        s = gift_nats_connect(nc, opts,
+                              auth.creds != NULL || auth.nkey != NULL);
     }
     natsOptions_Destroy(opts);
     free(list);
