@@ -43,21 +43,11 @@ NATS=$(command -v nats-server || echo /usr/sbin/nats-server)
 rm -rf "$WORK"
 mkdir -p "$WORK"/{nats,ngx/tmp,runs}
 
-free_port() {
-    perl -MIO::Socket::INET -e '
-        for (1 .. 500) {
-            my $p = 20000 + int(rand(12000));
-            next if grep { $_ == $p } @ARGV;
-            my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1",
-                LocalPort => $p, Listen => 1, ReuseAddr => 1) or next;
-            print $p; exit 0;
-        }
-        exit 1' "$@"
-}
-taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# free_port, wait_port: shared with the other benches
+. "$ROOT/bench/lib.sh"
 
-NATS_PORT=$(free_port)
-HTTP_PORT=$(free_port "$NATS_PORT")
+free_port NATS_PORT
+free_port HTTP_PORT
 NATS_URL=nats://127.0.0.1:$NATS_PORT
 
 NATS_PID= NGX_PID= CL_PID=
@@ -89,8 +79,7 @@ trap 'exit 130' INT TERM
 "$NATS" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK/nats" \
     >"$WORK/nats.log" 2>&1 &
 NATS_PID=$!
-for _ in $(seq 100); do taken "$NATS_PORT" && break; sleep 0.1; done
-taken "$NATS_PORT" || { say "nats-server did not start"; exit 1; }
+wait_port "$NATS_PORT" nats-server "$NATS_PID" "$WORK/nats.log"
 "$GIFTCTL" -s "$NATS_URL" setup >"$WORK/setup.log" 2>&1 ||
     { cat "$WORK/setup.log" >&2; exit 1; }
 
@@ -143,8 +132,7 @@ http {
 EOF
     "$NGINX" -c "$WORK/ngx/nginx.conf" -p "$WORK/ngx" &
     NGX_PID=$!
-    for _ in $(seq 100); do taken "$HTTP_PORT" && break; sleep 0.1; done
-    taken "$HTTP_PORT" || { say "nginx did not start"; exit 1; }
+    wait_port "$HTTP_PORT" nginx "$NGX_PID" "$WORK/ngx/error.log"
     sleep 1
     "$FANBENCH" clients -u "http://127.0.0.1:$HTTP_PORT/gift/events" -c 1 \
         -d $((SECS + 6)) >"$WORK/runs/clients.$1.log" 2>&1 &
