@@ -83,6 +83,22 @@ is_deeply([map { $p->{$_}{cmd} } @outside], [],
 my ($st) = GiftTest::post_gift($port{HTTP}, GiftTest::gift());
 is($st, 202, 'a gift through the stack: 202');
 
+# the dispatcher runs the example rendered for simulated motors: per gift
+# and per command 100,000 rounds, the pace unlimited, said explicitly;
+# the example itself (for real motors) keeps finite limits
+my $conf = GiftTest::slurp("$dir/run/gift-dispatcher.conf");
+my $example = GiftTest::slurp("$root/dispatcher/gift-dispatcher.conf.example");
+like($conf, qr/^\s*max_rounds = 100000;/m, 'make run: max_rounds 100000');
+like($conf, qr/^\s*coalesce_max_rounds = 100000;/m,
+    'make run: coalesce_max_rounds 100000');
+like($conf, qr/^\s*rounds_per_minute = "unlimited";/m,
+    'make run: rounds_per_minute "unlimited", explicitly');
+like($example, qr/^\s*max_rounds = 10000;/m, 'the example: max_rounds 10000');
+like($example, qr/^\s*coalesce_max_rounds = 1000;/m,
+    'the example: coalesce_max_rounds 1000');
+like($example, qr/^\s*rounds_per_minute = 6000;/m,
+    'the example: rounds_per_minute 6000');
+
 # Ctrl-C: SIGINT to the whole group
 kill 'INT', -$pgid;
 ok(GiftTest::wait_until(120, sub {
