@@ -116,6 +116,16 @@ put_value(dsp_t *d, uint64_t *rev, uint64_t last, int released)
     return s;
 }
 
+/* A lease value of ours, not released: its first line is who we are
+ * (compose()); `val` is set once at start. */
+static int
+is_ours(const dsp_t *d, const char *v)
+{
+    size_t n = strlen(d->lease.val);
+
+    return v != NULL && strncmp(v, d->lease.val, n) == 0 && v[n] == '\n';
+}
+
 static int64_t
 margin_us(const dconf_t *c)
 {
@@ -192,6 +202,20 @@ lease_main(void *arg)
             /* lost (the revision moved on), or unreachable? */
             e = NULL;
             s = kvStore_Get(&e, d->lease.kv, GIFT_LEASE_KEY);
+            if (s == NATS_OK && kvEntry_Revision(e) != d->lease.rev
+                && is_ours(d, kvEntry_ValueString(e)))
+            {
+                /*
+                 * Our own value on a newer revision: a renewal sent during
+                 * an outage was written after all (its answer was lost).
+                 * Still ours: renew on that revision at once, rather than
+                 * standing by for a lease we hold (and releasing gifts).
+                 */
+                d->lease.rev = kvEntry_Revision(e);
+                kvEntry_Destroy(e);
+                next_renew = 0;
+                continue;
+            }
             if (s == NATS_NOT_FOUND
                 || (s == NATS_OK && kvEntry_Revision(e) != d->lease.rev))
             {
