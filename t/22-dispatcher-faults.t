@@ -29,8 +29,13 @@ my $rules = "    rule = (\n" . join(",\n", map {
 # killed dispatcher held comes back within the test's time.
 my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $st->{port},
     extra_mqtt => $st->conf(1), rules => $rules, rpc_timeout_ms => 1000,
+    # a lease longer than the NATS outage below: within it the dispatcher
+    # keeps sending (the exactly-once case); an outage past the lease's
+    # sending window fences it, and what it held then falls back to the
+    # firmware's event-id window (as after kill -9)
     extra_nats => 'ack_wait_ms = 3000; publish_timeout_ms = 1000; '
-        . 'publish_retry_ms = 200; retry_delays_ms = [ 200 ];',
+        . 'publish_retry_ms = 200; retry_delays_ms = [ 200 ]; '
+        . 'lease_ms = 15000;',
     extra_devices => 'coalesce_max_events = 8;');
 my $d = GiftDispatch::start_dispatcher(%dconf);
 
