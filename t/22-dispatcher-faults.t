@@ -69,6 +69,21 @@ my $motors = sub {
 # yet); 0 where it promises exactly once.
 my $dup0 = 0;
 my $dups = sub { $tb->totals->{totals}{duplicates} };
+# Which gifts were repeated, and what the dispatcher said about them.
+my $why = sub {
+    my ($n) = @_;
+    my @rep = GiftTest::slurp($tb->log) =~ /event (\S+) repeated/g;
+    my @ids = @rep[($#rep - $n + 1 < 0 ? 0 : $#rep - $n + 1) .. $#rep];
+    @ids = @ids[0 .. 4] if @ids > 5;
+    my $log = $d->log_text;
+    for my $id (@ids) {
+        diag "repeated: $id";
+        diag "  $_" for grep { /\b\Q$id\E\b/ } split /\n/, $log;
+    }
+    diag "dispatcher log: lease and connections:";
+    diag "  $_" for grep { /lease|NATS:|active|released|timed out|stall/ }
+        split /\n/, $log;
+};
 my $settled = sub {
     my ($what, $max_dup) = @_;
     ok(GiftTest::wait_until(45, sub {
@@ -89,7 +104,8 @@ my $settled = sub {
     if (defined $max_dup) {
         my $n = $dups->() - $dup0;
         cmp_ok($n, '<=', $max_dup,
-            "$what: $n commands repeated for executed ids (<= $max_dup)");
+            "$what: $n commands repeated for executed ids (<= $max_dup)")
+            or $why->($n);
     }
     $dup0 = $dups->();
 };

@@ -691,7 +691,10 @@ on_message(struct mosquitto *m, void *obj, const struct mosquitto_message *msg)
             eid = json_string_value(idv);
             h = hash_str(eid);
             if (window_has(d, eid, h)) {
+                /* named, so that a test that finds repeats can say which */
                 d->duplicates++;
+                gift_log(GIFT_LOG_INFO, "device %s: event %s repeated "
+                         "(executed already)", d->name, eid);
                 continue;
             }
             window_add(d, eid, h);
