@@ -217,6 +217,9 @@ gift_ack_and_free(dsp_t *d, dgift_t *g)
     if (failpoint_acks > 0 && --failpoint_acks == 0) {
         gift_log(GIFT_LOG_WARN, "failpoint: exiting before the ack of %s",
                  event_id(g));
+        /* what was sent before the ack has left (a marker written just
+         * now), as in a crash a moment later */
+        (void) nats_in_flush(d, 2000);
         _exit(9);
     }
     s = nats_in_ack(d, g->msg, DACK_ACK, 0);       /* asynchronous */
@@ -754,16 +757,31 @@ dispatch_kv(dsp_t *d, dkvjob_t *j)
                 memcpy(g->first_dev, j->adev, sizeof(g->first_dev));
             }
         }
-        if (j->found && j->val == NULL) {
-            /* the probe found its GiftAck in GIFT_ACKS: done */
+        if (j->found && (j->val == NULL || j->len == 0)) {
+            /* the probe found its GiftAck in GIFT_ACKS (or an empty
+             * marker says an earlier probe did): done */
             gift_log(GIFT_LOG_INFO, "event %s (seq %" PRIu64 ", delivery %"
-                     PRIu64 ") was done already (its GiftAck is stored): "
-                     "acknowledged without a command", event_id(g), g->seq,
-                     g->delivered);
+                     PRIu64 ") was done already (%s): acknowledged without "
+                     "a command", event_id(g), g->seq, g->delivered,
+                     j->val == NULL ? "its GiftAck is stored"
+                                    : "its marker says its GiftAck is stored");
             STAT_ADD(d, done_hits, 1);
+            if (j->val == NULL && j->key != NULL) {
+                /* its marker was lost: an empty one now covers later
+                 * redeliveries past GIFT_ACKS' duplicate window */
+                publish_marker(d, g, "", 0);
+            }
             kv_job_free(j);
             gift_ack_and_free(d, g);
             return;
+        }
+        if (!j->found) {
+            /* a redelivery whose earlier deliveries never completed (a
+             * release, a crash before the answer): sent as new */
+            gift_log(GIFT_LOG_INFO, "event %s (seq %" PRIu64 ", delivery %"
+                     PRIu64 ") not done before (no completion marker, no "
+                     "stored GiftAck): handled as new", event_id(g), g->seq,
+                     g->delivered);
         }
         if (!j->found || gift_done_again(d, g, j->val, j->len) != 0) {
             gift_route(d, g);
@@ -885,7 +903,9 @@ dispatch_msg(dsp_t *d, natsMsg *m)
         /* did an earlier delivery complete?  (a crash between the
          * device's answer and the ack) */
         j = kv_job_new(KVJ_DONE, g->seq);
-        if (j != NULL && !d->conf->done_markers) {
+        if (j != NULL) {
+            /* without markers the probe of GIFT_ACKS answers; with them
+             * it answers when the marker is missing (kv.c) */
             char stem[2 * GIFT_ID_MAX + 64];
 
             msg_id_stem(g, stem, sizeof(stem) - 4);

@@ -117,6 +117,9 @@ int         gift_answered(dsp_t *d, dgift_t *g, const drpc_t *r,
 int         gift_publish(dsp_t *d, dgift_t *g, const char *subject,
     const void *data, size_t len, const char *msg_id, const char **hdrs);
 
+/* The completion marker of g: its GiftAck bytes, or empty ("done, its
+ * GiftAck is stored"); a core publish. */
+void        publish_marker(dsp_t *d, dgift_t *g, const void *data, size_t len);
 /* The GiftAck `a` of g, and with `marker` the completion marker first. */
 void        publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a,
     int marker);

@@ -835,6 +835,7 @@ typedef struct {
     int64_t          takeover_us;  /* shared: the last takeover's time */
     uint64_t         takeovers;    /* shared */
     int              seen_active;  /* main thread: the state it acted on */
+    int64_t          fenced_us;    /* main: when it stopped sending, or 0 */
 } dlease_t;
 
 struct dsp {

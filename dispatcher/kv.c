@@ -7,9 +7,10 @@
  *   kv       takes jobs from a queue and answers them through d->kv.out:
  *              KVJ_DONE    is there a completion marker in GIFT_DONE for
  *                          this event (asked for redeliveries only: a
- *                          first delivery cannot have one)?  Without
- *                          markers, a probe of GIFT_ACKS' duplicate
- *                          window answers instead (run_probe).
+ *                          first delivery cannot have one)?  When it
+ *                          has none, or without markers, a probe of
+ *                          GIFT_ACKS' duplicate window answers
+ *                          (run_probe).
  *              KVJ_STREAK  claim a streak frame's increment in
  *                          GIFT_STREAKS by compare-and-set (streaks.c
  *                          says what a frame adds).
@@ -507,6 +508,15 @@ kv_main(void *arg)
             }
         } else if (j->kind == KVJ_DONE) {
             run_done(k, j);
+            if (!j->found && !j->failed && j->probe_id != NULL) {
+                /* No marker.  Was the GiftAck stored all the same?  A
+                 * server that stops runs its streams down one by one:
+                 * the marker can find GIFT_DONE gone while GIFT_ACKS
+                 * still stores the GiftAck just after it and answers
+                 * its PubAck, and the consumer's ack is lost with the
+                 * server. */
+                run_probe(k, j);
+            }
             if (!j->found && !j->failed) {
                 run_attempts(k, j);
             }

@@ -234,8 +234,14 @@ lease_check(dsp_t *d)
     }
     d->lease.seen_active = !d->lease.seen_active;
     if (!d->lease.seen_active) {
+        d->lease.fenced_us = gift_mono_us();
         dispatch_standby(d);
         return;
+    }
+    if (d->lease.fenced_us != 0) {
+        gift_log(GIFT_LOG_WARN, "the active dispatcher again after %" PRId64
+                 " ms: sending", (gift_mono_us() - d->lease.fenced_us) / 1000);
+        d->lease.fenced_us = 0;
     }
     lease_take_over_rates(d);
     d->lease.rates_us = 0;

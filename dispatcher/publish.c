@@ -108,9 +108,11 @@ gift_publish(dsp_t *d, dgift_t *g, const char *subject, const void *data,
 /* ------------------------------------------------------------ GiftAcks */
 
 /* The completion marker of g: `data` (its GiftAck) as the value of key
- * <event id> in GIFT_DONE, by a core publish (see publish_ack). */
-static void
-marker_send(dsp_t *d, dgift_t *g, const void *data, size_t len)
+ * <event id> in GIFT_DONE, by a core publish (see publish_ack).  An empty
+ * value says "done, its GiftAck is stored" (written when a redelivery
+ * found the GiftAck but no marker: dispatch_kv). */
+void
+publish_marker(dsp_t *d, dgift_t *g, const void *data, size_t len)
 {
     char  ksubj[sizeof("$KV." GIFT_KV_DONE ".") + GIFT_KVKEY_SIZE(GIFT_ID_MAX)];
     int   n;
@@ -140,7 +142,11 @@ marker_send(dsp_t *d, dgift_t *g, const void *data, size_t len)
  * always comes after a marker sent on the same connection, and a
  * redelivery of the gift -- the server's ack wait may run out during the
  * outage, or cross our late ack -- finds it done instead of turning the
- * motor again.
+ * motor again.  One case this cannot cover: a server that stops runs its
+ * streams down one by one, so the marker can find GIFT_DONE gone while
+ * GIFT_ACKS still stores the GiftAck and answers; the ack is then lost
+ * with the server.  A redelivery without a marker therefore also asks
+ * GIFT_ACKS (kv.c, run_probe).
  */
 void
 publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a, int marker)
@@ -171,7 +177,7 @@ publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a, int marker)
 
     if (marker && event_id(g)[0] != '\0') {
         g->marker = 1;
-        marker_send(d, g, buf, len);
+        publish_marker(d, g, buf, len);
     }
 
     snprintf(subject, sizeof(subject), GIFT_SUBJ_ACKS_PREFIX "%s",
@@ -263,8 +269,8 @@ publish_timers(dsp_t *d, int64_t now, int64_t next)
             if (t->g->marker) {
                 /* its GiftAck (a gift with a marker publishes nothing
                  * else): the marker may have been lost with it */
-                marker_send(d, t->g, natsMsg_GetData(t->m),
-                            (size_t) natsMsg_GetDataLength(t->m));
+                publish_marker(d, t->g, natsMsg_GetData(t->m),
+                           (size_t) natsMsg_GetDataLength(t->m));
             }
             if (send_tracked(d, t->g, t->m, NULL, 1) != 0) {
                 (void) retry_later(d, t->g, t->m);

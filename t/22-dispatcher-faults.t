@@ -29,13 +29,10 @@ my $rules = "    rule = (\n" . join(",\n", map {
 # killed dispatcher held comes back within the test's time.
 my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $st->{port},
     extra_mqtt => $st->conf(1), rules => $rules, rpc_timeout_ms => 1000,
-    # a lease longer than the NATS outage below: within it the dispatcher
-    # keeps sending (the exactly-once case); an outage past the lease's
-    # sending window fences it, and what it held then falls back to the
-    # firmware's event-id window (as after kill -9)
+    # the default lease (5 s): the NATS outage below outlasts its sending
+    # window (4 s), so the dispatcher fences itself during it
     extra_nats => 'ack_wait_ms = 3000; publish_timeout_ms = 1000; '
-        . 'publish_retry_ms = 200; retry_delays_ms = [ 200 ]; '
-        . 'lease_ms = 15000;',
+        . 'publish_retry_ms = 200; retry_delays_ms = [ 200 ];',
     extra_devices => 'coalesce_max_events = 8;');
 my $d = GiftDispatch::start_dispatcher(%dconf);
 
@@ -131,18 +128,23 @@ ok(GiftTest::wait_until(15, sub {
 $settled->('broker restart', 4 * 64);
 
 # --------------------------------------------------------------- NATS server
-# Down for longer than the ack wait (3 s): the server redelivers what the
-# dispatcher still holds (no InProgress could reach it), gifts finish while
-# it is down (their GiftAcks, and the completion markers sent with them,
-# fail and are sent again), and late acks cross redeliveries.  Exactly
-# once all the same: a redelivery of a held gift replaces its delivery, a
-# redelivery of a finished one finds its completion marker.
+# Down for 6 s: longer than the ack wait (3 s), so the server redelivers
+# what the dispatcher still holds (no InProgress could reach it), and
+# longer than the lease's sending window (4 s), so the dispatcher fences
+# itself: it stops sending, releases what waits in device queues, lets its
+# RPCs in flight finish.  Gifts finish while it is down (their GiftAcks,
+# and the completion markers sent with them, fail and are sent again), a
+# stopping server may store a GiftAck and drop its marker, and late acks
+# cross redeliveries.  Exactly once all the same: a redelivery of a held
+# gift replaces its delivery, a redelivery of a finished one finds its
+# completion marker or its stored GiftAck.
 GiftDispatch::js_publish_gifts($nats->url, $batch->(2000, 'nats'));
 $turning->();
 my $rh = 'gift_dispatcher_gifts_redelivered_while_held_total';
 my $held0 = $d->metric($rh) // 0;
+my $log0 = length $d->log_text;
 $nats->stop;
-sleep 4;
+sleep 6;
 $nats->start;
 ok(GiftTest::wait_until(15, sub {
     my $l = $d->log_text;
@@ -151,6 +153,8 @@ ok(GiftTest::wait_until(15, sub {
 }), 'NATS restarted: the dispatcher reconnected (both connections)');
 $settled->('NATS restart', 0);
 ok(GiftTest::alive($d->pid), 'the same dispatcher kept running');
+like(substr($d->log_text, $log0), qr/no longer the active dispatcher(?s:.*)the active dispatcher again after \d+ ms: sending/,
+    'NATS restart: the dispatcher fenced itself during the outage, then sent again');
 # (how many depends on what InProgress reached the new server first)
 diag 'NATS restart: ' . (($d->metric($rh) // 0) - $held0)
     . ' deliveries of gifts the dispatcher held';

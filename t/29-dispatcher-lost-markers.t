@@ -11,7 +11,8 @@
 #
 # Gifts turn while the two streams refuse writes; then the limits are
 # lifted.  Each gift ends with one GiftAck, its completion marker, and no
-# command repeated.
+# command repeated.  Then the marker alone is lost, its GiftAck stored and
+# the ack lost: the redelivery is found done by the GiftAck.
 
 use strict;
 use warnings;
@@ -110,6 +111,64 @@ is(scalar @unmarked, 0, 'every gift has its completion marker')
 is_deeply($motors->(), \%want, 'per-device rounds exact');
 is($tb->totals->{totals}{duplicates}, 0, 'no command repeated');
 
+is($d->stop('TERM', 15), 0, 'SIGTERM: exit 0');
+
+# The marker lost, the GiftAck stored, and the consumer's ack lost.  A
+# server that stops runs its streams down one by one: the marker can find
+# GIFT_DONE gone while GIFT_ACKS still stores the GiftAck sent just after
+# it and answers its PubAck, and the ack goes nowhere.  Here KV_GIFT_DONE
+# refuses writes and the failpoint exits just before the ack.  The
+# redelivery finds no marker; GIFT_ACKS' duplicate window says the gift
+# was done, and no command goes out again.
+$limit->('KV_GIFT_DONE');
+my $dup0 = $tb->totals->{totals}{duplicates};
+{
+    local $ENV{GIFT_DISPATCHER_FAILPOINT} = 'exit_before_ack=1';
+    $d->start;
+}
+my $g = GiftDispatch::gift(giftName => 'G1', diamond => 7, quantity => 1,
+    eventId => 'nomark-1');
+$want{motor_01} += 7;
+push @ids, 'nomark-1';
+is(GiftDispatch::js_publish_gifts($nats->url, $g), 1, 'a gift stored');
+ok(GiftTest::wait_until(20, sub { !GiftTest::alive($d->pid) }, 0.05),
+    'the dispatcher exited just before its ack') or diag $d->log_text;
+$d->stop('KILL', 5);
+ok((grep { $_->{ack}{event_id} eq 'nomark-1' }
+    GiftDispatch::acks($nats->url)), '... its GiftAck is stored');
+ok(!(grep { $_->{subject} =~ /\.nomark-1$/ }
+    GiftDispatch::stream_messages($nats->url, 'KV_GIFT_DONE')),
+    '... its completion marker is not');
+$limit->('KV_GIFT_DONE', -1);
+# the redelivery: found done by its GiftAck, and an empty marker written;
+# the failpoint loses this ack too
+{
+    local $ENV{GIFT_DISPATCHER_FAILPOINT} = 'exit_before_ack=1';
+    $d->start;
+}
+ok(GiftTest::wait_until(20, sub { !GiftTest::alive($d->pid) }, 0.05),
+    'the redelivery: exited before its ack again') or diag $d->log_text;
+$d->stop('KILL', 5);
+like($d->log_text, qr/event nomark-1 \(seq \d+, delivery \d+\) was done already \(its GiftAck is stored\)/,
+    '... found done by its stored GiftAck');
+my ($mk) = grep { $_->{subject} =~ /\.nomark-1$/ }
+    GiftDispatch::stream_messages($nats->url, 'KV_GIFT_DONE');
+ok($mk && length($mk->{data} // '') == 0,
+    '... and an empty marker now says so (for redeliveries past the '
+    . 'duplicate window)');
+# the next redelivery: the empty marker answers
+$d->start;
+ok(GiftTest::wait_until(15, sub {
+    GiftDispatch::consumer_state($nats->url)->{num_ack_pending} == 0
+        && $d->log_text =~ /nomark-1/
+}, 0.1), 'the next redelivery is acked');
+like($d->log_text, qr/event nomark-1 \(seq \d+, delivery \d+\) was done already \(its marker says its GiftAck is stored\)/,
+    '... found done by the empty marker');
+is($tb->totals->{totals}{duplicates} - $dup0, 0,
+    'no command went out again');
+is_deeply($motors->(), \%want, 'per-device rounds exact');
+is(scalar(grep { $_->{ack}{event_id} eq 'nomark-1' }
+    GiftDispatch::acks($nats->url)), 1, 'one GiftAck');
 is($d->stop('TERM', 15), 0, 'SIGTERM: exit 0');
 $st->stop;
 is_deeply([ GiftDispatch::sanitizer_reports(GiftTest::slurp($_)) ], [],
