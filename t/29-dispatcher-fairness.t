@@ -4,7 +4,7 @@
 # nats.max_inflight (devices.max_held), the rest of its backlog is released
 # back to the stream for later, and motor_02's gifts, stored after that
 # backlog, keep completing.  When motor_01 is back its backlog turns, each
-# gift once.
+# gift once.  The same for a paused motor_03.
 
 use strict;
 use warnings;
@@ -71,8 +71,39 @@ is($t->{motor_01}{rounds}, $N1, "motor_01 turned $N1 rounds");
 # gifts (64), and never a round twice (above)
 cmp_ok($t->{motor_01}{duplicates} + $t->{motor_02}{duplicates}, '<=', 64,
     'commands repeated for executed ids within one command');
+
+# A paused device holds no more than its share either.
+my ($out, $rc) = $d->ctl('pause', 'motor_03');
+is($rc, 0, 'ctl pause motor_03') or diag $out;
+my $N3 = 1000;
+is(GiftDispatch::js_publish_gifts($nats->url, map {
+    GiftDispatch::gift(giftName => 'Motor', diamond => 1, quantity => 1,
+        eventId => "m3-$_") } 1 .. $N3), $N3, "$N3 gifts for paused motor_03");
+ok(GiftTest::wait_until(30, sub {
+    ($d->metric('gift_dispatcher_device_queued{device="motor_03"}') // 0) > 0
+}, 0.1), '... it holds some');
+is(GiftDispatch::js_publish_gifts($nats->url, map {
+    GiftDispatch::gift(giftName => 'Rose', diamond => 1, quantity => 2,
+        eventId => "m2-p-$_") } 1 .. 100), 100,
+    '100 gifts for motor_02, behind motor_03\'s backlog');
+$N2 += 100;
+ok(GiftTest::wait_until(60, sub { $acked->(qr/^m2-/) >= $N2 }, 0.2),
+    '... all acknowledged while motor_03 is paused')
+    or diag 'acked ' . $acked->(qr/^m2-/);
+my $h3 = ($d->metric('gift_dispatcher_device_queued{device="motor_03"}') // 0)
+    + ($d->metric('gift_dispatcher_device_inflight{device="motor_03"}') // 0);
+cmp_ok($h3, '<=', 50, "... motor_03 holds $h3 <= its share of 50");
+is($acked->(qr/^m3-/), 0, 'motor_03 turned nothing meanwhile');
+($out, $rc) = $d->ctl('resume', 'motor_03');
+is($rc, 0, 'ctl resume motor_03') or diag $out;
+ok(GiftTest::wait_until(120, sub { $acked->(qr/^m3-/) >= $N3 }, 0.5),
+    "motor_03 resumed: its $N3 gifts are acknowledged")
+    or diag 'acked ' . $acked->(qr/^m3-/);
+is($tb->totals->{devices}{motor_03}{rounds}, $N3, "motor_03 turned $N3 rounds");
+is($tb->totals->{devices}{motor_02}{rounds}, 2 * $N2, "motor_02 turned 2 x $N2");
+
 is(scalar(GiftDispatch::dead_letters($nats->url)), 0, 'no dead letters');
-is(scalar(() = GiftDispatch::acks($nats->url)), $N1 + $N2,
+is(scalar(() = GiftDispatch::acks($nats->url)), $N1 + $N2 + $N3,
     'one GiftAck per gift');
 
 is($d->stop('TERM'), 0, 'the dispatcher exits 0');
