@@ -460,9 +460,10 @@ gift_answered(dsp_t *d, dgift_t *g, const drpc_t *r, drpc_reply_rc rc,
 
 /*
  * A marker can exist only if this very stream message was delivered
- * before (NumDelivered > 1), or when it is a DLQ replay (giftctl gives it
- * the Nats-Msg-Id "<event id>:replay:<seq>").  First deliveries, nearly
- * all of them, skip the lookup.
+ * before (NumDelivered > 1, or a stream sequence at or below one delivered
+ * before: seq_seen), or when it is a DLQ replay (giftctl gives it the
+ * Nats-Msg-Id "<event id>:replay:<seq>").  First deliveries, nearly all of
+ * them, skip the lookup.
  */
 static int
 done_check_needed(dgift_t *g)
@@ -471,7 +472,7 @@ done_check_needed(dgift_t *g)
 
     g->replay = natsMsgHeader_Get(g->msg, "Nats-Msg-Id", &id) == NATS_OK
                 && id != NULL && strstr(id, ":replay:") != NULL;
-    return g->delivered > 1 || g->replay;
+    return g->delivered > 1 || g->replay || g->seq_seen;
 }
 
 /* Past max_gift_age (by nginx's clock, else the sender's)? */
@@ -778,10 +779,10 @@ dispatch_kv(dsp_t *d, dkvjob_t *j)
         if (!j->found) {
             /* a redelivery whose earlier deliveries never completed (a
              * release, a crash before the answer): sent as new */
-            gift_log(GIFT_LOG_INFO, "event %s (seq %" PRIu64 ", delivery %"
-                     PRIu64 ") not done before (no completion marker, no "
-                     "stored GiftAck): handled as new", event_id(g), g->seq,
-                     g->delivered);
+            gift_log(g->delivered > 1 ? GIFT_LOG_INFO : GIFT_LOG_DEBUG,
+                     "event %s (seq %" PRIu64 ", delivery %" PRIu64 ") not "
+                     "done before (no completion marker, no stored GiftAck):"
+                     " handled as new", event_id(g), g->seq, g->delivered);
         }
         if (!j->found || gift_done_again(d, g, j->val, j->len) != 0) {
             gift_route(d, g);
@@ -834,6 +835,7 @@ dispatch_msg(dsp_t *d, natsMsg *m)
     dgift_t       *g;
     dkvjob_t      *j;
     int64_t        now = gift_mono_us();
+    int            seen;
     const Gift__V1__GiftEvent *e;
 
     if (js_ack_meta(natsMsg_GetReply(m), &sseq, &delivered, &pending) != 0) {
@@ -842,6 +844,15 @@ dispatch_msg(dsp_t *d, natsMsg *m)
         natsMsg_Destroy(m);
         d->credit_back++;
         return;
+    }
+
+    /* A first delivery comes in stream order, above every sequence
+     * delivered before; one at or below them was delivered before,
+     * whatever its count says (the server may say 1: main.c,
+     * lease_check) */
+    seen = delivered == 1 && sseq <= d->seq_hwm;
+    if (sseq > d->seq_hwm) {
+        d->seq_hwm = sseq;
     }
 
     if ((g = dmap_get(&d->by_seq, sseq)) != NULL) {
@@ -874,6 +885,7 @@ dispatch_msg(dsp_t *d, natsMsg *m)
     g->msg = m;
     g->seq = sseq;
     g->delivered = delivered;
+    g->seq_seen = seen;
     STAT_SET(d, consumer_pending, pending);
     d->nheld++;
     STAT_ADD(d, received, 1);

@@ -509,6 +509,9 @@ struct dgift {
     uint64_t               rounds_done;  /* ... their rounds */
     dgift_state            state;
     int                    replay;       /* a DLQ replay (giftctl dlq) */
+    int                    seq_seen;     /* delivery count 1, but at or
+                                            below d->seq_hwm: delivered
+                                            before all the same */
     int                    marker;       /* its GiftAck has a completion
                                             marker, sent again before each
                                             retry of it (publish.c) */
@@ -836,6 +839,9 @@ typedef struct {
     uint64_t         takeovers;    /* shared */
     int              seen_active;  /* main thread: the state it acted on */
     int64_t          fenced_us;    /* main: when it stopped sending, or 0 */
+    uint64_t         seq_floor;    /* shared: the consumer's delivered
+                                      stream sequence when we became the
+                                      owner (UINT64_MAX: unknown) */
 } dlease_t;
 
 struct dsp {
@@ -861,6 +867,9 @@ struct dsp {
     drpc_t            *rpcs, *rpcs_tail;   /* in flight, by deadline */
     dretry_t          *retries, *retries_tail;   /* publish.c */
     int                credit_back;        /* slots freed this iteration */
+    uint64_t           seq_hwm;            /* the highest stream sequence
+                                              delivered before, as far as
+                                              we know (dispatch_msg) */
 
     int                stopping;
     int64_t            stop_deadline_us;

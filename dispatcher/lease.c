@@ -135,10 +135,43 @@ margin_us(const dconf_t *c)
     return m < 500000 ? 500000 : m;
 }
 
+/*
+ * The consumer's delivered stream sequence, for the main thread's
+ * seq_hwm (dispatch_msg): a message at or below it was delivered before,
+ * to us or to the last owner, whatever delivery count it carries.  On
+ * failure UINT64_MAX: every message is looked up until the next owner.
+ */
+static void
+note_delivered(dsp_t *d)
+{
+    jsConsumerInfo *ci = NULL;
+    jsErrCode       jerr = 0;
+    natsStatus      s;
+    int             i;
+
+    for (i = 0; i < 3; i++) {
+        s = js_GetConsumerInfo(&ci, d->nats.js, GIFT_STREAM_EVENTS,
+                               GIFT_CONSUMER, NULL, &jerr);
+        if (s == NATS_OK) {
+            LS(seq_floor, ci->Delivered.Stream);
+            jsConsumerInfo_Destroy(ci);
+            return;
+        }
+        if (lease_wait(d, 200)) {
+            break;
+        }
+    }
+    gift_log(GIFT_LOG_WARN, "lease: cannot read the consumer's delivered "
+             "sequence (%s): every gift is looked up in GIFT_DONE until the "
+             "next take-over", natsStatus_GetText(s));
+    LS(seq_floor, UINT64_MAX);
+}
+
 static void
 became_owner(dsp_t *d, int64_t t0, uint64_t rev, int64_t gap_us,
     const char *how, const char *prev)
 {
+    note_delivered(d);
     d->lease.rev = rev;
     LS(until_us, t0 + (int64_t) d->conf->lease_ms * 1000 - margin_us(d->conf));
     LS(active, 1);

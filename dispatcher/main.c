@@ -243,6 +243,21 @@ lease_check(dsp_t *d)
                  " ms: sending", (gift_mono_us() - d->lease.fenced_us) / 1000);
         d->lease.fenced_us = 0;
     }
+    {
+        /* nats-server 2.9 may send a message delivered before as a new
+         * one, delivery count 1, when a redelivery finds no live pull
+         * request (consumer.go "We will redo this one": o.sseq--, fixed
+         * in 2.10.14/2.10.16); each such step moves the consumer's
+         * delivered sequence back by one, a release at a stop at most
+         * once per gift held: max_inflight above it covers them */
+        uint64_t f = __atomic_load_n(&d->lease.seq_floor, __ATOMIC_ACQUIRE);
+        uint64_t m = (uint64_t) d->conf->max_inflight;
+        uint64_t h = f > UINT64_MAX - m ? UINT64_MAX : f + m;
+
+        if (h > d->seq_hwm) {
+            d->seq_hwm = h;
+        }
+    }
     lease_take_over_rates(d);
     d->lease.rates_us = 0;
     if (!d->stopping) {

@@ -81,9 +81,8 @@ sub pull_one {
 my ($dseq, $reply, $dt) = pull_one();
 ok(defined $dseq, 'the released gift can be delivered again at once')
     or diag 'nothing within 5 s';
-# (the consumer's second delivery; its delivery count may say 1: nats-server
-# 2.9 counts back a redelivery that found the stopped dispatcher's pull
-# request without interest)
+# (the consumer's second delivery; its delivery count says 1 on
+# nats-server 2.9: t/27-dispatcher-redelivered-as-new.t says why)
 is($dseq, 2, "... the consumer's second delivery") or diag "reply subject: $reply";
 cmp_ok($dt // 99, '<', 5,
     sprintf('... within the pull (%.2f s; the ack wait and the back-off '
