@@ -840,7 +840,8 @@ typedef struct {
     int              seen_active;  /* main thread: the state it acted on */
     int64_t          fenced_us;    /* main: when it stopped sending, or 0 */
     uint64_t         seq_floor;    /* shared: the consumer's delivered
-                                      stream sequence when we became the
+                                      stream sequence plus its messages
+                                      pending an ack when we became the
                                       owner (UINT64_MAX: unknown) */
 } dlease_t;
 

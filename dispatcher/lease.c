@@ -136,10 +136,15 @@ margin_us(const dconf_t *c)
 }
 
 /*
- * The consumer's delivered stream sequence, for the main thread's
+ * The highest stream sequence delivered before, for the main thread's
  * seq_hwm (dispatch_msg): a message at or below it was delivered before,
- * to us or to the last owner, whatever delivery count it carries.  On
- * failure UINT64_MAX: every message is looked up until the next owner.
+ * to us or to the last owner, whatever delivery count it carries.  It is
+ * the consumer's delivered sequence plus its messages pending an ack:
+ * nats-server 2.9 steps its delivered sequence back by one each time a
+ * redelivery finds no live pull request (consumer.go "We will redo this
+ * one": o.sseq--), and the message that failed stays pending, so there
+ * are at most as many such steps, past and to come, as pending messages.
+ * On failure UINT64_MAX: every message is looked up until the next owner.
  */
 static void
 note_delivered(dsp_t *d)
@@ -153,7 +158,11 @@ note_delivered(dsp_t *d)
         s = js_GetConsumerInfo(&ci, d->nats.js, GIFT_STREAM_EVENTS,
                                GIFT_CONSUMER, NULL, &jerr);
         if (s == NATS_OK) {
-            LS(seq_floor, ci->Delivered.Stream);
+            uint64_t f = ci->Delivered.Stream;
+            uint64_t p = ci->NumAckPending > 0 ? (uint64_t) ci->NumAckPending
+                                               : 0;
+
+            LS(seq_floor, f > UINT64_MAX - p ? UINT64_MAX : f + p);
             jsConsumerInfo_Destroy(ci);
             return;
         }

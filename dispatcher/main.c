@@ -245,14 +245,9 @@ lease_check(dsp_t *d)
     }
     {
         /* nats-server 2.9 may send a message delivered before as a new
-         * one, delivery count 1, when a redelivery finds no live pull
-         * request (consumer.go "We will redo this one": o.sseq--, fixed
-         * in 2.10.14/2.10.16); each such step moves the consumer's
-         * delivered sequence back by one, a release at a stop at most
-         * once per gift held: max_inflight above it covers them */
-        uint64_t f = __atomic_load_n(&d->lease.seq_floor, __ATOMIC_ACQUIRE);
-        uint64_t m = (uint64_t) d->conf->max_inflight;
-        uint64_t h = f > UINT64_MAX - m ? UINT64_MAX : f + m;
+         * one, delivery count 1 (lease.c, note_delivered): what the last
+         * owner was given counts as delivered before */
+        uint64_t h = __atomic_load_n(&d->lease.seq_floor, __ATOMIC_ACQUIRE);
 
         if (h > d->seq_hwm) {
             d->seq_hwm = h;
