@@ -655,6 +655,8 @@ typedef struct {
     int                on;         /* nats_in_fetch_start() was called */
     int                stop;       /* pull nothing more */
     int                reconnected;/* hnc reconnected (atomic: callback) */
+    int                hot_down;   /* hnc disconnected, not yet back
+                                      (atomic: callbacks) */
     uint64_t           pulls;      /* requests sent (debug log) */
 
     /* JetStream publishes: reply <pub_prefix>.<seq>, PubAcks on asub */
@@ -1013,6 +1015,7 @@ int64_t nats_in_pull(dsp_t *d, int64_t now);
 int  nats_in_fd(dsp_t *d, short *events);
 void nats_in_io(dsp_t *d, short revents);
 void nats_in_write(dsp_t *d);
+int  nats_in_hot_down(dsp_t *d);
 
 /* The next message of the pull inbox (current, then retired ones) that
  * the main thread has not taken yet, or NULL; for nats_in_arrived(). */

@@ -97,6 +97,9 @@ on_disconnected(natsConnection *nc, void *closure)
     gift_log(d->nats.closing ? GIFT_LOG_DEBUG : GIFT_LOG_WARN,
              "NATS: disconnected (%s connection)%s", conn_name(d, nc),
              d->nats.closing ? "" : "; reconnecting");
+    if (nc == __atomic_load_n(&d->nats.hnc, __ATOMIC_ACQUIRE)) {
+        __atomic_store_n(&d->nats.hot_down, 1, __ATOMIC_RELEASE);
+    }
 }
 
 static void
@@ -115,6 +118,7 @@ on_reconnected(natsConnection *nc, void *closure)
     }
     /* the main loop asks for its window again and fails the PubAcks
      * outstanding (nats_in_pull) */
+    __atomic_store_n(&d->nats.hot_down, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&d->nats.reconnected, 1, __ATOMIC_RELEASE);
     wake_main(d);
 }
@@ -1279,6 +1283,14 @@ nats_in_io(dsp_t *d, short revents)
     if (revents & POLLOUT) {
         natsConnection_ProcessWriteEvent(nc);
     }
+}
+
+/* The hot connection is away (reconnecting): what is published now only
+ * waits in cnats's reconnect buffer. */
+int
+nats_in_hot_down(dsp_t *d)
+{
+    return __atomic_load_n(&d->nats.hot_down, __ATOMIC_ACQUIRE);
 }
 
 void

@@ -256,6 +256,15 @@ publish_timers(dsp_t *d, int64_t now, int64_t next)
 
     /* publishes to send again */
     while ((t = d->retries) != NULL && t->due_us <= now) {
+        if (t->g->msg != NULL && d->stopping <= 1 && nats_in_hot_down(d)) {
+            /* NATS is away: a send would only add one more copy to
+             * cnats's reconnect buffer (8 MB, full within a minute of
+             * retries with 1,000 gifts held); they all go, once each,
+             * when it is back (the reconnection wakes the loop) */
+            int64_t again = now + (int64_t) d->conf->publish_retry_ms * 1000;
+
+            return again < next ? again : next;
+        }
         d->retries = t->next;
         if (d->retries == NULL) {
             d->retries_tail = NULL;
