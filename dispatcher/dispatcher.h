@@ -673,6 +673,8 @@ typedef struct {
     int64_t            grave_us;   /* when the oldest was added */
 
     volatile int       closing;         /* draining at exit (log level) */
+    int                lost;            /* cnats closed a connection for
+                                           good (atomic: callback) */
     int64_t            ack_wait_us;     /* from the consumer's info */
     int                max_deliver;     /* from the consumer's info */
     int64_t            max_req_batch;   /* from the consumer's info; 0 */

@@ -309,7 +309,9 @@ run(dsp_t *d, const sigset_t *unblocked)
     for (;;) {
         now = gift_mono_us();
 
-        if (dsp_sig_term && !d->stopping) {
+        if ((dsp_sig_term || __atomic_load_n(&d->nats.lost, __ATOMIC_ACQUIRE))
+            && !d->stopping)
+        {
             dispatch_stop(d);
             d->stop_deadline_us = now
                 + (int64_t) d->conf->shutdown_timeout_ms * 1000;
@@ -553,8 +555,10 @@ main(int argc, char **argv)
              "device, %d gifts per RPC", d.conf->max_inflight,
              d.conf->dev_max_inflight, d.conf->coalesce_max_events);
 
-    /* 5. the loop */
-    rc = run(&d, &unblocked) == 0 ? 0 : 1;
+    /* 5. the loop (a NATS connection closed for good ends it: exit 1) */
+    rc = run(&d, &unblocked) == 0 && !__atomic_load_n(&d.nats.lost,
+                                                      __ATOMIC_ACQUIRE)
+         ? 0 : 1;
     dispatch_log_stats(&d);
 
 out:

@@ -123,11 +123,30 @@ on_reconnected(natsConnection *nc, void *closure)
     wake_main(d);
 }
 
+/*
+ * cnats closes a connection for good when reconnecting cannot succeed
+ * (the server refuses our credentials twice, say after they were
+ * rotated): without it the dispatcher would idle forever.  Outside our own
+ * exit, the main loop stops and the daemon exits 1, for its supervisor to
+ * start it again (run(), main.c).
+ */
 static void
 on_closed(natsConnection *nc, void *closure)
 {
-    gift_log(GIFT_LOG_DEBUG, "NATS: %s connection closed",
-             conn_name(closure, nc));
+    dsp_t      *d = closure;
+    const char *why = NULL;
+
+    if (d->nats.closing) {
+        gift_log(GIFT_LOG_DEBUG, "NATS: %s connection closed",
+                 conn_name(d, nc));
+        return;
+    }
+    (void) natsConnection_GetLastError(nc, &why);
+    gift_log(GIFT_LOG_ERR, "NATS: the %s connection was closed for good "
+             "(%s): stopping, to be started again", conn_name(d, nc),
+             why != NULL && why[0] != '\0' ? why : "no reason given");
+    __atomic_store_n(&d->nats.lost, 1, __ATOMIC_RELEASE);
+    wake_main(d);
 }
 
 static void

@@ -149,4 +149,32 @@ for my $t (
     like($out, $re, '... naming the file and the reason') or diag $out;
 }
 
+# --- credentials rotated under a running dispatcher: the server refuses
+# its reconnection and cnats closes the connections for good; the
+# dispatcher does not idle forever but stops and exits 1, naming the
+# reason, for its supervisor to start it again
+{
+    my $d = GiftTest::tempdir();
+    my $nats = GiftNatsAuth::start_nats($d, 'authorization { token: "gift-t0ken" }');
+    my $url = 'nats://127.0.0.1:' . $nats->port;
+    my $disp = GiftDispatch::start_dispatcher(dir => $d, nats_url => $url,
+        mqtt_port => $mq->port, extra_nats => 'token = "gift-t0ken";');
+    ok(GiftTest::wait_until(15, sub {
+        $disp->log_text =~ /lease: now the active dispatcher/ }, 0.1),
+        'rotation: the dispatcher runs');
+    $nats->stop;
+    my $conf = GiftTest::slurp("$d/nats.conf");
+    $conf =~ s/gift-t0ken/rotated-t0ken/;
+    GiftTest::spurt("$d/nats.conf", $conf);
+    $nats->start;
+    ok(GiftTest::wait_until(30, sub { !GiftTest::alive($disp->pid) }, 0.1),
+        'rotation: refused on reconnecting, the dispatcher stops')
+        or diag $disp->log_text;
+    $disp->stop('TERM', 5);
+    like($disp->log_text, qr/NATS: the \w+ connection was closed for good \(Authorization Violation\)/,
+        '... saying why');
+    like($disp->log_text, qr/exiting \(1\)\s*\z/, '... exit status 1');
+    $nats->stop;
+}
+
 done_testing();
