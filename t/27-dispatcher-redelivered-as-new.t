@@ -33,10 +33,8 @@ my %dconf = (dir => $dir, nats_url => $nats->url, mqtt_port => $st->{port},
     extra_nats => 'ack_wait_ms = 4000;');
 my $d = GiftDispatch::start_dispatcher(%dconf);
 
-my ($out, $rc) = $d->ctl('pause', 'motor_03');
-is($rc, 0, 'ctl pause motor_03') or diag $out;
-ok(GiftTest::wait_until(10, sub { $d->log_text =~ /device motor_03: paused/ },
-    0.05), '... paused');
+my ($out, $rc);
+$d->pause_ok('motor_03');
 is(GiftDispatch::js_publish_gifts($nats->url,
     GiftDispatch::gift(giftName => 'Motor', diamond => 2, quantity => 1,
         eventId => 'held-1')), 1, 'gift 1 (seq 1) for the paused motor');

@@ -29,10 +29,8 @@ my $d = GiftDispatch::start_dispatcher(dir => $dir, nats_url => $nats->url,
     extra_nats => 'ack_wait_ms = 60000; retry_delays_ms = [ 60000 ]; '
         . 'max_attempts = 3;');
 
-my ($out, $rc) = $d->ctl('pause', 'motor_03');
-is($rc, 0, 'ctl pause motor_03') or diag $out;
-ok(GiftTest::wait_until(10, sub { $d->log_text =~ /device motor_03: paused/ },
-    0.05), '... paused');
+my ($out, $rc);
+$d->pause_ok('motor_03');
 is(GiftDispatch::js_publish_gifts($nats->url,
     GiftDispatch::gift(giftName => 'Motor', diamond => 2, quantity => 3,
         eventId => 'held-1')), 1, 'a gift for the paused motor');

@@ -45,10 +45,8 @@ my $ci = GiftDispatch::consumer_state($nats->url);
 is($ci->{config}{max_deliver}, -1,
     'the consumer it created redelivers without limit (MaxDeliver -1)');
 
-my ($out, $rc) = $d->ctl('pause', 'motor_03');
-is($rc, 0, 'ctl pause motor_03') or diag $out;
-ok(GiftTest::wait_until(10, sub { $d->log_text =~ /device motor_03: paused/ },
-    0.05), '... the dispatcher paused it');
+my ($out, $rc);
+$d->pause_ok('motor_03', '... the dispatcher paused it');
 
 is(GiftDispatch::js_publish_gifts($nats->url,
     GiftDispatch::gift(giftName => 'Motor', diamond => 2, quantity => 3,

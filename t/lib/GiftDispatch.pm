@@ -213,6 +213,17 @@ sub ctl {
     return ($out, $? >> 8);
 }
 
+# `ctl pause DEVICE`, and its effect in the log: two checks ('ctl pause
+# DEVICE', then `what`, by default '... paused').
+sub pause_ok {
+    my ($self, $dev, $what) = @_;
+    my ($out, $rc) = $self->ctl('pause', $dev);
+    Test::More::is($rc, 0, "ctl pause $dev") or Test::More::diag($out);
+    return Test::More::ok(GiftTest::wait_until(10, sub {
+        $self->log_text =~ /device \Q$dev\E: paused/ }, 0.05),
+        $what // '... paused');
+}
+
 # GET /metrics: (status, body).
 sub metrics {
     my ($self) = @_;
