@@ -174,7 +174,11 @@ SELF=$(perl -MJSON::PP -e 'local $/; my $d = decode_json(<STDIN>);
 say "self-check: giftbench counted the echo server's 30 dropped and 10x3 repeated acknowledgements"
 
 # ---------------------------------------------------------------- the stack
-"$NATS" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK/nats" \
+# GIFT_NATS_GOMAXPROCS: nats-server's GOMAXPROCS (unset: Go's default,
+# one per core, for the peak; make run and bench/seed.sh use 1)
+NATS_ENV=()
+[[ -z ${GIFT_NATS_GOMAXPROCS:-} ]] || NATS_ENV=(env "GOMAXPROCS=$GIFT_NATS_GOMAXPROCS")
+"${NATS_ENV[@]}" "$NATS" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK/nats" \
     >"$WORK/nats.log" 2>&1 &
 NATS_PID=$!
 started "$NATS_PID" nats-server

@@ -61,7 +61,8 @@
 # appendfsync everysec, as BullMQ's production notes advise; 0: no
 # persistence), GIFT_SEED_MQTT_NODELAY (1: TCP_NODELAY on the seed's mqtt.js
 # sockets, which leave Nagle on by default; 0: as mqtt.js leaves them),
-# GIFT_BENCH_OUT (build/bench), GIFT_BENCH_KEEP=1 keeps the
+# GIFT_NATS_GOMAXPROCS (1, as make run; "" for Go's default: one thread per
+# core) for the nats-server of run and tuned, GIFT_BENCH_OUT (build/bench), GIFT_BENCH_KEEP=1 keeps the
 # work directory.  Loopback only; bounded (about 4 minutes with the
 # defaults); every process it starts is stopped by PID.
 set -euo pipefail
@@ -69,6 +70,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 STACKS=${GIFT_SEED_STACKS:-seed run tuned}
+NATS_ENV=()
+[[ -z ${GIFT_NATS_GOMAXPROCS-1} ]] || NATS_ENV=(env "GOMAXPROCS=${GIFT_NATS_GOMAXPROCS-1}")
 REF_RATE=${GIFT_SEED_REF_RATE:-500}
 REF_SECS=${GIFT_SEED_REF_SECONDS:-10}
 SAT_SECS=${GIFT_SEED_SAT_SECONDS:-5}
@@ -353,7 +356,8 @@ if [[ " $STACKS " == *" tuned "* ]]; then
     d=$WORK/tuned
     mkdir -p "$d"/{nats,nginx/tmp}
     free_port N; free_port M; free_port H
-    "$NATS" -js -a 127.0.0.1 -p "$N" -sd "$d/nats" >"$d/nats.log" 2>&1 &
+    # as make run: GIFT_NATS_GOMAXPROCS (1; "" for Go's default)
+    "${NATS_ENV[@]}" "$NATS" -js -a 127.0.0.1 -p "$N" -sd "$d/nats" >"$d/nats.log" 2>&1 &
     NATS_PID=$!
     stack_add "$NATS_PID"
     wait_port "$N" nats-server "$NATS_PID" "$d/nats.log"
@@ -435,4 +439,5 @@ fi
 # ---------------------------------------------------------------- report
 perl "$ROOT/bench/seed-report.pl" "$WORK/runs" "$OUT/seed.json" "$OUT/seed.md" \
     "$STACKS" "$REF_RATE" "$(( $(date +%s) - T_START ))" "$MIX" "$CONNS" "$SSE" \
-    "$CONCURRENCY" "$REDIS_AOF" "$NODELAY" "$WINDOW" "$STEP_SECS" "$RAMP_STACKS"
+    "$CONCURRENCY" "$REDIS_AOF" "$NODELAY" "$WINDOW" "$STEP_SECS" "$RAMP_STACKS" \
+    "${GIFT_NATS_GOMAXPROCS-1}"

@@ -305,8 +305,8 @@ static const char *const k_nats[] = {
     "tls_cert", "tls_key", "reconnect_min_ms", "reconnect_max_ms",
     "provision", "replicas", "ack_wait_ms", "max_ack_pending", "fetch_batch",
     "fetch_wait_ms", "max_inflight", "publish_timeout_ms", "publish_retry_ms",
-    "retry_delays_ms", "shutdown_timeout_ms", "done_markers", "max_attempts",
-    "max_gift_age", "lease_ms", NULL
+    "ack_linger_ms", "retry_delays_ms", "shutdown_timeout_ms", "done_markers",
+    "max_attempts", "max_gift_age", "lease_ms", NULL
 };
 static const char *const k_mqtt[] = {
     "host", "port", "client_id", "access_token", "password", "keepalive",
@@ -348,6 +348,7 @@ defaults(dconf_t *c)
     c->fetch_wait_ms = 30000;
     c->max_inflight = 1000;
     c->publish_timeout_ms = 5000;
+    c->ack_linger_ms = 50;
     c->publish_retry_ms = 1000;
     c->shutdown_timeout_ms = 10000;
     c->done_markers = 1;
@@ -452,6 +453,7 @@ load_nats(errs_t *e, const config_setting_t *g, dconf_t *c)
     get_int(e, g, "max_inflight", 1, 1000000, &c->max_inflight);
     get_int(e, g, "publish_timeout_ms", 100, 600000, &c->publish_timeout_ms);
     get_int(e, g, "publish_retry_ms", 10, 600000, &c->publish_retry_ms);
+    get_int(e, g, "ack_linger_ms", 0, 1000, &c->ack_linger_ms);
     get_int(e, g, "shutdown_timeout_ms", 0, 3600000, &c->shutdown_timeout_ms);
     get_bool(e, g, "done_markers", &c->done_markers);
     get_int(e, g, "max_attempts", 1, 1000, &c->max_attempts);

@@ -189,13 +189,17 @@ msg_id_stem(const dgift_t *g, char *out, size_t cap)
 }
 
 /*
- * A failpoint for the tests (t/26): GIFT_DISPATCHER_FAILPOINT=
- * "exit_before_ack=N" makes the daemon _exit(9) just before its N-th ack,
- * when that gift's GiftAck and completion marker are stored: the crash
- * between the device's answer and the ack, made exact.  Unset: no cost
- * but one comparison.
+ * Failpoints for the tests (t/27), GIFT_DISPATCHER_FAILPOINT=
+ * - "exit_before_ack=N": _exit(9) just before the N-th ack, when that
+ *   gift's GiftAck and completion marker are stored: the crash between
+ *   the device's answer and the ack, made exact;
+ * - "exit_with_held_acks=N": _exit(9) just after the N-th ack, with it and
+ *   the others held back by nats.ack_linger_ms not sent (nor anything
+ *   else buffered): a crash within the linger.
+ * Unset: no cost but one comparison.
  */
 static long failpoint_acks = -1;
+static int  failpoint_held;
 
 static void
 failpoint_init(void)
@@ -204,9 +208,15 @@ failpoint_init(void)
 
     if (f != NULL && strncmp(f, "exit_before_ack=", 16) == 0) {
         failpoint_acks = strtol(f + 16, NULL, 10);
-        gift_log(GIFT_LOG_WARN, "failpoint: exiting before ack number %ld",
-                 failpoint_acks);
+    } else if (f != NULL && strncmp(f, "exit_with_held_acks=", 20) == 0) {
+        failpoint_acks = strtol(f + 20, NULL, 10);
+        failpoint_held = 1;
+    } else {
+        return;
     }
+    gift_log(GIFT_LOG_WARN, "failpoint: exiting %s ack number %ld",
+             failpoint_held ? "with held-back acks after" : "before",
+             failpoint_acks);
 }
 
 void
@@ -214,7 +224,7 @@ gift_ack_and_free(dsp_t *d, dgift_t *g)
 {
     natsStatus s;
 
-    if (failpoint_acks > 0 && --failpoint_acks == 0) {
+    if (failpoint_acks > 0 && --failpoint_acks == 0 && !failpoint_held) {
         gift_log(GIFT_LOG_WARN, "failpoint: exiting before the ack of %s",
                  event_id(g));
         /* what was sent before the ack has left (a marker written just
@@ -223,6 +233,11 @@ gift_ack_and_free(dsp_t *d, dgift_t *g)
         _exit(9);
     }
     s = nats_in_ack(d, g->msg, DACK_ACK, 0);       /* asynchronous */
+    if (failpoint_acks == 0 && failpoint_held) {
+        gift_log(GIFT_LOG_WARN, "failpoint: exiting with %d acks held back, "
+                 "the last of %s", nats_in_acks_held(d), event_id(g));
+        _exit(9);
+    }
 
     if (s != NATS_OK) {
         /* redelivered after the ack wait; the device and GIFT_ACKS

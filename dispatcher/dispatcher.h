@@ -177,6 +177,7 @@ typedef struct {
     int          max_inflight;         /* gifts held at once (all devices) */
     int          publish_timeout_ms;   /* GiftAck / DLQ PubAck wait */
     int          publish_retry_ms;
+    int          ack_linger_ms;        /* hold +ACKs for the next write */
     int64_t     *retry_delays_ms;      /* NakWithDelay by delivery count */
     size_t       nretry_delays;
     int          shutdown_timeout_ms;
@@ -672,6 +673,14 @@ typedef struct {
     int                ngrave;
     int64_t            grave_us;   /* when the oldest was added */
 
+    /* +ACKs held back (nats.ack_linger_ms): their reply subjects, each
+     * NUL-terminated, sent with the next write or when the oldest has
+     * waited the linger (nats_in_write) */
+    char              *acks;
+    size_t             acks_len, acks_cap;
+    int                nacks;
+    int64_t            acks_us;    /* when the oldest was held back */
+
     volatile int       closing;         /* draining at exit (log level) */
     int                lost;            /* cnats closed a connection for
                                            good (atomic: callback) */
@@ -1045,7 +1054,9 @@ natsMsg *nats_in_msg_new(dsp_t *d, const char *subject, const void *data,
 
 /* Acknowledge a delivery: publishes the JetStream ack body to its reply
  * subject (cnats' natsMsg_Ack() refuses messages of a plain subscription).
- * DACK_NAK with delay_ms > 0 is a nak with delay. */
+ * DACK_NAK with delay_ms > 0 is a nak with delay.  A +ACK is held back for
+ * nats.ack_linger_ms or until the next write (nats_in_write());
+ * nats_in_acks_held() counts those not sent yet. */
 typedef enum {
     DACK_ACK = 0,              /* +ACK */
     DACK_NAK,                  /* -NAK */
@@ -1055,6 +1066,7 @@ typedef enum {
 
 natsStatus nats_in_ack(dsp_t *d, natsMsg *m, dack_kind kind,
     int64_t delay_ms);
+int        nats_in_acks_held(const dsp_t *d);
 
 /*
  * Publish m (from nats_in_msg_new) to its JetStream stream with

@@ -3,6 +3,7 @@
 # Ports (each overridable): GIFT_HTTP_PORT 8080, GIFT_NATS_PORT 14222,
 # GIFT_NATS_HTTP_PORT 18222, GIFT_MQTT_PORT 11883, GIFT_METRICS_PORT 19464.
 # GIFT_RUN_DIR: where the state and logs go (build/run; t/62 uses its own).
+# GIFT_NATS_GOMAXPROCS: nats-server's GOMAXPROCS (1; "" for Go's default).
 # Every part runs in the foreground of this script, in its process group:
 # nothing daemonizes, so Ctrl-C, or a signal to the group, stops them all.
 set -euo pipefail
@@ -50,7 +51,14 @@ wait_port() {  # port, name, pid
     echo "make run: $2 did not open port $1; see $RUN/logs" >&2; exit 1
 }
 
-nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_HTTP_PORT" \
+# One Go thread running at a time (GIFT_NATS_GOMAXPROCS, 1; "" for Go's
+# default, one per core): at the reference load nats-server's CPU goes
+# mostly to waking its threads, which one thread does not (docs/benchmarks.md)
+nats_env=()
+if [[ -n ${GIFT_NATS_GOMAXPROCS-1} ]]; then
+    nats_env=(env "GOMAXPROCS=${GIFT_NATS_GOMAXPROCS-1}")
+fi
+"${nats_env[@]}" nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_HTTP_PORT" \
     -sd "$RUN/nats" >"$RUN/logs/nats.log" 2>&1 &
 pids+=($!)
 wait_port "$NATS_PORT" nats-server $!

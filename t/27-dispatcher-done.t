@@ -8,7 +8,9 @@
 #    published again and deduplicated by GIFT_ACKS;
 #  - with nats.done_markers = false, found by a probe of GIFT_ACKS'
 #    duplicate window (nothing written per gift).
-# Either way the motors' totals are exact and each gift has one GiftAck.
+# And a crash with acks held back (nats.ack_linger_ms, the failpoint
+# exit_with_held_acks=N): those gifts come back and are found done.
+# Each way the motors' totals are exact and each gift has one GiftAck.
 
 use strict;
 use warnings;
@@ -45,10 +47,11 @@ my $sum = sub { my $s = 0; $s += $_ for values %{$_[0]}; $s };
 srand(3);
 
 sub crash_and_recover {
-    my ($what, $extra, $tag) = @_;
+    my ($what, $extra, $tag, $held) = @_;
     my $d;
     {
-        local $ENV{GIFT_DISPATCHER_FAILPOINT} = 'exit_before_ack=300';
+        local $ENV{GIFT_DISPATCHER_FAILPOINT} =
+            $held ? 'exit_with_held_acks=300' : 'exit_before_ack=300';
         $d = GiftDispatch::start_dispatcher(%dconf,
             extra_nats => $dconf{extra_nats} . $extra);
     }
@@ -66,9 +69,17 @@ sub crash_and_recover {
         "$what: 800 gifts stored");
     ok(GiftTest::wait_until(20, sub { !GiftTest::alive($d->pid) }, 0.05),
         "$what: the failpoint crashed the dispatcher");
-    my ($victim) = $d->log_text =~
-        /failpoint: exiting before the ack of ($tag-\d+)/;
-    ok($victim, "$what: ... just before acking $victim");
+    my ($nheld, $victim);
+    if ($held) {
+        ($nheld, $victim) = $d->log_text =~
+            /failpoint: exiting with (\d+) acks held back, the last of ($tag-\d+)/;
+        ok($victim && $nheld >= 1, "$what: ... with the acks of "
+            . ($nheld // 0) . " gifts held back, the last of " . ($victim // '?'));
+    } else {
+        ($victim) = $d->log_text =~
+            /failpoint: exiting before the ack of ($tag-\d+)/;
+        ok($victim, "$what: ... just before acking $victim");
+    }
     $d->stop('KILL', 5);
 
     $d = GiftDispatch::start_dispatcher(%dconf,
@@ -89,8 +100,9 @@ sub crash_and_recover {
     is(scalar @acks, scalar(keys %accepted), "$what: one GiftAck per gift");
     is(scalar(grep { !$seen{$_} } keys %accepted), 0, "$what: none missing");
     ok(GiftTest::wait_until(10, sub {
-        ($d->metric('gift_dispatcher_done_hits_total') // 0) > 0 }, 0.1),
-        "$what: redeliveries found done were acked without a command");
+        ($d->metric('gift_dispatcher_done_hits_total') // 0) >= ($nheld || 1)
+    }, 0.1), "$what: redeliveries found done were acked without a command"
+        . ($held ? " (at least the $nheld held back)" : ''));
     like($d->log_text, qr/event \Q$victim\E .*was done already/,
         "$what: ... $victim among them");
     is(scalar(grep { $_->{ack}{event_id} eq $victim } @acks), 1,
@@ -110,6 +122,10 @@ sub crash_and_recover {
 
 crash_and_recover('GIFT_DONE markers', '', 'mk');
 crash_and_recover('GIFT_ACKS probe', ' done_markers = false;', 'pr');
+# a crash while acks wait for company (nats.ack_linger_ms; 1000 is cut to
+# a tenth of the consumer's ack wait, here 200 ms): their gifts come back
+# and are found done
+crash_and_recover('held-back acks', ' ack_linger_ms = 1000;', 'hb', 1);
 
 ok(GiftTest::wait_until(10, sub {
     GiftDispatch::consumer_state($nats->url)->{num_ack_pending} == 0
