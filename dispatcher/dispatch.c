@@ -151,7 +151,6 @@ gift_free(dsp_t *d, dgift_t *g)
     }
     nats_in_msg_free(d, g->msg);     /* batched: see nats_in.c */
     free(g);
-    d->credit_back++;
 }
 
 const char *
@@ -857,7 +856,6 @@ dispatch_msg(dsp_t *d, natsMsg *m)
         gift_log(GIFT_LOG_WARN, "a message without JetStream metadata on %s;"
                  " dropped", natsMsg_GetSubject(m));
         natsMsg_Destroy(m);
-        d->credit_back++;
         return;
     }
 
@@ -878,7 +876,6 @@ dispatch_msg(dsp_t *d, natsMsg *m)
         g->delivered = delivered;
         held_touch(d, g, now);
         STAT_ADD(d, duplicates, 1);
-        d->credit_back++;
         return;
     }
     if (d->stopping || !lease_active(d)) {
@@ -887,14 +884,12 @@ dispatch_msg(dsp_t *d, natsMsg *m)
         nats_in_ack(d, m, DACK_NAK, 0);
         natsMsg_Destroy(m);
         STAT_ADD(d, released, 1);
-        d->credit_back++;
         return;
     }
 
     g = gift_new((size_t) natsMsg_GetDataLength(m));
     if (g == NULL) {
         natsMsg_Destroy(m);         /* redelivered after the ack wait */
-        d->credit_back++;
         return;
     }
     g->msg = m;

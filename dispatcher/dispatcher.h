@@ -620,6 +620,7 @@ typedef struct dpend {
  * main thread's.
  */
 #define DSP_PULL_RETIRED  8
+#define DSP_ACKS_HELD_MAX 256      /* held-back acks sent at once beyond */
 
 typedef struct {
     int                inited;     /* nats_in_start() ran its set-up */
@@ -880,7 +881,6 @@ struct dsp {
     size_t             nheld;
     drpc_t            *rpcs, *rpcs_tail;   /* in flight, by deadline */
     dretry_t          *retries, *retries_tail;   /* publish.c */
-    int                credit_back;        /* slots freed this iteration */
     uint64_t           seq_hwm;            /* the highest stream sequence
                                               delivered before, as far as
                                               we know (dispatch_msg) */
@@ -1056,7 +1056,8 @@ natsMsg *nats_in_msg_new(dsp_t *d, const char *subject, const void *data,
  * subject (cnats' natsMsg_Ack() refuses messages of a plain subscription).
  * DACK_NAK with delay_ms > 0 is a nak with delay.  A +ACK is held back for
  * nats.ack_linger_ms or until the next write (nats_in_write());
- * nats_in_acks_held() counts those not sent yet. */
+ * nats_in_acks_held() counts those not sent yet, nats_in_acks_due() says
+ * when the oldest must go (the main loop's wake-up). */
 typedef enum {
     DACK_ACK = 0,              /* +ACK */
     DACK_NAK,                  /* -NAK */
@@ -1067,6 +1068,7 @@ typedef enum {
 natsStatus nats_in_ack(dsp_t *d, natsMsg *m, dack_kind kind,
     int64_t delay_ms);
 int        nats_in_acks_held(const dsp_t *d);
+int64_t    nats_in_acks_due(const dsp_t *d);   /* INT64_MAX: none held */
 
 /*
  * Publish m (from nats_in_msg_new) to its JetStream stream with

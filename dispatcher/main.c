@@ -359,15 +359,19 @@ run(dsp_t *d, const sigset_t *unblocked)
         }
         /* top the pull window up with the slots freed (and arrivals
          * counted) so far: one request per half window, not per gift */
-        d->credit_back = 0;
         t = nats_in_pull(d, gift_mono_us());
         if (t < next) {
             next = t;
         }
 
         /* everything this pass buffered for NATS (acks, publishes, the
-         * pull request) in one write */
+         * pull request) in one write; acks held back alone wake us when
+         * their linger is over */
         nats_in_write(d);
+        t = nats_in_acks_due(d);
+        if (t < next) {
+            next = t;
+        }
 
         nfd = 0;
         mq = hot = -1;

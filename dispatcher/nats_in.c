@@ -839,7 +839,6 @@ pull_request(dsp_t *d, int want)
 
 static int64_t pull_next(dsp_t *d, int64_t now);
 static void pend_fail_all(dnats_t *n);
-static int64_t acks_linger_us(const dsp_t *d);
 
 int64_t
 nats_in_pull(dsp_t *d, int64_t now)
@@ -867,9 +866,6 @@ nats_in_pull(dsp_t *d, int64_t now)
     }
     if (n->ngrave > 0 && n->grave_us + DSP_GRAVE_AGE_US < t) {
         t = n->grave_us + DSP_GRAVE_AGE_US;
-    }
-    if (n->nacks > 0 && n->acks_us + acks_linger_us(d) < t) {
-        t = n->acks_us + acks_linger_us(d);
     }
     return t;
 }
@@ -1048,17 +1044,16 @@ acks_hold(dsp_t *d, const char *reply)
     size_t   len = strlen(reply) + 1;
     char    *p;
 
+    if (n->nacks >= DSP_ACKS_HELD_MAX) {
+        acks_send(d);
+    }
     if (n->acks_len + len > n->acks_cap) {
-        if (n->nacks >= 256) {
-            acks_send(d);
-        } else {
-            p = realloc(n->acks, n->acks_cap * 2 + len + 1024);
-            if (p == NULL) {
-                return -1;
-            }
-            n->acks = p;
-            n->acks_cap = n->acks_cap * 2 + len + 1024;
+        p = realloc(n->acks, n->acks_cap * 2 + len + 1024);
+        if (p == NULL) {
+            return -1;
         }
+        n->acks = p;
+        n->acks_cap = n->acks_cap * 2 + len + 1024;
     }
     if (n->nacks == 0) {
         n->acks_us = gift_mono_us();
@@ -1073,6 +1068,13 @@ int
 nats_in_acks_held(const dsp_t *d)
 {
     return d->nats.nacks;
+}
+
+int64_t
+nats_in_acks_due(const dsp_t *d)
+{
+    return d->nats.nacks > 0 ? d->nats.acks_us + acks_linger_us(d)
+                             : INT64_MAX;
 }
 
 natsStatus

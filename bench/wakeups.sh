@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Where the CPU of one gift goes at a steady rate (issue 18): make run's
+# stack (scripts/run.sh itself, free ports, its own directory), giftbench
+# at GIFT_WAKEUPS_RATE gifts/s (500) for GIFT_WAKEUPS_SECONDS (10) with
+# bench/seed.sh's realistic mix and one SSE client, after a 2 s warm-up;
+# then, per process of the product, CPU microseconds and context switches
+# (voluntary + involuntary, all threads, /proc) per accepted gift.  At such
+# rates nothing is batched and each wake-up of a thread is most of the
+# cost on these virtual machines, so the context switches are the steadier
+# figure.  GIFT_WAKEUPS_ROUNDS (1) repeats the run; the environment goes
+# to make run (GIFT_NATS_GOMAXPROCS, GIFT_TB).  Loopback only, bounded
+# (about 25 s a round); stops what it started, by process group.
+#
+#   bench/wakeups.sh                       # one round
+#   GIFT_WAKEUPS_ROUNDS=3 bench/wakeups.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+say() { echo "wakeups: $*" >&2; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+
+RATE=${GIFT_WAKEUPS_RATE:-500}
+SECS=${GIFT_WAKEUPS_SECONDS:-10}
+ROUNDS=${GIFT_WAKEUPS_ROUNDS:-1}
+MIX=${GIFT_SEED_MIX:-Rose:1,TikTok:1,FingerHeart:5,Perfume:20,Doughnut:30,HandHearts:100,Corgi:299,MoneyGun:500,Galaxy:1000,WhaleDiving:2150,DramaQueen:5000,Interstellar:10000,Falcon:10999,RosaNebula:15000,Lion:29999}
+for f in giftbench gift-dispatcher ngx_http_gift_module.so; do
+    [[ -x build/$f || -f build/$f ]] || { say "build/$f missing: make build"; exit 1; }
+done
+WORK=$(mktemp -d /tmp/gift-wakeups.XXXXXX)
+RUNPID=
+stop_run() {
+    if [[ -n $RUNPID ]]; then
+        kill -TERM -- "-$RUNPID" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$RUNPID" 2>/dev/null || break; sleep 0.1; done
+        RUNPID=
+    fi
+}
+trap 'stop_run; rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM
+
+# pid -> "cpu_ticks ctx_switches"
+sample() {
+    local p
+    for p in "$@"; do
+        echo "$p $(awk '{print $14 + $15}' "/proc/$p/stat")" \
+            "$(cat /proc/"$p"/task/*/status | awk '/ctxt_switches/ {s += $2} END {print s}')"
+    done
+}
+
+for round in $(seq "$ROUNDS"); do
+    d=$WORK/$round
+    mkdir -p "$d"
+    free_port H; free_port N; free_port NH; free_port M; free_port X
+    GIFT_RUN_DIR=$d GIFT_HTTP_PORT=$H GIFT_NATS_PORT=$N GIFT_NATS_HTTP_PORT=$NH \
+        GIFT_MQTT_PORT=$M GIFT_METRICS_PORT=$X setsid scripts/run.sh >"$d/run.out" 2>&1 &
+    RUNPID=$!
+    wait_port "$H" "make run" "$RUNPID" "$d/run.out"
+    wait_port "$X" "the dispatcher" "$RUNPID" "$d/run.out"
+    sleep 2
+    DSP=$(pgrep -s "$RUNPID" -f build/gift-dispatcher | head -1)
+    NATS=$(pgrep -s "$RUNPID" -x nats-server | head -1)
+    mapfile -t WRK < <(pgrep -s "$RUNPID" -f "nginx: worker")
+    [[ -n $DSP && -n $NATS && ${#WRK[@]} -gt 0 ]] || { say "make run's processes not found"; exit 1; }
+    GB=(build/giftbench -u "http://127.0.0.1:$H/gift" -S 1 -C 64 --gift "$MIX")
+    "${GB[@]}" -R 200 -d 2 -q --grace 30 >/dev/null 2>"$d/warmup.log"
+    sample "$DSP" "$NATS" "${WRK[@]}" >"$d/before"
+    "${GB[@]}" -R "$RATE" -d "$SECS" --grace 30 >"$d/gb.json" 2>"$d/gb.log"
+    sample "$DSP" "$NATS" "${WRK[@]}" >"$d/after"
+    stop_run
+    perl -MJSON::PP -e '
+        my ($dir, $dsp, $nats, $round, $rate, $secs) = @ARGV;
+        my $gb = do { open(my $f, "<", "$dir/gb.json") or die; my $l; $l = $_ while <$f>; decode_json($l) };
+        my $g = $gb->{accepted} or die "no gift accepted\n";
+        my (%a, %b);
+        for (["before", \%a], ["after", \%b]) {
+            open(my $f, "<", "$dir/$_->[0]") or die;
+            while (<$f>) { my ($p, $t, $c) = split; $_->[1]{$p} = [$t, $c] }
+        }
+        my $hz = 0 + `getconf CLK_TCK`;
+        my ($w, $tu, $tc) = (0, 0, 0);
+        printf "round %d: %d gifts/s for %d s, %d accepted, lost %d, p50 %.2f ms, p99 %.2f ms\n",
+            $round, $rate, $secs, $g, $gb->{lost}, $gb->{latency_ms}{p50}, $gb->{latency_ms}{p99};
+        for my $p (sort { $a <=> $b } keys %b) {
+            my $name = $p == $dsp ? "dispatcher" : $p == $nats ? "nats-server" : "nginx-w" . ++$w;
+            my $us = ($b{$p}[0] - $a{$p}[0]) * 1e6 / $hz / $g;
+            my $cs = ($b{$p}[1] - $a{$p}[1]) / $g;
+            ($tu, $tc) = ($tu + $us, $tc + $cs);
+            printf "  %-12s %7.1f us/gift %6.2f context switches/gift\n", $name, $us, $cs;
+        }
+        printf "  %-12s %7.1f us/gift %6.2f context switches/gift\n", "product", $tu, $tc;
+    ' "$d" "$DSP" "$NATS" "$round" "$RATE" "$SECS"
+done
