@@ -73,9 +73,9 @@ for round in $(seq "$ROUNDS"); do
         my $gb = do { open(my $f, "<", "$dir/gb.json") or die; my $l; $l = $_ while <$f>; decode_json($l) };
         my $g = $gb->{accepted} or die "no gift accepted\n";
         my (%a, %b);
-        for (["before", \%a], ["after", \%b]) {
-            open(my $f, "<", "$dir/$_->[0]") or die;
-            while (<$f>) { my ($p, $t, $c) = split; $_->[1]{$p} = [$t, $c] }
+        for my $s (["before", \%a], ["after", \%b]) {
+            open(my $f, "<", "$dir/$s->[0]") or die;
+            while (my $l = <$f>) { my ($p, $t, $c) = split " ", $l; $s->[1]{$p} = [$t, $c] }
         }
         my $hz = 0 + `getconf CLK_TCK`;
         my ($w, $tu, $tc) = (0, 0, 0);
