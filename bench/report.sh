@@ -2,7 +2,7 @@
 # The benchmark report (issue 9): build/bench/report.md from the JSON the
 # benchmarks wrote into $GIFT_BENCH_OUT (build/bench): ingest.json,
 # dispatcher.json, fanout.json, e2e.json (and seed.md, bench/seed.sh's table,
-# appended).  Each stage stands next to the
+# appended; wakeups.json, per process at a steady rate, after it).  Each stage stands next to the
 # ceiling measured in the same run; when an aim is missed the report says
 # which stage is the bottleneck, with its figures.
 #
@@ -402,6 +402,25 @@ if (@missed) {
 if ($seed_md) {
     p;
     p $seed_md;
+}
+
+# ------------------------------------------------------------ wakeups
+# bench/wakeups.sh: the make run stack at a steady rate, per process
+my $wk = rd("wakeups.json");
+if ($wk && @{$wk->{rounds} // []}) {
+    p;
+    p "## Per gift at a steady rate (`bench/wakeups.sh`, $wk->{date}; nats-server GOMAXPROCS $wk->{nats_gomaxprocs})";
+    p;
+    p "| round | rate | p50 / p99 ms | process | us/gift | context switches/gift |";
+    p "|---|---|---|---|---|---|";
+    for my $r (@{$wk->{rounds}}) {
+        for my $name (sort keys %{$r->{processes}}) {
+            my $x = $r->{processes}{$name};
+            p "| $r->{round} | $r->{rate} | ", f($r->{latency_ms}{p50}), " / ",
+                f($r->{latency_ms}{p99}), " | $name | ", f($x->{us_per_gift}, 1),
+                " | ", f($x->{ctx_per_gift}), " |";
+        }
+    }
 }
 
 open(my $o, ">", "$dir/report.md") or die "$dir/report.md: $!";

@@ -8,10 +8,13 @@
 # rates nothing is batched and each wake-up of a thread is most of the
 # cost on these virtual machines, so the context switches are the steadier
 # figure.  GIFT_WAKEUPS_ROUNDS (1) repeats the run; the environment goes
-# to make run (GIFT_NATS_GOMAXPROCS, GIFT_TB).  Loopback only, bounded
+# to make run (GIFT_NATS_GOMAXPROCS, GIFT_TB).  Writes
+# $GIFT_BENCH_OUT/wakeups.json (build/bench; per round: the rate, accepted,
+# lost, p50/p99, and per process us_per_gift and ctx_per_gift); exits 1
+# when a gift was lost or acknowledged twice.  Loopback only, bounded
 # (about 25 s a round); stops what it started, by process group.
 #
-#   bench/wakeups.sh                       # one round
+#   bench/wakeups.sh                       # one round (make bench runs it)
 #   GIFT_WAKEUPS_ROUNDS=3 bench/wakeups.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +30,8 @@ MIX=${GIFT_SEED_MIX:-Rose:1,TikTok:1,FingerHeart:5,Perfume:20,Doughnut:30,HandHe
 for f in giftbench gift-dispatcher ngx_http_gift_module.so; do
     [[ -x build/$f || -f build/$f ]] || { say "build/$f missing: make build"; exit 1; }
 done
+OUT=${GIFT_BENCH_OUT:-$ROOT/build/bench}
+mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/gift-wakeups.XXXXXX)
 RUNPID=
 stop_run() {
@@ -69,7 +74,7 @@ for round in $(seq "$ROUNDS"); do
     sample "$DSP" "$NATS" "${WRK[@]}" >"$d/after"
     stop_run
     perl -MJSON::PP -e '
-        my ($dir, $dsp, $nats, $round, $rate, $secs) = @ARGV;
+        my ($dir, $dsp, $nats, $round, $rate, $secs, $jsonl) = @ARGV;
         my $gb = do { open(my $f, "<", "$dir/gb.json") or die; my $l; $l = $_ while <$f>; decode_json($l) };
         my $g = $gb->{accepted} or die "no gift accepted\n";
         my (%a, %b);
@@ -78,7 +83,7 @@ for round in $(seq "$ROUNDS"); do
             while (my $l = <$f>) { my ($p, $t, $c) = split " ", $l; $s->[1]{$p} = [$t, $c] }
         }
         my $hz = 0 + `getconf CLK_TCK`;
-        my ($w, $tu, $tc) = (0, 0, 0);
+        my ($w, $tu, $tc, %proc) = (0, 0, 0);
         printf "round %d: %d gifts/s for %d s, %d accepted, lost %d, p50 %.2f ms, p99 %.2f ms\n",
             $round, $rate, $secs, $g, $gb->{lost}, $gb->{latency_ms}{p50}, $gb->{latency_ms}{p99};
         for my $p (sort { $a <=> $b } keys %b) {
@@ -86,8 +91,29 @@ for round in $(seq "$ROUNDS"); do
             my $us = ($b{$p}[0] - $a{$p}[0]) * 1e6 / $hz / $g;
             my $cs = ($b{$p}[1] - $a{$p}[1]) / $g;
             ($tu, $tc) = ($tu + $us, $tc + $cs);
+            $proc{$name} = { us_per_gift => 0 + sprintf("%.1f", $us),
+                ctx_per_gift => 0 + sprintf("%.2f", $cs) };
             printf "  %-12s %7.1f us/gift %6.2f context switches/gift\n", $name, $us, $cs;
         }
         printf "  %-12s %7.1f us/gift %6.2f context switches/gift\n", "product", $tu, $tc;
-    ' "$d" "$DSP" "$NATS" "$round" "$RATE" "$SECS"
+        $proc{product} = { us_per_gift => 0 + sprintf("%.1f", $tu),
+            ctx_per_gift => 0 + sprintf("%.2f", $tc) };
+        open(my $j, ">>", $jsonl) or die;
+        print $j JSON::PP->new->canonical->encode({ round => 0 + $round,
+            rate => 0 + $rate, seconds => 0 + $secs, accepted => 0 + $g,
+            lost => 0 + $gb->{lost}, dup_acks => 0 + ($gb->{dup_acks} // 0),
+            latency_ms => { p50 => $gb->{latency_ms}{p50}, p99 => $gb->{latency_ms}{p99} },
+            processes => \%proc }), "\n";
+    ' "$d" "$DSP" "$NATS" "$round" "$RATE" "$SECS" "$WORK/rounds.jsonl"
 done
+perl -MJSON::PP -e '
+    my @r = map { decode_json($_) } <STDIN>;
+    my $bad = grep { $_->{lost} || $_->{dup_acks} } @r;
+    open(my $o, ">", $ARGV[0]) or die;
+    print $o JSON::PP->new->canonical->pretty->encode({ bench => "wakeups",
+        date => scalar(gmtime) . " UTC", nats_gomaxprocs => $ARGV[1],
+        rounds => \@r });
+    exit($bad ? 1 : 0);
+' "$OUT/wakeups.json" "${GIFT_NATS_GOMAXPROCS-1}" <"$WORK/rounds.jsonl" \
+    || { say "a gift was lost or acknowledged twice"; exit 1; }
+say "wrote $OUT/wakeups.json"
