@@ -346,7 +346,11 @@ gift_dead_letter(dsp_t *d, dgift_t *g, const char *reason,
     snprintf(dsubj, sizeof(dsubj), GIFT_SUBJ_DLQ_PREFIX "%s", plat);
     msg_id_stem(g, msg_id, sizeof(msg_id) - 4);
     strcat(msg_id, ":dlq");
-    snprintf(count, sizeof(count), "%" PRIu64, g->delivered);
+    /* each device attempt came with a delivery: never fewer than those
+     * (nats-server 2.9 can present a redelivery as new, count 1) */
+    snprintf(count, sizeof(count), "%" PRIu64,
+             g->delivered > (uint64_t) g->failures + 1
+             ? g->delivered : (uint64_t) g->failures + 1);
     hdrs[0] = GIFT_HDR_DLQ_REASON;
     hdrs[1] = reason;
     hdrs[2] = GIFT_HDR_DLQ_DELIVERIES;
