@@ -194,11 +194,14 @@ msg_id_stem(const dgift_t *g, char *out, size_t cap)
  *   the device's answer and the ack, made exact;
  * - "exit_with_held_acks=N": _exit(9) just after the N-th ack, with it and
  *   the others held back by nats.ack_linger_ms not sent (nor anything
- *   else buffered): a crash within the linger.
+ *   else buffered): a crash within the linger;
+ * - "break_with_held_acks=N": just after the N-th ack, with the acks held
+ *   back, the NATS connection breaks (nats_in_break); the dispatcher goes
+ *   on: a network's break within the linger.
  * Unset: no cost but one comparison.
  */
 static long failpoint_acks = -1;
-static int  failpoint_held;
+static int  failpoint_held;         /* 1: exit, 2: break, with held acks */
 
 static void
 failpoint_init(void)
@@ -210,11 +213,17 @@ failpoint_init(void)
     } else if (f != NULL && strncmp(f, "exit_with_held_acks=", 20) == 0) {
         failpoint_acks = strtol(f + 20, NULL, 10);
         failpoint_held = 1;
+    } else if (f != NULL && strncmp(f, "break_with_held_acks=", 21) == 0) {
+        failpoint_acks = strtol(f + 21, NULL, 10);
+        failpoint_held = 2;
     } else {
         return;
     }
-    gift_log(GIFT_LOG_WARN, "failpoint: exiting %s ack number %ld",
-             failpoint_held ? "with held-back acks after" : "before",
+    gift_log(GIFT_LOG_WARN, "failpoint: %s ack number %ld",
+             failpoint_held == 2 ? "breaking the NATS connection with "
+                                   "held-back acks after"
+             : failpoint_held ? "exiting with held-back acks after"
+                              : "exiting before",
              failpoint_acks);
 }
 
@@ -232,7 +241,13 @@ gift_ack_and_free(dsp_t *d, dgift_t *g)
         _exit(9);
     }
     s = nats_in_ack(d, g->msg, DACK_ACK, 0);       /* asynchronous */
-    if (failpoint_acks == 0 && failpoint_held) {
+    if (failpoint_acks == 0 && failpoint_held == 2) {
+        failpoint_acks = -1;
+        gift_log(GIFT_LOG_WARN, "failpoint: breaking the NATS connection "
+                 "with %d acks held back, the last of %s",
+                 nats_in_acks_held(d), event_id(g));
+        nats_in_break(d);
+    } else if (failpoint_acks == 0 && failpoint_held) {
         gift_log(GIFT_LOG_WARN, "failpoint: exiting with %d acks held back, "
                  "the last of %s", nats_in_acks_held(d), event_id(g));
         _exit(9);

@@ -635,6 +635,7 @@ typedef struct {
     int                ev_fd;      /* hnc's socket; -1: detached */
     int                ev_rd;      /* poll it for reading */
     int                ev_wr;      /* it has something to write */
+    unsigned           ev_gen;     /* sockets attached so far */
 
     /* the pull: requests to $JS.API.CONSUMER.MSG.NEXT answered on psub's
      * inbox; a reset drains psub (the server drops requests whose inbox
@@ -681,6 +682,8 @@ typedef struct {
     size_t             acks_len, acks_cap;
     int                nacks;
     int64_t            acks_us;    /* when the oldest was held back */
+    unsigned           acks_gen;   /* the socket their PubAcks came on
+                                      (ev_gen; 0: none, broken) */
 
     volatile int       closing;         /* draining at exit (log level) */
     int                lost;            /* cnats closed a connection for
@@ -1069,6 +1072,10 @@ natsStatus nats_in_ack(dsp_t *d, natsMsg *m, dack_kind kind,
     int64_t delay_ms);
 int        nats_in_acks_held(const dsp_t *d);
 int64_t    nats_in_acks_due(const dsp_t *d);   /* INT64_MAX: none held */
+
+/* A failpoint's (t/27): break the hot connection's socket as a network
+ * would, and have cnats see it now (it stops polling it, reconnects). */
+void       nats_in_break(dsp_t *d);
 
 /*
  * Publish m (from nats_in_msg_new) to its JetStream stream with

@@ -41,6 +41,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -175,6 +176,9 @@ ev_set(dnats_t *n, int fd, int rd, int wr)
     pthread_mutex_lock(&n->ev_mu);
     if (fd != -2) {
         n->ev_fd = fd;
+        if (fd >= 0 && ++n->ev_gen == 0) {
+            n->ev_gen = 1;              /* 0 stands for "no socket" */
+        }
     }
     if (rd >= 0) {
         n->ev_rd = rd;
@@ -1007,6 +1011,15 @@ nats_in_fetch_done(dsp_t *d)
  * brings the gift back after the ack wait, found done by its marker (or
  * the probe), without a command.  nats_in_flush() sends them first: the
  * stop, the lease's release and the failpoint have them at the server.
+ *
+ * Held acks go only on the socket their PubAcks came on.  When it breaks
+ * they are dropped, never left to cnats's reconnect buffer or sent on the
+ * next socket: a stopping nats-server stops its streams one by one before
+ * it closes its connections, so a marker sent just before the GiftAck can
+ * have found GIFT_DONE gone while GIFT_ACKS still answered; an ack that
+ * then reaches the restarted server would leave that gift without a
+ * marker for good.  Dropped, the gift comes back after the ack wait, and
+ * the redelivery finds its GiftAck and writes the marker (kv.c).
  */
 static int64_t
 acks_linger_us(const dsp_t *d)
@@ -1014,6 +1027,20 @@ acks_linger_us(const dsp_t *d)
     int64_t us = (int64_t) d->conf->ack_linger_ms * 1000;
 
     return us < d->nats.ack_wait_us / 10 ? us : d->nats.ack_wait_us / 10;
+}
+
+/* The hot connection's socket: its generation; 0 while none is polled
+ * (cnats stops polling a broken one at once, in the thread that saw it
+ * break: here, the main thread, for a read or write error). */
+static unsigned
+hot_gen(dnats_t *n)
+{
+    unsigned g;
+
+    pthread_mutex_lock(&n->ev_mu);
+    g = n->ev_fd >= 0 && n->ev_rd ? n->ev_gen : 0;
+    pthread_mutex_unlock(&n->ev_mu);
+    return g;
 }
 
 static void
@@ -1024,6 +1051,14 @@ acks_send(dsp_t *d)
     size_t      off;
     natsStatus  s;
 
+    if (n->acks_gen == 0 || hot_gen(n) != n->acks_gen) {
+        gift_log(GIFT_LOG_WARN, "NATS: %d acks held back when the hot "
+                 "connection broke not sent: their gifts come back after "
+                 "the ack wait, found done", n->nacks);
+        n->acks_len = 0;
+        n->nacks = 0;
+        return;
+    }
     for (off = 0; off < n->acks_len; off += strlen(r) + 1) {
         r = n->acks + off;
         s = natsConnection_PublishString(n->hnc, r, "+ACK");
@@ -1038,13 +1073,15 @@ acks_send(dsp_t *d)
 }
 
 static int
-acks_hold(dsp_t *d, const char *reply)
+acks_hold(dsp_t *d, const char *reply, unsigned gen)
 {
     dnats_t *n = &d->nats;
     size_t   len = strlen(reply) + 1;
     char    *p;
 
-    if (n->nacks >= DSP_ACKS_HELD_MAX) {
+    if (n->nacks >= DSP_ACKS_HELD_MAX
+        || (n->nacks > 0 && gen != n->acks_gen))
+    {
         acks_send(d);
     }
     if (n->acks_len + len > n->acks_cap) {
@@ -1057,11 +1094,30 @@ acks_hold(dsp_t *d, const char *reply)
     }
     if (n->nacks == 0) {
         n->acks_us = gift_mono_us();
+        n->acks_gen = gen;
     }
     memcpy(n->acks + n->acks_len, reply, len);
     n->acks_len += len;
     n->nacks++;
     return 0;
+}
+
+void
+nats_in_break(dsp_t *d)
+{
+    dnats_t *n = &d->nats;
+    int      fd, i;
+
+    pthread_mutex_lock(&n->ev_mu);
+    fd = n->ev_fd;
+    pthread_mutex_unlock(&n->ev_mu);
+    if (fd < 0 || shutdown(fd, SHUT_RDWR) != 0) {
+        return;
+    }
+    /* what the server sent first is read, then end of file */
+    for (i = 0; i < 1000 && hot_gen(n) != 0; i++) {
+        natsConnection_ProcessReadEvent(n->hnc);
+    }
 }
 
 int
@@ -1083,14 +1139,23 @@ nats_in_ack(dsp_t *d, natsMsg *m, dack_kind kind, int64_t delay_ms)
     const char  *reply = natsMsg_GetReply(m);
     const char  *body;
     char         buf[64];
+    unsigned     gen;
 
     if (reply == NULL || reply[0] == '\0') {
         return NATS_ILLEGAL_STATE;
     }
     switch (kind) {
     case DACK_ACK:
+        gen = hot_gen(&d->nats);
+        if (gen == 0) {
+            /* broken since its PubAck came: not through the reconnect
+             * buffer either (acks_send) */
+            gift_log(GIFT_LOG_DEBUG, "ack to %s not sent: the hot "
+                     "connection broke", reply);
+            return NATS_OK;
+        }
         if (d->conf->done_markers && acks_linger_us(d) > 0
-            && acks_hold(d, reply) == 0)
+            && acks_hold(d, reply, gen) == 0)
         {
             return NATS_OK;
         }

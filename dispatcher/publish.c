@@ -144,9 +144,12 @@ publish_marker(dsp_t *d, dgift_t *g, const void *data, size_t len)
  * outage, or cross our late ack -- finds it done instead of turning the
  * motor again.  One case this cannot cover: a server that stops runs its
  * streams down one by one, so the marker can find GIFT_DONE gone while
- * GIFT_ACKS still stores the GiftAck and answers; the ack is then lost
- * with the server.  A redelivery without a marker therefore also asks
- * GIFT_ACKS (kv.c, run_probe).
+ * GIFT_ACKS still stores the GiftAck and answers.  The ack is then lost
+ * with the server -- an ack is never sent on the next connection
+ * (nats_in.c, acks_send) -- unless GIFTS still runs when it arrives, in
+ * the milliseconds the server takes to stop its streams: that gift keeps
+ * no marker.  A redelivery without a marker therefore also asks GIFT_ACKS
+ * (kv.c, run_probe).
  */
 void
 publish_ack(dsp_t *d, dgift_t *g, Gift__V1__GiftAck *a, int marker)

@@ -9,7 +9,10 @@
 #  - with nats.done_markers = false, found by a probe of GIFT_ACKS'
 #    duplicate window (nothing written per gift).
 # And a crash with acks held back (nats.ack_linger_ms, the failpoint
-# exit_with_held_acks=N): those gifts come back and are found done.
+# exit_with_held_acks=N): those gifts come back and are found done.  And a
+# NATS connection that breaks with acks held back (break_with_held_acks=N,
+# the dispatcher goes on): they are dropped, not sent on the next
+# connection, and their gifts come back and are found done.
 # Each way the motors' totals are exact and each gift has one GiftAck.
 
 use strict;
@@ -46,12 +49,16 @@ my $motors = sub {
 my $sum = sub { my $s = 0; $s += $_ for values %{$_[0]}; $s };
 srand(3);
 
+# $how: 'exit' before an ack, 'held' (exit with acks held back), 'break'
+# (the NATS connection breaks with acks held back; no crash)
 sub crash_and_recover {
-    my ($what, $extra, $tag, $held) = @_;
+    my ($what, $extra, $tag, $how) = @_;
+    my $held = $how ne 'exit';
     my $d;
     {
-        local $ENV{GIFT_DISPATCHER_FAILPOINT} =
-            $held ? 'exit_with_held_acks=300' : 'exit_before_ack=300';
+        local $ENV{GIFT_DISPATCHER_FAILPOINT} = {
+            exit => 'exit_before_ack=300', held => 'exit_with_held_acks=300',
+            break => 'break_with_held_acks=300' }->{$how};
         $d = GiftDispatch::start_dispatcher(%dconf,
             extra_nats => $dconf{extra_nats} . $extra);
     }
@@ -67,23 +74,36 @@ sub crash_and_recover {
     my $dup0 = $tb->totals->{totals}{duplicates};
     is(GiftDispatch::js_publish_gifts($nats->url, @g), 800,
         "$what: 800 gifts stored");
-    ok(GiftTest::wait_until(20, sub { !GiftTest::alive($d->pid) }, 0.05),
-        "$what: the failpoint crashed the dispatcher");
     my ($nheld, $victim);
-    if ($held) {
-        ($nheld, $victim) = $d->log_text =~
-            /failpoint: exiting with (\d+) acks held back, the last of ($tag-\d+)/;
+    if ($how eq 'break') {
+        my $re = qr/failpoint: breaking the NATS connection with (\d+) acks held back, the last of ($tag-\d+)/;
+        ok(GiftTest::wait_until(20, sub { $d->log_text =~ $re }, 0.05),
+            "$what: the failpoint broke the connection");
+        ($nheld, $victim) = $d->log_text =~ $re;
         ok($victim && $nheld >= 1, "$what: ... with the acks of "
             . ($nheld // 0) . " gifts held back, the last of " . ($victim // '?'));
+        my $dropped_re = qr/NATS: (\d+) acks held back when the hot connection broke not sent/;
+        GiftTest::wait_until(5, sub { $d->log_text =~ $dropped_re }, 0.05);
+        my ($dropped) = $d->log_text =~ $dropped_re;
+        is($dropped, $nheld, "$what: ... not sent on the next connection");
+        ok(GiftTest::alive($d->pid), "$what: ... the dispatcher went on");
     } else {
-        ($victim) = $d->log_text =~
-            /failpoint: exiting before the ack of ($tag-\d+)/;
-        ok($victim, "$what: ... just before acking $victim");
+        ok(GiftTest::wait_until(20, sub { !GiftTest::alive($d->pid) }, 0.05),
+            "$what: the failpoint crashed the dispatcher");
+        if ($held) {
+            ($nheld, $victim) = $d->log_text =~
+                /failpoint: exiting with (\d+) acks held back, the last of ($tag-\d+)/;
+            ok($victim && $nheld >= 1, "$what: ... with the acks of "
+                . ($nheld // 0) . " gifts held back, the last of " . ($victim // '?'));
+        } else {
+            ($victim) = $d->log_text =~
+                /failpoint: exiting before the ack of ($tag-\d+)/;
+            ok($victim, "$what: ... just before acking $victim");
+        }
+        $d->stop('KILL', 5);
+        $d = GiftDispatch::start_dispatcher(%dconf,
+            extra_nats => $dconf{extra_nats} . $extra);
     }
-    $d->stop('KILL', 5);
-
-    $d = GiftDispatch::start_dispatcher(%dconf,
-        extra_nats => $dconf{extra_nats} . $extra);
     ok(GiftTest::wait_until(30, sub {
         $sum->($motors->()) >= $sum->(\%want)
     }, 0.1), "$what: the motors finished");
@@ -111,7 +131,9 @@ sub crash_and_recover {
     # commands in flight then (8 devices, 16 gifts each, one command
     # each, plus one answered whose marker had not left) may be, and the
     # motors' event-id window absorbs them
-    cmp_ok($tb->totals->{totals}{duplicates} - $dup0, '<=', 2 * 8 * 16,
+    # (a connection that breaks loses no command: none is repeated)
+    cmp_ok($tb->totals->{totals}{duplicates} - $dup0, '<=',
+        $how eq 'break' ? 0 : 2 * 8 * 16,
         "$what: commands repeated for executed ids within the in-flight "
         . 'bound');
     diag "$what: found done " . $d->metric('gift_dispatcher_done_hits_total')
@@ -120,12 +142,16 @@ sub crash_and_recover {
     is($d->stop('TERM', 15), 0, "$what: SIGTERM: exit 0");
 }
 
-crash_and_recover('GIFT_DONE markers', '', 'mk');
-crash_and_recover('GIFT_ACKS probe', ' done_markers = false;', 'pr');
+crash_and_recover('GIFT_DONE markers', '', 'mk', 'exit');
+crash_and_recover('GIFT_ACKS probe', ' done_markers = false;', 'pr', 'exit');
 # a crash while acks wait for company (nats.ack_linger_ms; 1000 is cut to
 # a tenth of the consumer's ack wait, here 200 ms): their gifts come back
 # and are found done
-crash_and_recover('held-back acks', ' ack_linger_ms = 1000;', 'hb', 1);
+crash_and_recover('held-back acks', ' ack_linger_ms = 1000;', 'hb', 'held');
+# the connection breaks while acks wait for company: they are not sent on
+# the next one (a stopping server may have lost their gifts' markers)
+crash_and_recover('held-back acks, connection broken',
+    ' ack_linger_ms = 1000;', 'hbb', 'break');
 
 ok(GiftTest::wait_until(10, sub {
     GiftDispatch::consumer_state($nats->url)->{num_ack_pending} == 0
