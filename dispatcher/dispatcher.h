@@ -682,7 +682,7 @@ typedef struct {
     size_t             acks_len, acks_cap;
     int                nacks;
     int64_t            acks_us;    /* when the oldest was held back */
-    unsigned           acks_gen;   /* the socket their PubAcks came on
+    unsigned           acks_gen;   /* the socket they were held on
                                       (ev_gen; 0: none, broken) */
 
     volatile int       closing;         /* draining at exit (log level) */

@@ -1012,14 +1012,18 @@ nats_in_fetch_done(dsp_t *d)
  * the probe), without a command.  nats_in_flush() sends them first: the
  * stop, the lease's release and the failpoint have them at the server.
  *
- * Held acks go only on the socket their PubAcks came on.  When it breaks
- * they are dropped, never left to cnats's reconnect buffer or sent on the
- * next socket: a stopping nats-server stops its streams one by one before
- * it closes its connections, so a marker sent just before the GiftAck can
+ * Held acks go only on the socket they were held on (the one their
+ * PubAcks were read from, in the same pass).  When it breaks they are
+ * dropped, never left to cnats's reconnect buffer or sent on the next
+ * socket: a stopping nats-server stops its streams one by one before it
+ * closes its connections, so a marker sent just before the GiftAck can
  * have found GIFT_DONE gone while GIFT_ACKS still answered; an ack that
  * then reaches the restarted server would leave that gift without a
  * marker for good.  Dropped, the gift comes back after the ack wait, and
- * the redelivery finds its GiftAck and writes the marker (kv.c).
+ * the redelivery finds its GiftAck and writes the marker (kv.c).  A break
+ * seen by cnats's timer thread (pings unanswered) between the check and
+ * the publish still lets an ack into the reconnect buffer; a stopping
+ * server closes its sockets, which the main thread sees.
  */
 static int64_t
 acks_linger_us(const dsp_t *d)
@@ -1109,7 +1113,7 @@ nats_in_break(dsp_t *d)
     int      fd, i;
 
     pthread_mutex_lock(&n->ev_mu);
-    fd = n->ev_fd;
+    fd = n->ev_rd ? n->ev_fd : -1;      /* broken already: cnats closed it */
     pthread_mutex_unlock(&n->ev_mu);
     if (fd < 0 || shutdown(fd, SHUT_RDWR) != 0) {
         return;
