@@ -683,7 +683,8 @@ typedef struct {
     int                nacks;
     int64_t            acks_us;    /* when the oldest was held back */
     unsigned           acks_gen;   /* the socket they were held on
-                                      (ev_gen; 0: none, broken) */
+                                      (ev_gen, never 0: nats_in_ack
+                                      sends nothing on a broken one) */
 
     volatile int       closing;         /* draining at exit (log level) */
     int                lost;            /* cnats closed a connection for

@@ -1042,7 +1042,7 @@ hot_gen(dnats_t *n)
     unsigned g;
 
     pthread_mutex_lock(&n->ev_mu);
-    g = n->ev_fd >= 0 && n->ev_rd ? n->ev_gen : 0;
+    g = n->ev_rd ? n->ev_gen : 0;      /* detached: ev_rd is 0 too */
     pthread_mutex_unlock(&n->ev_mu);
     return g;
 }
@@ -1055,13 +1055,11 @@ acks_send(dsp_t *d)
     size_t      off;
     natsStatus  s;
 
-    if (n->acks_gen == 0 || hot_gen(n) != n->acks_gen) {
+    if (hot_gen(n) != n->acks_gen) {
         gift_log(GIFT_LOG_WARN, "NATS: %d acks held back when the hot "
                  "connection broke not sent: their gifts come back after "
                  "the ack wait, found done", n->nacks);
-        n->acks_len = 0;
-        n->nacks = 0;
-        return;
+        n->acks_len = 0;            /* nothing sent (the loop below) */
     }
     for (off = 0; off < n->acks_len; off += strlen(r) + 1) {
         r = n->acks + off;
