@@ -402,14 +402,38 @@ ngx_http_gift_client_matches(ngx_http_gift_client_t *c,
 }
 
 
-ngx_uint_t
-ngx_http_gift_fanout_full(void)
+ngx_int_t
+ngx_http_gift_fanout_refuse(ngx_http_request_t *r)
 {
+    const char              *why;
     ngx_http_gift_fanout_t  *fo = ngx_http_gift_fanout;
 
-    /* a worker that shuts down takes no new stream: it would stay open */
-    return fo == NULL || ngx_exiting || ngx_terminate
-           || fo->nclients >= fo->max_clients;
+    if (ngx_exiting || ngx_quit || ngx_terminate) {
+        /*
+         * a request read by a worker that shuts down (nginx -s reload or
+         * quit came while its headers were on their way): a stream taken
+         * now would hold the worker; the client reconnects to a new one
+         */
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "gift: stream refused: the worker is shutting down");
+        why = "the server is restarting; reconnect";
+
+    } else if (fo == NULL) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "gift: stream refused: no stream in this worker");
+        why = "streaming unavailable";
+
+    } else if (fo->nclients >= fo->max_clients) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "gift: gift_sse_max_clients reached");
+        why = "too many streaming clients";
+
+    } else {
+        return NGX_DECLINED;
+    }
+
+    return ngx_http_gift_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                    "unavailable", why, NULL);
 }
 
 

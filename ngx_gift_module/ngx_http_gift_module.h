@@ -341,8 +341,13 @@ void ngx_http_gift_frame_release(ngx_http_gift_frame_t *f);
  */
 ngx_int_t ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c,
     ngx_uint_t resume, uint64_t last_seq, u_char *preamble, size_t plen);
-/* Whether this worker has gift_sse_max_clients streams already. */
-ngx_uint_t ngx_http_gift_fanout_full(void);
+/*
+ * NGX_DECLINED when this worker takes one more stream; otherwise it
+ * answers r 503 unavailable, saying why (gift_sse_max_clients streams
+ * already, or the worker is shutting down), and returns what
+ * ngx_http_gift_send_error() did.
+ */
+ngx_int_t ngx_http_gift_fanout_refuse(ngx_http_request_t *r);
 void ngx_http_gift_fanout_detach(ngx_http_gift_client_t *c);
 /*
  * Replay, to an attached client, what it missed after `last_seq` up to

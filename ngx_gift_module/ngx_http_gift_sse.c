@@ -60,12 +60,9 @@ ngx_http_gift_sse_handler(ngx_http_request_t *r)
                                         "number", "Last-Event-ID");
     }
 
-    if (ngx_http_gift_fanout_full()) {
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "gift: gift_sse_max_clients reached");
-        return ngx_http_gift_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                        "unavailable",
-                                        "too many streaming clients", NULL);
+    rc = ngx_http_gift_fanout_refuse(r);
+    if (rc != NGX_DECLINED) {
+        return rc;
     }
 
     r->headers_out.status = NGX_HTTP_OK;

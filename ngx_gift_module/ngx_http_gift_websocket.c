@@ -171,12 +171,9 @@ ngx_http_gift_websocket_handler(ngx_http_request_t *r)
                                         "number", "last_event_id");
     }
 
-    if (ngx_http_gift_fanout_full()) {
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "gift: gift_sse_max_clients reached");
-        return ngx_http_gift_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                        "unavailable",
-                                        "too many streaming clients", NULL);
+    rc = ngx_http_gift_fanout_refuse(r);
+    if (rc != NGX_DECLINED) {
+        return rc;
     }
 
     ws = ngx_pcalloc(r->pool, sizeof(ngx_http_gift_ws_t));

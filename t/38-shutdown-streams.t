@@ -6,7 +6,9 @@
 #  - SSE over HTTP/2: END_STREAM (curl exits 0; a stream cut off makes it
 #    exit 92 or 18), then GOAWAY;
 #  - WebSocket: close 1001, and the server waits for the client's close;
-#  - the old workers exit, with no "[alert] open socket left".
+#  - the old workers exit, with no "[alert] open socket left";
+#  - a stream asked of a worker that is shutting down gets 503 saying so
+#    (not "too many streaming clients").
 
 use strict;
 use warnings;
@@ -155,6 +157,55 @@ ok(GiftTest::wait_until(15, sub {
 }), 'the old workers exit');
 ok(GiftTest::wait_until(10, sub { $following->() >= 4 }),
     'new workers follow GIFT_ACKS');
+
+# A stream asked of a worker that is shutting down: its headers were on
+# their way when the reload came, so the old worker reads the request (a
+# request under way is no idle connection).  It must not take the stream
+# (that would hold the worker), and it must say why: not "too many
+# streaming clients", which sends an operator to gift_sse_max_clients.
+sub partial {
+    my ($head) = @_;
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+        PeerPort => $ngx->port, Proto => 'tcp', Timeout => 5) or die $!;
+    print $s $head;
+    return { sock => $s, raw => '' };
+}
+my $log0 = length GiftTest::slurp($ngx->error_log);
+my @late = (
+    [ 'SSE', partial("GET /gift/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
+      "Accept: text/event-stream\r\n\r\n" ],
+    [ 'WebSocket', partial("GET /gift/ws HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        . "Upgrade: websocket\r\nConnection: Upgrade\r\n"),
+      "Sec-WebSocket-Version: 13\r\n"
+        . "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" ],
+);
+sleep 0.5;                              # read by the workers
+my %before = map { $_ => 1 } $ngx->workers;
+kill 'HUP', $ngx->pid;
+ok(GiftTest::wait_until(10, sub {
+    my $l = substr(GiftTest::slurp($ngx->error_log), $log0);
+    (grep { !$before{$_} } $ngx->workers) >= 2
+        && !grep { $l !~ /\b$_#\d+: gracefully shutting down/ } keys %before
+}), 'reload: new workers up, the old ones shutting down');
+for my $l (@late) {
+    my ($what, $c, $rest) = @$l;
+    print {$c->{sock}} $rest;
+    ok(read_to_eof($c, 10), "$what asked of a worker shutting down: answered and closed");
+    like($c->{raw}, qr{\AHTTP/1\.1 503 }, "$what: 503");
+    like($c->{raw}, qr/"unavailable"/, "$what: unavailable");
+    like($c->{raw}, qr/restarting; reconnect/, "$what: the reason is the restart")
+        or diag $c->{raw};
+    like($c->{raw}, qr/^Retry-After: \d+\r$/m, "$what: with Retry-After");
+}
+my $log = substr(GiftTest::slurp($ngx->error_log), $log0);
+my @refused = $log =~ /stream refused: the worker is shutting down/g;
+is(scalar @refused, 2, 'each refusal logged as a shutdown');
+unlike($log, qr/gift_sse_max_clients reached/,
+    'not as gift_sse_max_clients reached');
+ok(GiftTest::wait_until(15, sub { !grep { $before{$_} && kill(0, $_) } keys %before }),
+    'the old workers exit');
+ok(GiftTest::wait_until(10, sub { $following->() >= 6 }),
+    'the new workers follow GIFT_ACKS');
 
 round('graceful shutdown');
 is(GiftTest::stop_pid($ngx->pid, 'QUIT', 20), 0,
