@@ -409,7 +409,7 @@ if ($seed_md) {
 my $wk = rd("wakeups.json");
 if ($wk && @{$wk->{rounds} // []}) {
     p;
-    p "## Per gift at a steady rate (`bench/wakeups.sh`, $wk->{date}; nats-server GOMAXPROCS $wk->{nats_gomaxprocs})";
+    p "## Per gift at a steady rate (`bench/wakeups.sh`, $wk->{date}; nats-server GOMAXPROCS $wk->{nats_gomaxprocs}, product scheduling policy " . ($wk->{product_sched} // "default") . ")";
     p;
     p "| round | rate | p50 / p99 ms | process | us/gift | context switches/gift |";
     p "|---|---|---|---|---|---|";

@@ -7,7 +7,7 @@ use warnings;
 use JSON::PP;
 
 my ($runs, $out_json, $out_md, $stacks, $ref_rate, $secs, $mix, $conns, $sse,
-    $concurrency, $aof, $nodelay, $window, $step_secs, $ramp_stacks, $gomaxprocs) = @ARGV;
+    $concurrency, $aof, $nodelay, $window, $step_secs, $ramp_stacks, $gomaxprocs, $sched) = @ARGV;
 $window //= 0;
 my $js = JSON::PP->new->canonical;
 sub rd { my $f = shift; open(my $h, "<", $f) or return undef; local $/;
@@ -57,7 +57,8 @@ my %doc = (bench => "seed", date => scalar(gmtime) . " UTC", seconds => 0 + $sec
         closed_loop_max_unacked => 0 + $window, step_seconds => 0 + ($step_secs // 5),
         ramp_stacks => $ramp_stacks // "",
         seed_redis_aof => 0 + $aof, seed_mqtt_nodelay => 0 + ($nodelay // 1),
-        nats_gomaxprocs => ($gomaxprocs // "") eq "" ? "go default" : 0 + $gomaxprocs },
+        nats_gomaxprocs => ($gomaxprocs // "") eq "" ? "go default" : 0 + $gomaxprocs,
+        product_sched => ($sched // "") eq "" ? "default" : $sched },
     groups => { product => "seed: api, worker, redis; ours: nginx master and "
         . "workers, nats-server, dispatcher", "stand-ins" => "seed: device, mosquitto; "
         . "ours: tbstandin, motors (run), mosquitto, tbsim (tuned)",
@@ -138,7 +139,7 @@ my $f = sub { my ($v, $fmt) = @_; defined $v ? sprintf($fmt // "%.0f", $v) : "-"
 push @md, "## Seed stack vs this project ($doc{date}, $doc{cpus} cores, load average at end: $doc{loadavg_at_end})",
     "", "Mix: $mix (cycled); $conns connections, $sse SSE client(s); reference rate $ref_rate gifts/s.",
     "Product = seed: api+worker+redis; ours: nginx+nats-server+dispatcher. Stand-ins = device simulator+broker (seed), ThingsBoard stand-in+motors (run), mosquitto+tbsim (tuned). CPU in us per accepted gift, from /proc.",
-    "nats-server's GOMAXPROCS (run, tuned): $doc{settings}{nats_gomaxprocs}.",
+    "nats-server's GOMAXPROCS (run, tuned): $doc{settings}{nats_gomaxprocs}. Scheduling policy of every stack's product processes: $doc{settings}{product_sched}.",
     "";
 push @md, "| figure | " . join(" | ", @st) . " |", "|---|" . join("|", map { "---" } @st) . "|";
 my @rows = (

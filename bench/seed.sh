@@ -62,7 +62,11 @@
 # persistence), GIFT_SEED_MQTT_NODELAY (1: TCP_NODELAY on the seed's mqtt.js
 # sockets, which leave Nagle on by default; 0: as mqtt.js leaves them),
 # GIFT_NATS_GOMAXPROCS (1, as make run; "" for Go's default: one thread per
-# core) for the nats-server of run and tuned, GIFT_BENCH_OUT (build/bench), GIFT_BENCH_KEEP=1 keeps the
+# core) for the nats-server of run and tuned, GIFT_RUN_SCHED (batch, as
+# make run: SCHED_BATCH for every stack's product processes, the seed's
+# api, worker and redis-server as well as nginx, nats-server and the
+# dispatcher of run and tuned; "" for the system's default; stand-ins and
+# client keep the default), GIFT_BENCH_OUT (build/bench), GIFT_BENCH_KEEP=1 keeps the
 # work directory.  Loopback only; bounded (about 4 minutes with the
 # defaults); every process it starts is stopped by PID.
 set -euo pipefail
@@ -72,6 +76,15 @@ ROOT=$PWD
 STACKS=${GIFT_SEED_STACKS:-seed run tuned}
 NATS_ENV=()
 [[ -z ${GIFT_NATS_GOMAXPROCS-1} ]] || NATS_ENV=(env "GOMAXPROCS=${GIFT_NATS_GOMAXPROCS-1}")
+# the product processes' scheduling policy, the same for every stack
+# (scripts/run.sh sets run's from the same variable)
+SCHED=()
+case ${GIFT_RUN_SCHED-batch} in
+    batch) SCHED=(chrt --batch 0)
+           chrt --batch 0 true 2>/dev/null || SCHED=() ;;   # as make run
+    "") ;;
+    *) echo "seed: GIFT_RUN_SCHED=$GIFT_RUN_SCHED: batch or empty" >&2; exit 1 ;;
+esac
 REF_RATE=${GIFT_SEED_REF_RATE:-500}
 REF_SECS=${GIFT_SEED_REF_SECONDS:-10}
 SAT_SECS=${GIFT_SEED_SAT_SECONDS:-5}
@@ -270,7 +283,7 @@ start_seed() {
     [[ $REDIS_AOF == 1 ]] && aof=(--appendonly yes --appendfsync everysec)
     # Debian's redis-server, its defaults but for the port, the directory,
     # no RDB snapshots, and BullMQ's required eviction policy
-    "$REDIS" --bind 127.0.0.1 --port "$redis_port" --dir "$d/data" \
+    "${SCHED[@]}" "$REDIS" --bind 127.0.0.1 --port "$redis_port" --dir "$d/data" \
         --save '' "${aof[@]}" --maxmemory-policy noeviction \
         --daemonize no --logfile "$d/redis.log" >/dev/null 2>&1 &
     REDIS_PID=$!
@@ -286,12 +299,12 @@ start_seed() {
     DEV_PID=$!
     stack_add "$DEV_PID"
     wait_log "$d/device.log" serving 1 "seed device" "$DEV_PID"
-    node "$SEED/worker.mjs" --redis-port "$redis_port" --mqtt-port "$mqtt_port" \
+    "${SCHED[@]}" node "$SEED/worker.mjs" --redis-port "$redis_port" --mqtt-port "$mqtt_port" \
         --concurrency "$CONCURRENCY" --nodelay "$NODELAY" >"$d/worker.log" 2>&1 &
     WORKER_PID=$!
     stack_add "$WORKER_PID"
     wait_log "$d/worker.log" running 1 "seed worker" "$WORKER_PID"
-    node "$SEED/api.mjs" --port "$api_port" --redis-port "$redis_port" \
+    "${SCHED[@]}" node "$SEED/api.mjs" --port "$api_port" --redis-port "$redis_port" \
         >"$d/api.log" 2>&1 &
     API_PID=$!
     stack_add "$API_PID"
@@ -357,7 +370,7 @@ if [[ " $STACKS " == *" tuned "* ]]; then
     mkdir -p "$d"/{nats,nginx/tmp}
     free_port N; free_port M; free_port H
     # as make run: GIFT_NATS_GOMAXPROCS (1; "" for Go's default)
-    "${NATS_ENV[@]}" "$NATS" -js -a 127.0.0.1 -p "$N" -sd "$d/nats" >"$d/nats.log" 2>&1 &
+    "${SCHED[@]}" "${NATS_ENV[@]}" "$NATS" -js -a 127.0.0.1 -p "$N" -sd "$d/nats" >"$d/nats.log" 2>&1 &
     NATS_PID=$!
     stack_add "$NATS_PID"
     wait_port "$N" nats-server "$NATS_PID" "$d/nats.log"
@@ -392,7 +405,7 @@ rules = {
     );
 };
 CF
-    "$B/gift-dispatcher" -c "$d/dispatcher.conf" >"$d/dispatcher.log" 2>&1 &
+    "${SCHED[@]}" "$B/gift-dispatcher" -c "$d/dispatcher.conf" >"$d/dispatcher.log" 2>&1 &
     DISP_PID=$!
     stack_add "$DISP_PID"
     wait_log "$d/dispatcher.log" 'MQTT: listening' 1 gift-dispatcher "$DISP_PID"
@@ -419,7 +432,7 @@ http {
     }
 }
 NG
-    "$NGINX" -p "$d/nginx/" -c "$d/nginx/nginx.conf" -e "$d/nginx/error.log" \
+    "${SCHED[@]}" "$NGINX" -p "$d/nginx/" -c "$d/nginx/nginx.conf" -e "$d/nginx/error.log" \
         >"$d/nginx/nginx.out" 2>&1 &
     NGX_PID=$!
     stack_add "$NGX_PID" QUIT
@@ -440,4 +453,4 @@ fi
 perl "$ROOT/bench/seed-report.pl" "$WORK/runs" "$OUT/seed.json" "$OUT/seed.md" \
     "$STACKS" "$REF_RATE" "$(( $(date +%s) - T_START ))" "$MIX" "$CONNS" "$SSE" \
     "$CONCURRENCY" "$REDIS_AOF" "$NODELAY" "$WINDOW" "$STEP_SECS" "$RAMP_STACKS" \
-    "${GIFT_NATS_GOMAXPROCS-1}"
+    "${GIFT_NATS_GOMAXPROCS-1}" "$( ((${#SCHED[@]})) && echo batch)"

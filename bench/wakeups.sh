@@ -7,15 +7,20 @@
 # (voluntary + involuntary, all threads, /proc) per accepted gift.  At such
 # rates nothing is batched and each wake-up of a thread is most of the
 # cost on these virtual machines, so the context switches are the steadier
-# figure.  GIFT_WAKEUPS_ROUNDS (1) repeats the run; the environment goes
-# to make run (GIFT_NATS_GOMAXPROCS, GIFT_TB).  Writes
-# $GIFT_BENCH_OUT/wakeups.json (build/bench; per round: the rate, accepted,
-# lost, p50/p99, and per process us_per_gift and ctx_per_gift); exits 1
+# figure.  GIFT_WAKEUPS_ROUNDS (1) repeats the run; GIFT_WAKEUPS_THREADS=1
+# adds each thread's share (/proc/PID/task: CPU, voluntary and involuntary
+# context switches per gift; a Go program's threads all bear its name:
+# nats-server's first thread after the main one, which only sleeps, is
+# the Go runtime's monitor, sysmon); the environment goes to make run
+# (GIFT_NATS_GOMAXPROCS, GIFT_RUN_SCHED, GIFT_TB).  Writes $GIFT_BENCH_OUT/wakeups.json
+# (build/bench; per round: the rate, accepted, lost, p50/p99, and per
+# process us_per_gift and ctx_per_gift, with THREADS its `threads`); exits 1
 # when a gift was lost or acknowledged twice.  Loopback only, bounded
 # (about 25 s a round); stops what it started, by process group.
 #
 #   bench/wakeups.sh                       # one round (make bench runs it)
 #   GIFT_WAKEUPS_ROUNDS=3 bench/wakeups.sh
+#   GIFT_WAKEUPS_THREADS=1 bench/wakeups.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -26,6 +31,7 @@ say() { echo "wakeups: $*" >&2; }
 RATE=${GIFT_WAKEUPS_RATE:-500}
 SECS=${GIFT_WAKEUPS_SECONDS:-10}
 ROUNDS=${GIFT_WAKEUPS_ROUNDS:-1}
+THREADS=${GIFT_WAKEUPS_THREADS:-0}
 MIX=${GIFT_SEED_MIX:-Rose:1,TikTok:1,FingerHeart:5,Perfume:20,Doughnut:30,HandHearts:100,Corgi:299,MoneyGun:500,Galaxy:1000,WhaleDiving:2150,DramaQueen:5000,Interstellar:10000,Falcon:10999,RosaNebula:15000,Lion:29999}
 for f in giftbench gift-dispatcher ngx_http_gift_module.so; do
     [[ -x build/$f || -f build/$f ]] || { say "build/$f missing: make build"; exit 1; }
@@ -53,6 +59,18 @@ sample() {
     done
 }
 
+# pid -> one line per thread: "pid tid cpu_ticks voluntary involuntary"
+sample_threads() {
+    local p t
+    for p in "$@"; do
+        for t in /proc/"$p"/task/*; do
+            echo "$p ${t##*/} $(awk '{print $14 + $15}' "$t/stat" 2>/dev/null)" \
+                "$(awk '/^voluntary_ctxt/ {v = $2} /^nonvoluntary_ctxt/ {n = $2}
+                        END {print v + 0, n + 0}' "$t/status" 2>/dev/null)"
+        done
+    done
+}
+
 for round in $(seq "$ROUNDS"); do
     d=$WORK/$round
     mkdir -p "$d"
@@ -70,8 +88,10 @@ for round in $(seq "$ROUNDS"); do
     GB=(build/giftbench -u "http://127.0.0.1:$H/gift" -S 1 -C 64 --gift "$MIX")
     "${GB[@]}" -R 200 -d 2 -q --grace 30 >/dev/null 2>"$d/warmup.log"
     sample "$DSP" "$NATS" "${WRK[@]}" >"$d/before"
+    [[ $THREADS == 1 ]] && sample_threads "$DSP" "$NATS" "${WRK[@]}" >"$d/before.threads"
     "${GB[@]}" -R "$RATE" -d "$SECS" --grace 30 >"$d/gb.json" 2>"$d/gb.log"
     sample "$DSP" "$NATS" "${WRK[@]}" >"$d/after"
+    [[ $THREADS == 1 ]] && sample_threads "$DSP" "$NATS" "${WRK[@]}" >"$d/after.threads"
     stop_run
     perl -MJSON::PP -e '
         my ($dir, $dsp, $nats, $round, $rate, $secs, $jsonl) = @ARGV;
@@ -94,6 +114,28 @@ for round in $(seq "$ROUNDS"); do
             $proc{$name} = { us_per_gift => 0 + sprintf("%.1f", $us),
                 ctx_per_gift => 0 + sprintf("%.2f", $cs) };
             printf "  %-12s %7.1f us/gift %6.2f context switches/gift\n", $name, $us, $cs;
+            next unless -f "$dir/after.threads";
+            my (%ta, %tb);
+            for my $s (["before.threads", \%ta], ["after.threads", \%tb]) {
+                open(my $f, "<", "$dir/$s->[0]") or die;
+                while (my $l = <$f>) {
+                    my ($pp, $tid, $t, $v, $n) = split " ", $l;
+                    $s->[1]{$tid} = [$t, $v, $n] if $pp == $p && defined $n;
+                }
+            }
+            my @th;
+            for my $tid (sort { $a <=> $b } keys %tb) {
+                my $o = $ta{$tid} // [0, 0, 0];     # a thread started meanwhile
+                my ($tus, $tv, $tn) = (($tb{$tid}[0] - $o->[0]) * 1e6 / $hz / $g,
+                    ($tb{$tid}[1] - $o->[1]) / $g, ($tb{$tid}[2] - $o->[2]) / $g);
+                next if $tus == 0 && $tv + $tn < 0.01;
+                push @th, { tid => 0 + $tid, us_per_gift => 0 + sprintf("%.1f", $tus),
+                    voluntary_per_gift => 0 + sprintf("%.2f", $tv),
+                    involuntary_per_gift => 0 + sprintf("%.2f", $tn) };
+                printf "    thread %-8d %7.1f us/gift %6.2f voluntary %5.2f involuntary\n",
+                    $tid, $tus, $tv, $tn;
+            }
+            $proc{$name}{threads} = \@th;
         }
         printf "  %-12s %7.1f us/gift %6.2f context switches/gift\n", "product", $tu, $tc;
         $proc{product} = { us_per_gift => 0 + sprintf("%.1f", $tu),
@@ -112,8 +154,9 @@ perl -MJSON::PP -e '
     open(my $o, ">", $ARGV[0]) or die;
     print $o JSON::PP->new->canonical->pretty->encode({ bench => "wakeups",
         date => scalar(gmtime) . " UTC", nats_gomaxprocs => $ARGV[1],
+        product_sched => $ARGV[2] eq "" ? "default" : $ARGV[2],
         rounds => \@r });
     exit($bad ? 1 : 0);
-' "$OUT/wakeups.json" "${GIFT_NATS_GOMAXPROCS-1}" <"$WORK/rounds.jsonl" \
+' "$OUT/wakeups.json" "${GIFT_NATS_GOMAXPROCS-1}" "${GIFT_RUN_SCHED-batch}" <"$WORK/rounds.jsonl" \
     || { say "a gift was lost or acknowledged twice"; exit 1; }
 say "wrote $OUT/wakeups.json"

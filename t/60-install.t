@@ -121,6 +121,7 @@ my $unit = GiftTest::slurp("$D/lib/systemd/system/gift-dispatcher.service");
 like($unit, qr/^User=gift-dispatcher$/m, 'unit: runs as gift-dispatcher');
 like($unit, qr/^Restart=on-failure$/m, 'unit: Restart=on-failure');
 like($unit, qr/^ExecReload=\/bin\/kill -HUP \$MAINPID$/m, 'unit: reload is SIGHUP');
+like($unit, qr/^CPUSchedulingPolicy=batch$/m, 'unit: SCHED_BATCH (not real-time)');
 
 # ------------------------------------------------------------ nginx + the snippet
 my $nats = GiftTest::start_nats();

@@ -3,7 +3,8 @@
 # group, in the foreground: nats-server, the ThingsBoard stand-in and its motors, the dispatcher,
 # and nginx's master and workers share the script's group, and nothing is
 # left once the group gets SIGINT (Ctrl-C).  Free ports (GIFT_*_PORT) and
-# a state directory of its own (GIFT_RUN_DIR).
+# a state directory of its own (GIFT_RUN_DIR).  nginx, nats-server and the
+# dispatcher run under SCHED_BATCH, the stand-ins under the default policy.
 
 use strict;
 use warnings;
@@ -31,6 +32,7 @@ if ($pgid == 0) {
     open(STDERR, '>&', \*STDOUT);
     $ENV{"GIFT_${_}_PORT"} = $port{$_} for keys %port;
     $ENV{GIFT_RUN_DIR} = "$dir/run";
+    delete $ENV{GIFT_RUN_SCHED};        # make run's default
     exec("$root/scripts/run.sh") or die "exec: $!";
 }
 # whatever happens, nothing of the group outlives the test
@@ -73,6 +75,28 @@ my ($master) = grep { $p->{$_}{cmd} =~ /^nginx: master process/ } @group;
 my @workers = grep { $master && $p->{$_}{ppid} == $master } keys %$p;
 cmp_ok(scalar @workers, '>=', 1, 'nginx workers: ' . scalar @workers);
 is(scalar(grep { !$in{$_} } @workers), 0, '... all in the group');
+
+# the product runs under SCHED_BATCH (GIFT_RUN_SCHED, batch by default):
+# woken up, it does not preempt what runs; the stand-ins keep the default
+sub policy {                            # /proc/PID/stat field 41
+    my ($pid) = @_;
+    my $s = GiftTest::slurp("/proc/$pid/stat") or return -1;
+    $s =~ s/^.*\) //s;
+    return (split ' ', $s)[38];
+}
+my %pid_of = map {
+    my $re = $_->[1];
+    ($_->[0] => (grep { $p->{$_}{cmd} =~ $re } @group)[0]);
+} [ 'nats-server', qr/^nats-server / ], [ 'gift-dispatcher', qr{build/gift-dispatcher } ],
+  [ 'the ThingsBoard stand-in', qr{tbstandin/tb\.mjs} ], [ 'the motors', qr{tbstandin/motors\.mjs} ];
+for my $name ('nats-server', 'gift-dispatcher') {
+    is(policy($pid_of{$name}), 3, "$name: SCHED_BATCH");
+}
+is(policy($master), 3, 'the nginx master: SCHED_BATCH');
+is(scalar(grep { policy($_) != 3 } @workers), 0, 'the nginx workers: SCHED_BATCH');
+for my $name ('the ThingsBoard stand-in', 'the motors') {
+    is(policy($pid_of{$name}), 0, "$name: the default policy");
+}
 
 # nothing of this run outside the group (a daemon would have left it)
 my @outside = grep { !$in{$_} && $p->{$_}{cmd} =~ /\Q$dir\E\/run|--port $port{MQTT}\b/ }
