@@ -396,6 +396,11 @@ void ngx_http_gift_ws_going_away(ngx_http_gift_client_t *c);
 
 /* ngx_http_gift_webhook.c */
 ngx_int_t ngx_http_gift_webhook_handler(ngx_http_request_t *r);
+/*
+ * A JSON error answer {"error":code,"message":...,"field":...}, with
+ * Retry-After (gift_retry_after) on a 503.  It counts nothing: the
+ * webhook counts its own refusals in gift_webhooks_total.
+ */
 ngx_int_t ngx_http_gift_send_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *code, const char *message, const char *field);
 /* A whole answer from one buffer of the request's pool. */

@@ -43,6 +43,9 @@ static void ngx_http_gift_webhook_published(ngx_http_gift_pending_t *p,
     ngx_http_gift_pub_result_t *res);
 static void ngx_http_gift_webhook_timeout(ngx_event_t *ev);
 static void ngx_http_gift_webhook_cleanup(void *data);
+static ngx_int_t ngx_http_gift_webhook_error(ngx_http_request_t *r,
+    ngx_uint_t status, const char *code, const char *message,
+    const char *field);
 static ngx_int_t ngx_http_gift_send_json(ngx_http_request_t *r,
     ngx_uint_t status, u_char *body, size_t len);
 static ngx_uint_t ngx_http_gift_is_json(ngx_table_elt_t *ct);
@@ -112,9 +115,9 @@ ngx_http_gift_webhook_handler(ngx_http_request_t *r)
         ngx_str_set(&h->key, "Allow");
         ngx_str_set(&h->value, "POST");
 
-        return ngx_http_gift_send_error(r, NGX_HTTP_NOT_ALLOWED,
-                                        "method_not_allowed",
-                                        "use POST with a JSON body", NULL);
+        return ngx_http_gift_webhook_error(r, NGX_HTTP_NOT_ALLOWED,
+                                           "method_not_allowed",
+                                           "use POST with a JSON body", NULL);
     }
 
     /*
@@ -132,10 +135,10 @@ ngx_http_gift_webhook_handler(ngx_http_request_t *r)
             return rc;
         }
 
-        return ngx_http_gift_send_error(r, NGX_HTTP_UNSUPPORTED_MEDIA_TYPE,
-                                        "unsupported_media_type",
-                                        "the body must be application/json",
-                                        NULL);
+        return ngx_http_gift_webhook_error(r, NGX_HTTP_UNSUPPORTED_MEDIA_TYPE,
+                                           "unsupported_media_type",
+                                           "the body must be application/json",
+                                           NULL);
     }
 
     if (r->headers_in.content_length_n > (off_t) glcf->max_body) {
@@ -145,10 +148,10 @@ ngx_http_gift_webhook_handler(ngx_http_request_t *r)
             return rc;
         }
 
-        return ngx_http_gift_send_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
-                                        "body_too_large",
-                                        "the body is larger than "
-                                        "gift_webhook_max_body", NULL);
+        return ngx_http_gift_webhook_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                                           "body_too_large",
+                                           "the body is larger than "
+                                           "gift_webhook_max_body", NULL);
     }
 
     r->request_body_in_single_buf = 1;
@@ -188,13 +191,13 @@ ngx_http_gift_webhook_body_handler(ngx_http_request_t *r)
     rc = ngx_http_gift_webhook_read_body(r, glcf, &body, &len);
     if (rc == NGX_DECLINED) {
         rc = (len == 0)
-             ? ngx_http_gift_send_error(r, NGX_HTTP_BAD_REQUEST,
-                                        "invalid_json", "the body is empty",
-                                        NULL)
-             : ngx_http_gift_send_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
-                                        "body_too_large",
-                                        "the body is larger than "
-                                        "gift_webhook_max_body", NULL);
+             ? ngx_http_gift_webhook_error(r, NGX_HTTP_BAD_REQUEST,
+                                           "invalid_json", "the body is empty",
+                                           NULL)
+             : ngx_http_gift_webhook_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                                           "body_too_large",
+                                           "the body is larger than "
+                                           "gift_webhook_max_body", NULL);
         ngx_http_finalize_request(r, rc);
         return;
     }
@@ -214,8 +217,8 @@ ngx_http_gift_webhook_body_handler(ngx_http_request_t *r)
 
     if (gift_normalize((const char *) body, len, &ev, &err) != 0) {
         ngx_http_finalize_request(r,
-            ngx_http_gift_send_error(r, err.status, err.code, err.message,
-                                     err.field[0] ? err.field : NULL));
+            ngx_http_gift_webhook_error(r, err.status, err.code, err.message,
+                                        err.field[0] ? err.field : NULL));
         return;
     }
 
@@ -275,11 +278,11 @@ ngx_http_gift_webhook_body_handler(ngx_http_request_t *r)
                       : rc == NGX_BUSY ? "the NATS queue is full"
                       : "cannot build the message");
         ngx_http_finalize_request(r,
-            ngx_http_gift_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                     "unavailable",
-                                     rc == NGX_BUSY
-                                     ? "too many gifts waiting for NATS"
-                                     : "NATS is not connected", NULL));
+            ngx_http_gift_webhook_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                        "unavailable",
+                                        rc == NGX_BUSY
+                                        ? "too many gifts waiting for NATS"
+                                        : "NATS is not connected", NULL));
         return;
     }
 
@@ -423,8 +426,9 @@ ngx_http_gift_webhook_check_signature(ngx_http_request_t *r,
                   "gift: webhook refused: %s", gift_sig_code((gift_sig_rc) rc));
 
     /* an answer is sent: the caller finalizes, whatever the filters said */
-    rc = ngx_http_gift_send_error(r, NGX_HTTP_UNAUTHORIZED, gift_sig_code((gift_sig_rc) rc),
-                                  messages[rc], NULL);
+    rc = ngx_http_gift_webhook_error(r, NGX_HTTP_UNAUTHORIZED,
+                                     gift_sig_code((gift_sig_rc) rc),
+                                     messages[rc], NULL);
     return rc == NGX_OK ? NGX_DONE : rc;
 }
 
@@ -475,18 +479,18 @@ ngx_http_gift_webhook_published(ngx_http_gift_pending_t *p,
         ngx_log_error(NGX_LOG_WARN, c->log, 0,
                       "gift: event \"%s\" refused: stream full (%s)",
                       ctx->event_id, res->error);
-        rc = ngx_http_gift_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                      "stream_full",
-                                      "the gift stream is full; retry later",
-                                      NULL);
+        rc = ngx_http_gift_webhook_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                         "stream_full",
+                                         "the gift stream is full; retry later",
+                                         NULL);
         break;
 
     default:
         ngx_log_error(NGX_LOG_WARN, c->log, 0,
                       "gift: event \"%s\" not stored: %s", ctx->event_id,
                       res->error);
-        rc = ngx_http_gift_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                      "unavailable", res->error, NULL);
+        rc = ngx_http_gift_webhook_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                         "unavailable", res->error, NULL);
         break;
     }
 
@@ -512,10 +516,10 @@ ngx_http_gift_webhook_timeout(ngx_event_t *ev)
                   "gift: event \"%s\": no PubAck in time", ctx->event_id);
 
     ngx_http_finalize_request(r,
-        ngx_http_gift_send_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                 "publish_timeout",
-                                 "NATS did not confirm the gift in time; "
-                                 "retry (retries are deduplicated)", NULL));
+        ngx_http_gift_webhook_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                    "publish_timeout",
+                                    "NATS did not confirm the gift in time; "
+                                    "retry (retries are deduplicated)", NULL));
     ngx_http_run_posted_requests(c);
 }
 
@@ -533,16 +537,16 @@ ngx_http_gift_webhook_cleanup(void *data)
 }
 
 
-ngx_int_t
-ngx_http_gift_send_error(ngx_http_request_t *r, ngx_uint_t status,
+/*
+ * A refusal of the webhook: counted in gift_webhooks_total by its code,
+ * then answered as ngx_http_gift_send_error() does.  The stream endpoints'
+ * refusals are no webhook answers and call that directly.
+ */
+static ngx_int_t
+ngx_http_gift_webhook_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *code, const char *message, const char *field)
 {
-    char                      *out;
-    size_t                     len, cap;
-    u_char                    *p;
-    ngx_uint_t                 i;
-    ngx_table_elt_t           *h;
-    ngx_http_gift_loc_conf_t  *glcf;
+    ngx_uint_t  i;
 
     /* in ngx_http_gift_outcome_e order */
     static const char  *ngx_http_gift_codes[NGX_HTTP_GIFT_OUTCOME_N] = {
@@ -558,6 +562,20 @@ ngx_http_gift_send_error(ngx_http_request_t *r, ngx_uint_t status,
             break;
         }
     }
+
+    return ngx_http_gift_send_error(r, status, code, message, field);
+}
+
+
+ngx_int_t
+ngx_http_gift_send_error(ngx_http_request_t *r, ngx_uint_t status,
+    const char *code, const char *message, const char *field)
+{
+    char                      *out;
+    size_t                     len, cap;
+    u_char                    *p;
+    ngx_table_elt_t           *h;
+    ngx_http_gift_loc_conf_t  *glcf;
 
     cap = 1024;
     out = ngx_pnalloc(r->pool, cap);

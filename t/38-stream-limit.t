@@ -3,7 +3,8 @@
 # With the limit reached, one more stream of either kind gets 503
 # unavailable "too many streaming clients" with Retry-After, and the
 # worker logs "gift_sse_max_clients reached"; the streams already open go
-# on; once one closes, its place is taken again.
+# on; once one closes, its place is taken again.  The stream endpoints'
+# refusals are no webhook answers: gift_webhooks_total does not count them.
 
 use strict;
 use warnings;
@@ -22,7 +23,8 @@ my $ngx = GiftTest::start_nginx(
     workers => 1,
     http => 'gift_sse_max_clients 2; gift_retry_after 7;',
     server => 'location = /gift/events { gift_sse; } '
-        . 'location = /gift/ws { gift_websocket; }',
+        . 'location = /gift/ws { gift_websocket; } '
+        . 'location = /gift/status { gift_status; }',
 );
 ok(GiftTest::wait_until(10, sub {
     GiftTest::slurp($ngx->error_log) =~ /following GIFT_ACKS/
@@ -51,6 +53,19 @@ like($ws3->body // '', qr/too many streaming clients/,
 my @reached = GiftTest::slurp($ngx->error_log)
     =~ /\[warn\].*gift: gift_sse_max_clients reached/g;
 is(scalar @reached, 2, 'each refusal logged: gift_sse_max_clients reached');
+
+# a bad Last-Event-ID: 400 invalid_field (checked before the limit)
+$r = $http->get($ngx->url('/gift/events'),
+    { headers => { Accept => 'text/event-stream', 'Last-Event-ID' => 'x' } });
+is($r->{status}, 400, 'a bad Last-Event-ID: 400');
+
+# none of it is a webhook answer
+$r = $http->get($ngx->url('/gift/status'));
+is($r->{status}, 200, 'gift_status answers');
+my @counted = grep { /^gift_webhooks_total\{/ && !/ 0$/ } split /\n/, $r->{content};
+is_deeply(\@counted, [], 'gift_webhooks_total counts none of the streams\' refusals');
+like($r->{content}, qr/^gift_webhooks_total\{status="503",code="unavailable"\} 0$/m,
+    '... 503 unavailable: 0');
 
 # the open streams go on
 my $nc = GiftStream::nats_connect($nats->port);
