@@ -84,6 +84,8 @@ for round in $(seq "$ROUNDS"); do
     DSP=$(pgrep -s "$RUNPID" -f build/gift-dispatcher | head -1)
     NATS=$(pgrep -s "$RUNPID" -x nats-server | head -1)
     mapfile -t WRK < <(pgrep -s "$RUNPID" -f "nginx: worker")
+    # the policy make run applied (/proc/PID/stat field 41; 3: SCHED_BATCH)
+    POLICY=$(sed 's/^.*) //' "/proc/$NATS/stat" | awk '{print $39 == 3 ? "batch" : "default"}')
     [[ -n $DSP && -n $NATS && ${#WRK[@]} -gt 0 ]] || { say "make run's processes not found"; exit 1; }
     GB=(build/giftbench -u "http://127.0.0.1:$H/gift" -S 1 -C 64 --gift "$MIX")
     "${GB[@]}" -R 200 -d 2 -q --grace 30 >/dev/null 2>"$d/warmup.log"
@@ -157,6 +159,6 @@ perl -MJSON::PP -e '
         product_sched => $ARGV[2] eq "" ? "default" : $ARGV[2],
         rounds => \@r });
     exit($bad ? 1 : 0);
-' "$OUT/wakeups.json" "${GIFT_NATS_GOMAXPROCS-1}" "${GIFT_RUN_SCHED-batch}" <"$WORK/rounds.jsonl" \
+' "$OUT/wakeups.json" "${GIFT_NATS_GOMAXPROCS-1}" "${POLICY:-}" <"$WORK/rounds.jsonl" \
     || { say "a gift was lost or acknowledged twice"; exit 1; }
 say "wrote $OUT/wakeups.json"

@@ -408,7 +408,7 @@ ngx_http_gift_fanout_refuse(ngx_http_request_t *r)
     const char              *why;
     ngx_http_gift_fanout_t  *fo = ngx_http_gift_fanout;
 
-    if (ngx_exiting || ngx_quit || ngx_terminate) {
+    if (ngx_exiting || ngx_terminate || ngx_quit) {
         /*
          * a request read by a worker that shuts down (nginx -s reload or
          * quit came while its headers were on their way): a stream taken

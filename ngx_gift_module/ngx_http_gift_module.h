@@ -344,7 +344,8 @@ ngx_int_t ngx_http_gift_fanout_attach(ngx_http_gift_client_t *c,
 /*
  * NGX_DECLINED when this worker takes one more stream; otherwise it
  * answers r 503 unavailable, saying why (gift_sse_max_clients streams
- * already, or the worker is shutting down), and returns what
+ * already; the worker is shutting down; or, after a failed start, it has
+ * no stream state: "streaming unavailable"), and returns what
  * ngx_http_gift_send_error() did.
  */
 ngx_int_t ngx_http_gift_fanout_refuse(ngx_http_request_t *r);

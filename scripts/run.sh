@@ -42,7 +42,7 @@ sched=()
 case ${GIFT_RUN_SCHED-batch} in
     batch) sched=(chrt --batch 0)
            if ! chrt --batch 0 true 2>/dev/null; then
-               echo "make run: chrt --batch is refused here; running" \
+               echo "make run: chrt --batch is unavailable here; running" \
                     "with the default scheduling policy" >&2
                sched=()
            fi ;;

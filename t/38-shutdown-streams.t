@@ -170,6 +170,20 @@ sub partial {
     print $s $head;
     return { sock => $s, raw => '' };
 }
+# the last reload's workers all gone, so that only the two current ones
+# are "old" below
+ok(GiftTest::wait_until(15, sub { scalar(my @w = $ngx->workers) == 2 }),
+    'only the current two workers left');
+# a listening socket's rx_queue in /proc/net/tcp is its accept queue
+sub accept_queue {
+    my $hex = sprintf '%04X', $ngx->port;
+    for (split /\n/, GiftTest::slurp('/proc/net/tcp')) {
+        my @f = split ' ';
+        next unless ($f[1] // '') =~ /:$hex$/ && ($f[3] // '') eq '0A';
+        return hex((split /:/, $f[4])[1]);
+    }
+    return 0;
+}
 my $log0 = length GiftTest::slurp($ngx->error_log);
 my @late = (
     [ 'SSE', partial("GET /gift/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
@@ -179,7 +193,11 @@ my @late = (
       "Sec-WebSocket-Version: 13\r\n"
         . "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" ],
 );
-sleep 0.5;                              # read by the workers
+# accepted by the current workers (a connection still waiting in the
+# accept queue would go to a new one), and read
+ok(GiftTest::wait_until(10, sub { accept_queue() == 0 }),
+    'both partial requests accepted by the current workers');
+sleep 0.3;
 my %before = map { $_ => 1 } $ngx->workers;
 kill 'HUP', $ngx->pid;
 ok(GiftTest::wait_until(10, sub {
@@ -191,7 +209,8 @@ for my $l (@late) {
     my ($what, $c, $rest) = @$l;
     print {$c->{sock}} $rest;
     ok(read_to_eof($c, 10), "$what asked of a worker shutting down: answered and closed");
-    like($c->{raw}, qr{\AHTTP/1\.1 503 }, "$what: 503");
+    like($c->{raw}, qr{\AHTTP/1\.1 503 }, "$what: 503")
+        or diag 'accepted by a new worker? ' . substr($c->{raw}, 0, 200);
     like($c->{raw}, qr/"unavailable"/, "$what: unavailable");
     like($c->{raw}, qr/restarting; reconnect/, "$what: the reason is the restart")
         or diag $c->{raw};
